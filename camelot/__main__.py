@@ -1,0 +1,5 @@
+import sys
+
+from camelot.cli import main
+
+sys.exit(main())

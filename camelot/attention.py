@@ -1,0 +1,178 @@
+"""The attention function camelot registers with transformers, and the per-layer runtime it
+reads: the open segment's KV, an optional raw prefix, and the layer's memory.
+
+Local, prefix and memory logits go through ONE softmax, so with an empty memory the output is
+exactly local attention, and with memory it is exact attention over the union.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from camelot.memory import RawWindow, SlotBank, TokenStore
+from camelot.rope import RopeSpec, place_keys, place_queries_for_memory, unrotate_keys
+from camelot.search import SearchBackend
+
+ATTN_NAME = "camelot"
+
+
+@dataclass
+class LastRead:
+    """Which memory slots each query read in the last forward (retrieval attribution)."""
+
+    slots: torch.Tensor  # [B, Hkv, G, m, k]
+    weights: torch.Tensor  # [B, Hkv, G, m, k] share of attention mass on each slot
+
+
+@dataclass
+class LayerRuntime:
+    layer_idx: int
+    rope: RopeSpec | None
+    memory: SlotBank | TokenStore | None
+    prefix: RawWindow | None
+    search: SearchBackend
+    top_k: int
+    distance: int
+    count_bias: bool
+    record_reads: bool = False
+    local_k: torch.Tensor | None = None  # rotated at positions [0, local_len), model dtype
+    local_v: torch.Tensor | None = None
+    last_read: LastRead | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def local_len(self) -> int:
+        return 0 if self.local_k is None else self.local_k.shape[2]
+
+    def reset(self) -> None:
+        self.local_k = self.local_v = None
+        self.last_read = None
+        if self.memory is not None:
+            self.memory.reset()
+        if self.prefix is not None:
+            self.prefix.reset()
+
+    def flush(self) -> None:
+        """Close the open segment: its keys lose their positions and go to memory / prefix."""
+        if self.local_k is None:
+            return
+        if self.memory is not None or self.prefix is not None:
+            pos = torch.arange(self.local_len, device=self.local_k.device)
+            raw = unrotate_keys(self.rope, self.local_k, pos)
+            if self.memory is not None:
+                self.memory.write(raw, self.local_v)
+            if self.prefix is not None:
+                self.prefix.write(raw, self.local_v.float())
+        self.local_k = self.local_v = None
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               softcap: float | None, sliding_window: int | None) -> torch.Tensor:
+        b, hq, m, d = query.shape
+        hkv = key.shape[1]
+        g = hq // hkv
+        dev = query.device
+        l0 = self.local_len
+        if l0 and self.local_k.shape[0] != b:
+            raise ValueError(f"the open segment holds {self.local_k.shape[0]} sequence(s), this input has {b}; "
+                             "call reset() before changing the batch size")
+        k_loc = key if l0 == 0 else torch.cat([self.local_k, key], dim=2)
+        v_loc = value if l0 == 0 else torch.cat([self.local_v, value], dim=2)
+        qg = query.float().reshape(b, hkv, g, m, d)
+
+        q_pos = torch.arange(l0, l0 + m, device=dev)
+        logits = [self._local_logits(qg, k_loc, q_pos, scaling, softcap, sliding_window)]
+        values = [v_loc]
+        if self.prefix is not None and self.prefix.size:
+            logits.append(self._prefix_logits(qg, q_pos, scaling, softcap, sliding_window))
+            values.append(self.prefix.values)
+        mem = self._memory_logits(query, scaling, softcap) if self.memory is not None else None
+
+        n_plain = sum(x.shape[-1] for x in logits)
+        if mem is not None:
+            logits.append(mem[0])
+        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+        vals = torch.cat(values, dim=2).float()  # [B, Hkv, N, Dv]
+        out = torch.matmul(probs[..., :n_plain], vals[:, :, None])  # [B, Hkv, G, m, Dv]
+        if mem is not None:
+            p_mem = probs[..., n_plain:]
+            out = out + (p_mem[..., None] * mem[1]).sum(-2)
+            if self.record_reads:
+                self.last_read = LastRead(mem[2], p_mem)
+        self.local_k, self.local_v = k_loc, v_loc
+        return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
+
+    # ------------------------------------------------------------------ parts
+    @staticmethod
+    def _cap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+        return x if not softcap else torch.tanh(x / softcap) * softcap
+
+    def _local_logits(self, qg, k_loc, q_pos, scaling, softcap, sliding_window):
+        s = torch.matmul(qg, k_loc.float()[:, :, None].transpose(-1, -2)) * scaling
+        s = self._cap(s, softcap)
+        k_pos = torch.arange(k_loc.shape[2], device=qg.device)
+        return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
+
+    def _prefix_logits(self, qg, q_pos, scaling, softcap, sliding_window):
+        p = self.prefix.size
+        k_pos = torch.arange(-p, 0, device=qg.device)
+        k_pre = place_keys(self.rope, self.prefix.keys, k_pos)
+        s = torch.matmul(qg, k_pre[:, :, None].transpose(-1, -2)) * scaling
+        s = self._cap(s, softcap)
+        return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
+
+    def _memory_logits(self, query, scaling, softcap):
+        state = self.memory.readable()
+        if state is None:
+            return None
+        keys, values, counts, valid = state
+        b, hq, m, d = query.shape
+        hkv = keys.shape[1]
+        g = hq // hkv
+        qm = place_queries_for_memory(self.rope, query, self.distance).reshape(b, hkv, g * m, d)
+        scores, idx = self.search.topk(qm, keys, valid, self.top_k)  # [B, Hkv, G*m, k]
+        s = self._cap(scores * scaling, softcap)
+        if self.count_bias:
+            c = counts.gather(2, idx.flatten(2)).view_as(idx)
+            s = s + torch.log(c.clamp(min=1).float())
+        k = idx.shape[-1]
+        flat = idx.flatten(2)[..., None].expand(-1, -1, -1, values.shape[-1])
+        v = values.gather(2, flat).view(b, hkv, g, m, k, -1).float()
+        return s.view(b, hkv, g, m, k), v, idx.view(b, hkv, g, m, k)
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    diff = q_pos[:, None] - k_pos[None, :]
+    ok = diff >= 0
+    if sliding_window:
+        ok = ok & (diff < sliding_window)
+    return ok
+
+
+def camelot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
+                      dropout: float = 0.0, softcap: float | None = None,
+                      sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    rt: LayerRuntime | None = getattr(module, "_camelot_runtime", None)
+    if rt is None:
+        raise RuntimeError(
+            "camelot attention was called on a module that no camelot wrapper owns; "
+            "was the model unwrapped without restoring its attention implementation?"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return rt.attend(query, key, value, scaling, softcap, sliding_window), None
+
+
+def camelot_mask(*args, **kwargs) -> None:
+    # camelot builds its own causal mask from positions it controls; HF's mask is not needed.
+    return None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, camelot_attention)
+    AttentionMaskInterface.register(ATTN_NAME, camelot_mask)

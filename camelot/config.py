@@ -1,0 +1,100 @@
+"""The one place where a camelot run is configured and validated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot")
+SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf", "faiss-hnsw")
+WRITE_MODES = ("segment", "token")
+MEMORY_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class CamelotConfig:
+    """How the memory beside a frozen model behaves.
+
+    window: tokens per segment (the local attention span).
+    slots: memory slots per layer and KV head (camelot); cached tokens for `sliding`.
+    threshold: cosine similarity at or above which a token merges into its nearest slot.
+    top_k: memory slots each query reads (1 is the paper's mode).
+    layers: indices of the layers that own memory (None: all).
+    strategy: camelot (consolidated slots), knn (keep every token), window (no memory),
+        recurrent (previous segment's raw KV), sliding (raw KV of the last `slots` tokens).
+    search: nearest-slot backend for reads.
+    count_bias: add log(count) to a slot's attention logit (a slot stands for `count` tokens).
+    memory_distance: memory is presented `memory_distance` positions before the segment's first
+        token (rotary models); None means one window before.
+    write_mode: "segment" matches a whole segment against memory at once (fast path);
+        "token" writes token by token (the paper's sequential semantics, slow).
+    memory_dtype: storage dtype of slot keys and values.
+    """
+
+    window: int = 128
+    slots: int = 2048
+    threshold: float = 0.8
+    top_k: int = 4
+    layers: list[int] | None = None
+    strategy: str = "camelot"
+    search: str = "torch"
+    count_bias: bool = False
+    memory_distance: int | None = None
+    write_mode: str = "segment"
+    memory_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_int("window", self.window, low=1)
+        _check_int("slots", self.slots, low=1)
+        _check_int("top_k", self.top_k, low=1)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
+        if not -1.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(
+                f"threshold must be in [-1, 1] (a cosine similarity), got {self.threshold}"
+            )
+        if self.strategy == "camelot" and self.top_k > self.slots:
+            raise ValueError(
+                f"top_k ({self.top_k}) must not exceed slots ({self.slots}): a query cannot "
+                "read more slots than the memory has"
+            )
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("search", self.search, SEARCH_BACKENDS)
+        _check_choice("write_mode", self.write_mode, WRITE_MODES)
+        _check_choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)
+        if self.memory_distance is not None:
+            _check_int("memory_distance", self.memory_distance, low=0)
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ValueError(f"layers must be None or a non-empty list of ints, got {self.layers!r}")
+            for i in self.layers:
+                _check_int("layers[]", i, low=0)
+            self.layers = sorted(set(int(i) for i in self.layers))
+
+    @property
+    def distance(self) -> int:
+        return self.window if self.memory_distance is None else self.memory_distance
+
+    def replace(self, **changes: Any) -> CamelotConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return CamelotConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -1,0 +1,180 @@
+"""The consolidated slot bank of one layer: per batch row and KV head, `slots` slots of
+(key, value, count, age).
+
+Write rule (CAMELoT): a token whose cosine similarity to its nearest slot is >= threshold
+merges into it by running average (count + 1, age 0); otherwise it is novel and takes a
+free slot, or evicts the slot written longest ago. Ages count write steps (tokens).
+
+Tensors carry one extra scratch slot at index `slots`: scatters of tokens that must not
+land anywhere are sent there, which keeps the write free of data-dependent shapes (and so
+of host syncs). The scratch slot always has count 0 and is never read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TELEMETRY_FIELDS = ("merged", "new", "evicted", "skipped")
+_FREE_PRIORITY = 1 << 60
+
+
+class SlotBank:
+    def __init__(self, slots: int, threshold: float, dtype: torch.dtype = torch.float32,
+                 write_mode: str = "segment") -> None:
+        self.slots = slots
+        self.threshold = float(threshold)
+        self.dtype = dtype
+        self.write_mode = write_mode
+        self.keys: torch.Tensor | None = None  # [B, H, S+1, D]
+        self.values: torch.Tensor | None = None  # [B, H, S+1, Dv]
+        self.counts: torch.Tensor | None = None  # [B, H, S+1] int64
+        self.ages: torch.Tensor | None = None  # [B, H, S+1] int64
+        self.telemetry: torch.Tensor | None = None  # [4] int64, TELEMETRY_FIELDS
+        self.empty = True  # host-side: no write has happened since reset
+
+    # ---------------------------------------------------------------- state
+    def reset(self) -> None:
+        self.keys = self.values = self.counts = self.ages = self.telemetry = None
+        self.empty = True
+
+    @property
+    def allocated(self) -> bool:
+        return self.keys is not None
+
+    def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        b, h, _, d = like_k.shape
+        dv = like_v.shape[-1]
+        dev = like_k.device
+        n = self.slots + 1
+        self.keys = torch.zeros(b, h, n, d, dtype=self.dtype, device=dev)
+        self.values = torch.zeros(b, h, n, dv, dtype=self.dtype, device=dev)
+        self.counts = torch.zeros(b, h, n, dtype=torch.long, device=dev)
+        self.ages = torch.zeros(b, h, n, dtype=torch.long, device=dev)
+        self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
+
+    def check_batch(self, batch: int) -> None:
+        if self.allocated and self.keys.shape[0] != batch:
+            raise ValueError(
+                f"memory holds {self.keys.shape[0]} sequence(s) but this input has {batch}; "
+                "call reset() before changing the batch size"
+            )
+
+    def readable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, counts, valid) over the real slots, or None while nothing was written."""
+        if self.empty:
+            return None
+        s = self.slots
+        counts = self.counts[..., :s]
+        return self.keys[..., :s, :], self.values[..., :s, :], counts, counts > 0
+
+    # ---------------------------------------------------------------- write
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Consolidate position-free keys k [B, H, T, D] and values v [B, H, T, Dv]."""
+        if k.shape[2] == 0:
+            return
+        if not self.allocated:
+            self._allocate(k, v)
+        self.check_batch(k.shape[0])
+        k = k.to(self.dtype)
+        v = v.to(self.dtype)
+        if self.write_mode == "token":
+            for t in range(k.shape[2]):
+                self._write_segment(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        else:
+            self._write_segment(k, v)
+        self.empty = False
+
+    def _write_segment(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, h, t, _ = k.shape
+        s = self.slots
+        dev = k.device
+        finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # [B,H,T]
+        # Non-finite states are skipped, but zeroed so no NaN reaches arithmetic via 0 * NaN.
+        k = torch.where(finite[..., None], k, 0)
+        v = torch.where(finite[..., None], v, 0)
+
+        used = self.counts[..., :s] > 0  # [B,H,S]
+        kn = torch.nn.functional.normalize(k.float(), dim=-1)
+        mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1)
+        sim = torch.matmul(kn, mn.transpose(-1, -2))  # [B,H,T,S]
+        sim = sim.masked_fill(~used[:, :, None, :], float("-inf"))
+        best_sim, best = sim.max(-1)  # [B,H,T]
+        merge = finite & (best_sim >= self.threshold)
+        novel = finite & ~merge
+
+        # --- consolidation: weighted running average, several tokens per slot at once
+        tgt = torch.where(merge, best, s)  # non-merging tokens go to the scratch slot
+        n_add = torch.zeros_like(self.counts).scatter_add_(2, tgt, merge.long())
+        sum_k = torch.zeros_like(self.keys).scatter_add_(2, tgt[..., None].expand_as(k), k)
+        sum_v = torch.zeros_like(self.values).scatter_add_(2, tgt[..., None].expand_as(v), v)
+        steps = torch.arange(t, device=dev).expand(b, h, t)
+        last_touch = torch.full_like(self.counts, -1).scatter_reduce_(
+            2, tgt, torch.where(merge, steps, -1), reduce="amax")
+        touched = n_add > 0
+        c_old = self.counts.to(self.dtype)[..., None]
+        c_new = (self.counts + n_add).to(self.dtype)[..., None]
+        denom = torch.where(touched[..., None], c_new, 1)
+        self.keys = torch.where(touched[..., None], (c_old * self.keys + sum_k) / denom, self.keys)
+        self.values = torch.where(touched[..., None], (c_old * self.values + sum_v) / denom, self.values)
+        self.counts = self.counts + n_add
+        # Ages: as if written token by token, a slot last touched at step i is t-1-i old.
+        self.ages = torch.where(touched, (t - 1) - last_touch, self.ages + t)
+
+        # --- novelty: free slots first (lowest index), then the oldest untouched slot
+        free = self.counts == 0
+        priority = torch.where(free, _FREE_PRIORITY, self.ages)
+        priority = torch.where(touched, -1, priority)
+        priority[..., s] = -2  # scratch slot is never a target
+        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices  # [B,H,S+1]
+        available = (priority[..., :s] >= 0).sum(-1, keepdim=True)  # [B,H,1]
+        n_novel = novel.sum(-1, keepdim=True)
+        # With more novel tokens than places, the earliest would be evicted by later ones
+        # within this segment anyway: keep the latest `available`.
+        rank = novel.long().cumsum(-1) - 1 - (n_novel - available).clamp(min=0)
+        place = novel & (rank >= 0)
+        slot = torch.where(place, order.gather(2, rank.clamp(min=0)), s)  # [B,H,T]
+        was_free = free.gather(2, slot) & place
+        self.keys.scatter_(2, slot[..., None].expand_as(k), k)
+        self.values.scatter_(2, slot[..., None].expand_as(v), v)
+        self.counts.scatter_(2, slot, torch.where(place, 1, 0))
+        self.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
+        self._clear_scratch()
+
+        self.telemetry += torch.stack([
+            merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (~finite).sum()
+        ])
+
+    def _clear_scratch(self) -> None:
+        s = self.slots
+        self.keys[..., s, :] = 0
+        self.values[..., s, :] = 0
+        self.counts[..., s] = 0
+        self.ages[..., s] = 0
+
+    # ---------------------------------------------------------------- views
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.allocated:
+            return {}
+        s = self.slots
+        return {
+            "keys": self.keys[..., :s, :], "values": self.values[..., :s, :],
+            "counts": self.counts[..., :s], "ages": self.ages[..., :s],
+            "telemetry": self.telemetry,
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        if not state:
+            self.reset()
+            return
+        keys, values = state["keys"], state["values"]
+        dev = device or keys.device
+        b, h, s, d = keys.shape
+        if s != self.slots:
+            raise ValueError(f"snapshot has {s} slots per head, this memory has {self.slots}")
+        self._allocate(torch.empty(b, h, 1, d, device=dev), torch.empty(b, h, 1, values.shape[-1], device=dev))
+        self.keys[..., :s, :] = keys.to(dev, self.dtype)
+        self.values[..., :s, :] = values.to(dev, self.dtype)
+        self.counts[..., :s] = state["counts"].to(dev, torch.long)
+        self.ages[..., :s] = state["ages"].to(dev, torch.long)
+        self.telemetry.copy_(state["telemetry"].to(dev, torch.long))
+        self.empty = not bool((self.counts > 0).any())

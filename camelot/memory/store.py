@@ -1,0 +1,115 @@
+"""Unconsolidated memories: the baselines camelot is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from camelot.memory.bank import TELEMETRY_FIELDS
+
+
+class TokenStore:
+    """Every past token's position-free key and value, unbounded (Memorizing-Transformer style
+    kNN memory). Capacity doubles as it fills, so appends stay amortised O(1)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.size = 0
+        self.telemetry: torch.Tensor | None = None
+        self.empty = True
+
+    @property
+    def allocated(self) -> bool:
+        return self.keys is not None
+
+    def check_batch(self, batch: int) -> None:
+        if self.allocated and self.keys.shape[0] != batch:
+            raise ValueError(
+                f"memory holds {self.keys.shape[0]} sequence(s) but this input has {batch}; "
+                "call reset() before changing the batch size"
+            )
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, h, t, d = k.shape
+        if t == 0:
+            return
+        self.check_batch(b)
+        finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)
+        k = torch.where(finite[..., None], k, 0).to(self.dtype)
+        v = torch.where(finite[..., None], v, 0).to(self.dtype)
+        need = self.size + t
+        if not self.allocated or need > self.keys.shape[2]:
+            cap = max(need, 2 * (self.keys.shape[2] if self.allocated else t))
+            keys = torch.zeros(b, h, cap, d, dtype=self.dtype, device=k.device)
+            values = torch.zeros(b, h, cap, v.shape[-1], dtype=self.dtype, device=k.device)
+            valid = torch.zeros(b, h, cap, dtype=torch.bool, device=k.device)
+            if self.allocated:
+                keys[:, :, : self.size] = self.keys[:, :, : self.size]
+                values[:, :, : self.size] = self.values[:, :, : self.size]
+                valid[:, :, : self.size] = self.valid[:, :, : self.size]
+            else:
+                self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=k.device)
+            self.keys, self.values, self.valid = keys, values, valid
+        self.keys[:, :, self.size : need] = k
+        self.values[:, :, self.size : need] = v
+        self.valid[:, :, self.size : need] = finite
+        self.size = need
+        self.empty = False
+        self.telemetry += torch.stack([torch.zeros((), dtype=torch.long, device=k.device),
+                                       finite.sum(), torch.zeros((), dtype=torch.long, device=k.device),
+                                       (~finite).sum()])
+
+    def readable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if self.empty:
+            return None
+        n = self.size
+        valid = self.valid[:, :, :n]
+        return self.keys[:, :, :n], self.values[:, :, :n], valid.long(), valid
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.allocated:
+            return {}
+        n = self.size
+        return {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n],
+                "counts": self.valid[:, :, :n].long(), "telemetry": self.telemetry}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        self.reset()
+        if not state:
+            return
+        dev = device or state["keys"].device
+        self.keys = state["keys"].to(dev, self.dtype).clone()
+        self.values = state["values"].to(dev, self.dtype).clone()
+        self.valid = state["counts"].to(dev) > 0
+        self.size = self.keys.shape[2]
+        self.telemetry = state["telemetry"].to(dev, torch.long).clone()
+        self.empty = self.size == 0
+
+
+class RawWindow:
+    """The most recent `length` tokens' position-free keys and values, kept raw (no merging).
+    `recurrent` is this with length = window; `sliding` with length = slots."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.keys is not None:
+            k = torch.cat([self.keys, k.to(self.keys.dtype)], dim=2)
+            v = torch.cat([self.values, v.to(self.values.dtype)], dim=2)
+        self.keys = k[:, :, -self.length :].contiguous()
+        self.values = v[:, :, -self.length :].contiguous()

@@ -1,0 +1,39 @@
+"""Nearest-slot search. The memory state is authoritative in torch; a backend only answers
+"which slots score highest for these queries"."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class SearchBackend(Protocol):
+    name: str
+
+    def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, H, M, D], keys [B, H, N, D], valid [B, H, N] -> (scores, idx) [B, H, M, k'].
+
+        Scores are inner products; invalid slots score -inf. k' = min(k, N)."""
+        ...
+
+
+class TorchExactSearch:
+    """Exact inner-product top-k, all batch rows and KV heads of a layer in one matmul."""
+
+    name = "torch"
+
+    def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.matmul(queries, keys.to(queries.dtype).transpose(-1, -2))
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+        return scores.topk(min(k, scores.shape[-1]), dim=-1)
+
+
+def make_backend(name: str) -> SearchBackend:
+    if name == "torch":
+        return TorchExactSearch()
+    from camelot.faiss_search import make_faiss_backend
+
+    return make_faiss_backend(name)

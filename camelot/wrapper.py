@@ -1,0 +1,262 @@
+"""The user's entry point: `wrap(model, config)` returns a CamelotModel that reads input in
+segments of `window` tokens, with each memory layer reading and consolidating its memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from camelot import attention
+from camelot.adapters import get_adapter
+from camelot.adapters.base import Adapter, param_device
+from camelot.attention import LayerRuntime
+from camelot.config import CamelotConfig
+from camelot.memory import RawWindow, SlotBank, TokenStore
+from camelot.progress import progress_bar
+from camelot.search import make_backend
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ScoreOutput:
+    token_nll: torch.Tensor  # [B, N-1]: NLL of token t+1 given tokens <= t
+    seconds: float
+    segments: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_nll.numel()
+
+    @property
+    def nll(self) -> float:
+        return float(self.token_nll.double().mean()) if self.n_tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll) if self.n_tokens else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.token_nll.shape[-1] + 1) * self.token_nll.shape[0] / max(self.seconds, 1e-9)
+
+
+class CamelotModel:
+    """A frozen HF causal LM with a consolidated associative memory beside it."""
+
+    def __init__(self, model: nn.Module, config: CamelotConfig, adapter: Adapter) -> None:
+        self.model = model
+        self.config = config
+        self.adapter = adapter
+        self.max_positions = adapter.max_positions(model)
+        if self.max_positions is not None and config.window > self.max_positions:
+            raise ValueError(
+                f"window ({config.window}) exceeds the model's position range ({self.max_positions})")
+        modules = adapter.attention_modules(model)
+        n_layers = len(modules)
+        layers = set(range(n_layers)) if config.layers is None else set(config.layers)
+        bad = sorted(i for i in layers if i >= n_layers)
+        if bad:
+            raise ValueError(
+                f"layers {bad} do not exist: the model has {n_layers} attention layers (0..{n_layers - 1})")
+        self.modules = modules
+        self.runtimes = [self._runtime(model, m.layer_idx, m.layer_idx in layers) for m in modules]
+        attention.register()
+        self._previous_impl = model.config._attn_implementation
+        for m, rt in zip(modules, self.runtimes):
+            m._camelot_runtime = rt
+        model.set_attn_implementation(attention.ATTN_NAME)
+        model.eval()
+        model._camelot_wrapper = self
+
+    def _runtime(self, model: nn.Module, layer_idx: int, with_memory: bool) -> LayerRuntime:
+        cfg = self.config
+        dtype = _DTYPES[cfg.memory_dtype]
+        memory = prefix = None
+        if with_memory:
+            if cfg.strategy == "camelot":
+                memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode)
+            elif cfg.strategy == "knn":
+                memory = TokenStore(dtype)
+            elif cfg.strategy == "recurrent":
+                prefix = RawWindow(cfg.window)
+            elif cfg.strategy == "sliding":
+                prefix = RawWindow(cfg.slots)
+        return LayerRuntime(
+            layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory,
+            prefix=prefix, search=make_backend(cfg.search), top_k=cfg.top_k,
+            distance=cfg.distance, count_bias=cfg.count_bias)
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        """Forget everything: memory, prefixes and the open segment."""
+        for rt in self.runtimes:
+            rt.reset()
+
+    def unwrap(self) -> nn.Module:
+        """Detach camelot and give the model back as it was."""
+        for m in self.modules:
+            if hasattr(m, "_camelot_runtime"):
+                del m._camelot_runtime
+        self.model.set_attn_implementation(self._previous_impl)
+        if getattr(self.model, "_camelot_wrapper", None) is self:
+            del self.model._camelot_wrapper
+        return self.model
+
+    @property
+    def device(self) -> torch.device:
+        return param_device(self.model)
+
+    @property
+    def open_len(self) -> int:
+        """Tokens in the open (not yet consolidated) segment."""
+        return self.runtimes[0].local_len
+
+    @property
+    def memory(self):
+        from camelot.snapshot import MemoryView
+
+        return MemoryView(self)
+
+    # ------------------------------------------------------------------ core step
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run ids [B, m] (m <= room left in the open segment); returns logits [B, m, V].
+        When the segment fills up it is closed and written to memory."""
+        b, m = ids.shape
+        start = self.open_len
+        room = self.config.window - start
+        if m > room:
+            raise ValueError(f"step got {m} tokens but the open segment has room for {room}")
+        pos = torch.arange(start, start + m, device=ids.device).expand(b, m)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
+        if start + m == self.config.window:
+            self.flush()
+        return out.logits
+
+    def flush(self) -> None:
+        """Close the open segment now (write it to memory)."""
+        for rt in self.runtimes:
+            rt.flush()
+
+    def _chunks(self, n: int):
+        """Spans that fill the open segment exactly to its boundary, so segmentation is the same
+        whether a document arrives at once or in pieces."""
+        a = 0
+        room = self.config.window - self.open_len
+        while a < n:
+            e = min(n, a + room)
+            yield a, e
+            a = e
+            room = self.config.window
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor | list[int], keep_memory: bool = False,
+              progress: bool = False, desc: str = "score") -> ScoreOutput:
+        """Per-token NLL of a document of any length, read segment by segment with memory.
+
+        Unless keep_memory, the memory is reset first so nothing from an earlier document leaks
+        in. Token t+1 is always predicted from tokens <= t only (memory is written after a
+        segment's forward and read by later segments)."""
+        ids = self._as_batch(ids)
+        if not keep_memory:
+            self.reset()
+        b, n = ids.shape
+        nll = torch.empty(b, max(n - 1, 0), dtype=torch.float32)
+        t0 = time.perf_counter()
+        spans = list(self._chunks(n))
+        for a, e in progress_bar(spans, desc=desc, enabled=progress, unit="seg"):
+            logits = self.step(ids[:, a:e])
+            tgt_end = min(e + 1, n)
+            if tgt_end - (a + 1) <= 0:
+                continue
+            lg = logits[:, : tgt_end - a - 1].float()
+            tgt = ids[:, a + 1 : tgt_end]
+            lp = torch.log_softmax(lg, dim=-1).gather(-1, tgt[..., None])[..., 0]
+            nll[:, a : tgt_end - 1] = -lp.cpu()
+        return ScoreOutput(nll, time.perf_counter() - t0, len(spans))
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor | list[int], progress: bool = True) -> int:
+        """Stream a document into memory (constant memory however long). The tail that does not
+        fill a segment stays in the open window, right before whatever comes next.
+        Returns the number of tokens fed."""
+        ids = self._as_batch(ids)
+        spans = list(self._chunks(ids.shape[1]))
+        for a, e in progress_bar(spans, desc="feed", enabled=progress, unit="seg"):
+            self.step(ids[:, a:e])
+        return ids.shape[1]
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor | list[int], max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_token_id: int | list[int] | None = None, seed: int | None = None) -> torch.Tensor:
+        """Continue after whatever is in memory and the open window. Returns only the new tokens
+        [B, <= max_new_tokens]. Tokens beyond the window flow into memory like fed ones."""
+        from camelot.generation import sample_next
+
+        ids = self._as_batch(ids)
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        logits = None
+        for a, e in self._chunks(ids.shape[1]):
+            logits = self.step(ids[:, a:e])
+        b = ids.shape[0]
+        out = []
+        done = torch.zeros(b, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1].float().cpu(), do_sample, temperature, top_p, top_k, gen)
+            if eos:
+                nxt = torch.where(done, next(iter(eos)), nxt)
+            out.append(nxt)
+            if eos:
+                done |= torch.isin(nxt, torch.tensor(sorted(eos)))
+                if bool(done.all()):
+                    break
+            logits = self.step(nxt[:, None].to(ids.device))
+        return torch.stack(out, dim=1) if out else torch.empty(b, 0, dtype=torch.long)
+
+    def _as_batch(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
+        if isinstance(ids, (list, tuple)):
+            ids = torch.tensor(ids, dtype=torch.long)
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"token ids must be a tensor or a list of ints, got {type(ids).__name__}")
+        if ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be [N] or [batch, N], got shape {tuple(ids.shape)}")
+        if ids.shape[1] == 0:
+            raise ValueError("empty input: no tokens to read")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
+        dev = self.device
+        if ids.device != dev:
+            ids = ids.to(dev)
+        return ids.long()
+
+
+def wrap(model: nn.Module, config: CamelotConfig | None = None, **overrides) -> CamelotModel:
+    """Give a frozen HF causal LM a camelot memory. Fails before touching the model if its
+    architecture has no adapter."""
+    if getattr(model, "_camelot_wrapper", None) is not None:
+        raise ValueError("this model is already wrapped by camelot; call .unwrap() on the old wrapper first")
+    if config is None:
+        config = CamelotConfig(**overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    adapter = get_adapter(model)
+    adapter.check(model)
+    return CamelotModel(model, config, adapter)
