@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
-TELEMETRY_FIELDS = ("merged", "new", "evicted", "skipped")
+# merged: joined a slot; new: took a free slot; evicted: replaced the oldest slot;
+# dropped: novel, but overtaken by later novel tokens of the same segment (more than the free
+# places); skipped: non-finite state, never written.
+TELEMETRY_FIELDS = ("merged", "new", "evicted", "dropped", "skipped")
 _FREE_PRIORITY = 1 << 60
 
 
@@ -141,7 +144,8 @@ class SlotBank:
         self._clear_scratch()
 
         self.telemetry += torch.stack([
-            merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (~finite).sum()
+            merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (novel & ~place).sum(),
+            (~finite).sum(),
         ])
 
     def _clear_scratch(self) -> None:

@@ -60,9 +60,8 @@ class TokenStore:
         self.valid[:, :, self.size : need] = finite
         self.size = need
         self.empty = False
-        self.telemetry += torch.stack([torch.zeros((), dtype=torch.long, device=k.device),
-                                       finite.sum(), torch.zeros((), dtype=torch.long, device=k.device),
-                                       (~finite).sum()])
+        zero = torch.zeros((), dtype=torch.long, device=k.device)
+        self.telemetry += torch.stack([zero, finite.sum(), zero, zero, (~finite).sum()])
 
     def readable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         if self.empty:

@@ -1,0 +1,184 @@
+"""The consolidation arithmetic of SlotBank, against a token-by-token reference and by provenance."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from camelot.memory import SlotBank, TokenStore
+from tests.reference_bank import ReferenceBank
+
+D = 4
+
+
+def _keys_from_prototypes(draw_ids: list[int], noise: list[float], protos: torch.Tensor) -> torch.Tensor:
+    return protos[torch.tensor(draw_ids)] + 0.05 * torch.tensor(noise).view(-1, D)
+
+
+segment_plan = st.integers(min_value=1, max_value=6).flatmap(
+    lambda n_protos: st.tuples(
+        st.just(n_protos),
+        st.lists(st.lists(st.integers(0, n_protos - 1), min_size=1, max_size=7), min_size=1, max_size=5),
+        st.integers(1, 5),  # slots
+        st.sampled_from([0.5, 0.9, 0.99]),
+        st.integers(0, 2**16),
+    ))
+
+
+@settings(max_examples=60, deadline=None)
+@given(segment_plan)
+def test_token_mode_matches_reference_exactly(plan):
+    n_protos, segments, slots, thr, seed = plan
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(n_protos, D, generator=g)
+    bank = SlotBank(slots, thr, torch.float64, write_mode="token")
+    ref = ReferenceBank(slots, thr)
+    for seg in segments:
+        k = protos[torch.tensor(seg)] + 0.05 * torch.randn(len(seg), D, generator=g, dtype=torch.float32)
+        v = torch.randn(len(seg), 3, generator=g)
+        bank.write(k.double()[None, None], v.double()[None, None])
+        for kk, vv in zip(k.double().tolist(), v.double().tolist()):
+            ref.write(kk, vv)
+    state = bank.state_dict()
+    assert state["counts"][0, 0].tolist() == ref.counts
+    assert state["ages"][0, 0].tolist() == ref.ages
+    for i in range(slots):
+        if ref.counts[i]:
+            assert torch.allclose(state["keys"][0, 0, i], torch.tensor(ref.keys[i], dtype=torch.float64), atol=1e-9)
+            assert torch.allclose(state["values"][0, 0, i], torch.tensor(ref.values[i], dtype=torch.float64),
+                                  atol=1e-9)
+    assert state["telemetry"].tolist() == [ref.merged, ref.new, ref.evicted, 0, ref.skipped]
+
+
+@settings(max_examples=60, deadline=None)
+@given(segment_plan)
+def test_segment_mode_provenance(plan):
+    """Every slot's key and value are the mean of exactly the tokens merged into it since it was
+    last (re)filled, its count is their number, and its age is the steps since the last one."""
+    n_protos, segments, slots, thr, seed = plan
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(n_protos, D, generator=g)
+    total = sum(len(s) for s in segments)
+    bank = SlotBank(slots, thr, torch.float64, write_mode="segment")
+    all_k, step = [], 0
+    for seg in segments:
+        k = (protos[torch.tensor(seg)] + 0.05 * torch.randn(len(seg), D, generator=g)).double()
+        ids = torch.arange(step, step + len(seg))
+        v = torch.nn.functional.one_hot(ids, total).double()  # value = which token this is
+        bank.write(k[None, None], v[None, None])
+        all_k.append(k)
+        step += len(seg)
+    all_k = torch.cat(all_k)
+    st_ = bank.state_dict()
+    counts, keys, values, ages = st_["counts"][0, 0], st_["keys"][0, 0], st_["values"][0, 0], st_["ages"][0, 0]
+    assert int(counts.sum()) <= total and bool((counts >= 0).all())
+    for i in range(slots):
+        c = int(counts[i])
+        if c == 0:
+            continue
+        members = values[i] > 0
+        assert int(members.sum()) == c
+        assert torch.allclose(values[i][members], torch.full((c,), 1.0 / c, dtype=torch.float64))
+        assert torch.allclose(keys[i], all_k[members].mean(0), atol=1e-9)
+        last = int(members.nonzero().max())
+        assert int(ages[i]) == total - 1 - last
+    tel = st_["telemetry"].tolist()
+    assert sum(tel) == total  # each token merged, new, evicting, dropped or skipped
+    assert not torch.isnan(keys).any()
+
+
+def test_segment_equals_token_mode_when_tokens_are_distinct_or_repeat_memory():
+    # Fast path and sequential path coincide when no two novel tokens of one segment are alike.
+    g = torch.Generator().manual_seed(1)
+    protos = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    first = protos[:4]  # all novel, mutually far apart
+    second = protos[[0, 1, 0, 4, 5, 2]] + 1e-3  # repeats merge, two new ones novel and distinct
+    banks = [SlotBank(6, 0.9, torch.float64, write_mode=m) for m in ("segment", "token")]
+    for bank in banks:
+        for seg in (first, second):
+            bank.write(seg.double()[None, None], seg.double()[None, None])
+    a, b = (bk.state_dict() for bk in banks)
+    for name in ("counts", "ages", "telemetry"):
+        assert torch.equal(a[name], b[name]), name
+    assert torch.allclose(a["keys"], b["keys"], atol=1e-12)
+
+
+def test_threshold_edge_is_inclusive():
+    bank = SlotBank(4, 1.0, torch.float64)
+    k = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    bank.write(k, k)
+    bank.write(k * 3, k)  # cosine exactly 1.0 >= threshold 1.0 -> merge
+    st_ = bank.state_dict()
+    assert st_["counts"][0, 0].tolist() == [2, 0, 0, 0]
+    assert torch.allclose(st_["keys"][0, 0, 0], torch.tensor([2.0, 0.0], dtype=torch.float64))
+    bank.write(torch.tensor([[[[1.0, 1e-3]]]], dtype=torch.float64), k)  # just below -> novel
+    assert bank.state_dict()["counts"][0, 0].tolist() == [2, 1, 0, 0]
+
+
+def test_eviction_takes_the_least_recently_updated_slot():
+    bank = SlotBank(3, 0.99, torch.float64)
+    e = torch.eye(4, dtype=torch.float64)
+    for i in range(3):
+        bank.write(e[i][None, None, None], e[i][None, None, None])  # fill slots 0, 1, 2
+    bank.write(e[0][None, None, None], e[0][None, None, None])  # refresh slot 0 (merge)
+    bank.write(e[3][None, None, None], e[3][None, None, None])  # novel: evicts slot 1 (oldest)
+    st_ = bank.state_dict()
+    assert torch.equal(st_["keys"][0, 0, 1], e[3])
+    assert st_["counts"][0, 0].tolist() == [2, 1, 1]
+    assert st_["telemetry"].tolist() == [1, 3, 1, 0, 0]
+
+
+def test_more_novel_tokens_than_slots_keeps_the_latest():
+    bank = SlotBank(2, 0.999, torch.float64)
+    e = torch.eye(5, dtype=torch.float64)
+    bank.write(e[None, None], e[None, None])
+    keys = bank.state_dict()["keys"][0, 0]
+    assert {tuple(r.tolist()) for r in keys} == {tuple(e[3].tolist()), tuple(e[4].tolist())}
+
+
+def test_non_finite_states_are_skipped_and_never_absorbed():
+    bank = SlotBank(4, 0.5, torch.float32)
+    k = torch.randn(1, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 8)
+    k[0, 0, 2, 3] = float("nan")
+    v[0, 1, 4, 0] = float("inf")
+    bank.write(k, v)
+    bank.write(k, v)
+    st_ = bank.state_dict()
+    assert torch.isfinite(st_["keys"]).all() and torch.isfinite(st_["values"]).all()
+    assert st_["telemetry"][4] == 4
+
+
+def test_rows_and_heads_are_independent():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 2, 10, 8, generator=g)
+    v = torch.randn(3, 2, 10, 8, generator=g)
+    together = SlotBank(6, 0.3, torch.float64)
+    together.write(k.double(), v.double())
+    for b in range(3):
+        for h in range(2):
+            alone = SlotBank(6, 0.3, torch.float64)
+            alone.write(k[b : b + 1, h : h + 1].double(), v[b : b + 1, h : h + 1].double())
+            for name in ("keys", "counts", "ages"):
+                assert torch.equal(together.state_dict()[name][b, h], alone.state_dict()[name][0, 0]), name
+
+
+def test_reset_returns_to_initial_state_and_batch_change_is_refused():
+    bank = SlotBank(4, 0.5)
+    bank.write(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4))
+    try:
+        bank.write(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))
+        raise AssertionError("batch change must be refused")
+    except ValueError as e:
+        assert "reset" in str(e)
+    bank.reset()
+    assert bank.readable() is None and bank.state_dict() == {}
+
+
+def test_token_store_keeps_everything_and_grows():
+    store = TokenStore()
+    for _ in range(5):
+        store.write(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4))
+    keys, values, counts, valid = store.readable()
+    assert keys.shape == (1, 2, 35, 4) and bool(valid.all())
