@@ -36,6 +36,8 @@ class LayerRuntime:
     top_k: int
     distance: int
     count_bias: bool
+    placement: str = "fixed"
+    max_distance: int | None = None  # farthest position a memory key may be placed at (recency)
     record_reads: bool = False
     local_k: torch.Tensor | None = None  # rotated at positions [0, local_len), model dtype
     local_v: torch.Tensor | None = None
@@ -87,19 +89,25 @@ class LayerRuntime:
         if self.prefix is not None and self.prefix.size:
             logits.append(self._prefix_logits(qg, q_pos, scaling, softcap, sliding_window))
             values.append(self.prefix.values)
-        mem = self._memory_logits(query, scaling, softcap) if self.memory is not None else None
-
+        mem = self._memory_read(query, scaling, softcap) if self.memory is not None else None
+        if mem is not None and mem.values is not None:  # dense read: memory joins like a prefix
+            logits.append(mem.logits)
+            values.append(mem.values)
+            mem_cols = mem.logits.shape[-1]
         n_plain = sum(x.shape[-1] for x in logits)
-        if mem is not None:
-            logits.append(mem[0])
+        if mem is not None and mem.values is None:
+            logits.append(mem.logits)
         probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
-        vals = torch.cat(values, dim=2).float()  # [B, Hkv, N, Dv]
+        vals = torch.cat([v.float() for v in values], dim=2)  # [B, Hkv, N, Dv]
         out = torch.matmul(probs[..., :n_plain], vals[:, :, None])  # [B, Hkv, G, m, Dv]
         if mem is not None:
-            p_mem = probs[..., n_plain:]
-            out = out + (p_mem[..., None] * mem[1]).sum(-2)
+            if mem.values is None:  # sparse read: each query's own gathered slots
+                p_mem = probs[..., n_plain:]
+                out = out + (p_mem[..., None] * mem.gathered).sum(-2)
+            else:
+                p_mem = probs[..., n_plain - mem_cols : n_plain].gather(-1, mem.slots)
             if self.record_reads:
-                self.last_read = LastRead(mem[2], p_mem)
+                self.last_read = LastRead(mem.slots, p_mem)
         self.local_k, self.local_v = k_loc, v_loc
         return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
 
@@ -122,7 +130,7 @@ class LayerRuntime:
         s = self._cap(s, softcap)
         return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
 
-    def _memory_logits(self, query, scaling, softcap):
+    def _memory_read(self, query, scaling, softcap) -> MemoryRead | None:
         state = self.memory.readable()
         if state is None:
             return None
@@ -130,16 +138,46 @@ class LayerRuntime:
         b, hq, m, d = query.shape
         hkv = keys.shape[1]
         g = hq // hkv
-        qm = place_queries_for_memory(self.rope, query, self.distance).reshape(b, hkv, g * m, d)
+        if self.placement == "recency" and self.rope is not None:
+            # Each slot sits where it was last written: rotate the bank (cheaper than per query).
+            pos = self.memory.positions()
+            if self.max_distance is not None:
+                pos = pos.clamp(min=-self.max_distance)
+            keys = place_keys(self.rope, keys, pos)
+            qm = query.float().reshape(b, hkv, g * m, d)
+        else:
+            qm = place_queries_for_memory(self.rope, query, self.distance).reshape(b, hkv, g * m, d)
+        bias = torch.log(counts.clamp(min=1).float()) if self.count_bias else None
+        if getattr(self.search, "dense", False):
+            # Exact search already scores every slot: keep those scores, mask all but the top-k,
+            # and let memory join the softmax like a prefix. No gathers, cost independent of k.
+            raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
+            raw = raw.masked_fill(~valid[:, :, None, :], float("-inf"))
+            k = min(self.top_k, raw.shape[-1])
+            top = raw.topk(k, dim=-1)
+            keep = raw >= top.values[..., -1:]
+            s = self._cap(raw * scaling, softcap)
+            if bias is not None:
+                s = s + bias[:, :, None, :]
+            s = s.masked_fill(~(keep & valid[:, :, None, :]), float("-inf"))
+            return MemoryRead(s.view(b, hkv, g, m, -1), top.indices.view(b, hkv, g, m, k), values=values)
         scores, idx = self.search.topk(qm, keys, valid, self.top_k)  # [B, Hkv, G*m, k]
         s = self._cap(scores * scaling, softcap)
-        if self.count_bias:
-            c = counts.gather(2, idx.flatten(2)).view_as(idx)
-            s = s + torch.log(c.clamp(min=1).float())
+        if bias is not None:
+            s = s + bias.gather(2, idx.flatten(2)).view_as(idx)
+        s = s.masked_fill(torch.isneginf(scores), float("-inf"))  # softcap must not revive empty slots
         k = idx.shape[-1]
         flat = idx.flatten(2)[..., None].expand(-1, -1, -1, values.shape[-1])
         v = values.gather(2, flat).view(b, hkv, g, m, k, -1).float()
-        return s.view(b, hkv, g, m, k), v, idx.view(b, hkv, g, m, k)
+        return MemoryRead(s.view(b, hkv, g, m, k), idx.view(b, hkv, g, m, k), gathered=v)
+
+
+@dataclass
+class MemoryRead:
+    logits: torch.Tensor  # [B, Hkv, G, m, S] (dense) or [B, Hkv, G, m, k] (sparse)
+    slots: torch.Tensor  # [B, Hkv, G, m, k] slots read by each query
+    values: torch.Tensor | None = None  # dense: [B, Hkv, S, Dv], shared by all queries
+    gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv]
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot")
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf", "faiss-hnsw")
 WRITE_MODES = ("segment", "token")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16")
+PLACEMENTS = ("fixed", "recency")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class CamelotConfig:
     count_bias: add log(count) to a slot's attention logit (a slot stands for `count` tokens).
     memory_distance: memory is presented `memory_distance` positions before the segment's first
         token (rotary models); None means one window before.
+    placement: where memory sits for rotary models. "fixed" (the paper): every slot at
+        `memory_distance` positions before the segment. "recency": each slot at the position of
+        its last write (age + 1 tokens before the segment), clamped to the model's range, so the
+        model sees an order among slots like it sees one among raw tokens.
     write_mode: "segment" matches a whole segment against memory at once (fast path);
         "token" writes token by token (the paper's sequential semantics, slow).
     memory_dtype: storage dtype of slot keys and values.
@@ -40,6 +45,7 @@ class CamelotConfig:
     search: str = "torch"
     count_bias: bool = False
     memory_distance: int | None = None
+    placement: str = "fixed"
     write_mode: str = "segment"
     memory_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -65,6 +71,7 @@ class CamelotConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("search", self.search, SEARCH_BACKENDS)
         _check_choice("write_mode", self.write_mode, WRITE_MODES)
+        _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)
         if self.memory_distance is not None:
             _check_int("memory_distance", self.memory_distance, low=0)

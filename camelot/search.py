@@ -23,6 +23,7 @@ class TorchExactSearch:
     """Exact inner-product top-k, all batch rows and KV heads of a layer in one matmul."""
 
     name = "torch"
+    dense = True  # the attention reads scores for every slot directly (see attention._memory_read)
 
     def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
              k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,8 @@ class CamelotModel:
         return LayerRuntime(
             layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory,
             prefix=prefix, search=make_backend(cfg.search), top_k=cfg.top_k,
-            distance=cfg.distance, count_bias=cfg.count_bias)
+            distance=cfg.distance, count_bias=cfg.count_bias, placement=cfg.placement,
+            max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:

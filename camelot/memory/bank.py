@@ -70,6 +70,10 @@ class SlotBank:
         counts = self.counts[..., :s]
         return self.keys[..., :s, :], self.values[..., :s, :], counts, counts > 0
 
+    def positions(self) -> torch.Tensor:
+        """Position of each slot's last write relative to the next token (-1 = just before)."""
+        return -(self.ages[..., : self.slots] + 1)
+
     # ---------------------------------------------------------------- write
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Consolidate position-free keys k [B, H, T, D] and values v [B, H, T, Dv]."""

@@ -70,6 +70,10 @@ class TokenStore:
         valid = self.valid[:, :, :n]
         return self.keys[:, :, :n], self.values[:, :, :n], valid.long(), valid
 
+    def positions(self) -> torch.Tensor:
+        """Position of each stored token relative to the next token (-1 = just before)."""
+        return torch.arange(-self.size, 0, device=self.keys.device)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self.allocated:
             return {}

@@ -1,0 +1,113 @@
+"""The read path: local, prefix and memory logits in one exact softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camelot.attention import LayerRuntime
+from camelot.memory import RawWindow, TokenStore
+from camelot.rope import RopeSpec, place_keys
+from camelot.search import TorchExactSearch
+
+
+def _spec(d=8):
+    return RopeSpec(1.0 / (100 ** (torch.arange(0, d, 2).float() / d)))
+
+
+def _manual(q, k_all, v_all, mask, scaling):
+    s = (q @ k_all.transpose(-1, -2)) * scaling
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v_all
+
+
+def test_memory_read_is_exact_attention_over_placed_slots():
+    torch.manual_seed(0)
+    spec, d, dist, m, n_mem = _spec(), 8, 5, 4, 6
+    mem = TokenStore(torch.float32)
+    k_raw, v_mem = torch.randn(1, 1, n_mem, d), torch.randn(1, 1, n_mem, d)
+    mem.write(k_raw, v_mem)
+    rt = LayerRuntime(0, spec, mem, None, TorchExactSearch(), top_k=n_mem, distance=dist, count_bias=False)
+    q_raw, k_loc, v_loc = torch.randn(1, 2, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
+    pos = torch.arange(m)
+    q, k = place_keys(spec, q_raw, pos), place_keys(spec, k_loc, pos)
+    out = rt.attend(q, k, v_loc, scaling=0.3, softcap=None, sliding_window=None)  # [1, m, 2, d]
+    k_all = torch.cat([k, place_keys(spec, k_raw, torch.full((n_mem,), -dist))], 2)
+    v_all = torch.cat([v_loc, v_mem], 2)
+    mask = torch.cat([torch.ones(m, m).tril().bool(), torch.ones(m, n_mem, dtype=torch.bool)], 1)
+    ref = _manual(q, k_all.expand(1, 2, -1, -1), v_all.expand(1, 2, -1, -1), mask, 0.3)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+
+
+class SparseExactSearch(TorchExactSearch):
+    dense = False  # exercise the gather path that index-based backends (faiss) use
+
+
+@pytest.mark.parametrize("search", [TorchExactSearch(), SparseExactSearch()], ids=["dense", "sparse"])
+def test_top_k_reads_only_the_best_slots(search):
+    torch.manual_seed(1)
+    d = 8
+    mem = TokenStore(torch.float32)
+    k_raw, v_mem = torch.randn(1, 1, 10, d), torch.randn(1, 1, 10, d)
+    mem.write(k_raw, v_mem)
+    q = torch.randn(1, 1, 1, d)
+    rt = LayerRuntime(0, None, mem, None, search, top_k=3, distance=0, count_bias=False, record_reads=True)
+    k_loc, v_loc = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    out = rt.attend(q, k_loc, v_loc, scaling=1.0, softcap=None, sliding_window=None)
+    best = (q @ k_raw.transpose(-1, -2)).topk(3).indices.flatten()
+    assert set(rt.last_read.slots.flatten().tolist()) == set(best.tolist())
+    k_all = torch.cat([k_loc, k_raw[:, :, best]], 2)
+    v_all = torch.cat([v_loc, v_mem[:, :, best]], 2)
+    ref = _manual(q, k_all, v_all, torch.ones(1, 4, dtype=torch.bool), 1.0)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+
+
+def test_count_bias_makes_a_slot_weigh_like_its_merged_tokens():
+    from camelot.memory import SlotBank
+
+    torch.manual_seed(4)
+    d = 8
+    bank = SlotBank(4, 0.99, torch.float32)
+    key, val = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    for _ in range(3):  # 3 identical tokens -> one slot, c = 3
+        bank.write(key, val)
+    assert bank.state_dict()["counts"][0, 0].tolist() == [3, 0, 0, 0]
+    rt = LayerRuntime(0, None, bank, None, TorchExactSearch(), top_k=1, distance=0, count_bias=True)
+    q, k_loc, v_loc = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    out = rt.attend(q, k_loc, v_loc, 1.0, None, None)
+    ref = _manual(q, torch.cat([k_loc, key.expand(1, 1, 3, d)], 2), torch.cat([v_loc, val.expand(1, 1, 3, d)], 2),
+                  torch.ones(1, 4, dtype=torch.bool), 1.0)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+
+
+def test_prefix_keys_sit_at_their_true_negative_positions():
+    torch.manual_seed(2)
+    spec, d, p, m = _spec(), 8, 5, 3
+    prefix = RawWindow(p)
+    k_pre, v_pre = torch.randn(1, 1, p, d), torch.randn(1, 1, p, d)
+    prefix.write(k_pre, v_pre)
+    rt = LayerRuntime(0, spec, None, prefix, TorchExactSearch(), top_k=1, distance=0, count_bias=False)
+    q_raw, k_raw, v = torch.randn(1, 1, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
+    pos = torch.arange(m)
+    out = rt.attend(place_keys(spec, q_raw, pos), place_keys(spec, k_raw, pos), v, 0.5, None, None)
+    # Reference: one sequence [prefix; segment] at positions [0, p+m) (RoPE is relative).
+    all_pos = torch.arange(p + m)
+    k_all = place_keys(spec, torch.cat([k_pre, k_raw], 2), all_pos)
+    v_all = torch.cat([v_pre, v], 2)
+    q_ref = place_keys(spec, q_raw, all_pos[p:])
+    mask = torch.ones(p + m, p + m).tril().bool()[p:]
+    ref = _manual(q_ref, k_all, v_all, mask, 0.5)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+
+
+def test_sliding_window_and_softcap_are_honoured():
+    torch.manual_seed(3)
+    d, m = 8, 6
+    rt = LayerRuntime(0, None, None, None, TorchExactSearch(), top_k=1, distance=0, count_bias=False)
+    q, k, v = torch.randn(1, 1, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
+    out = rt.attend(q, k, v, 1.0, softcap=2.0, sliding_window=2)
+    s = torch.tanh((q @ k.transpose(-1, -2)) / 2.0) * 2.0
+    i = torch.arange(m)
+    mask = (i[:, None] >= i[None]) & (i[:, None] - i[None] < 2)
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
