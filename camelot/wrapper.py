@@ -134,11 +134,26 @@ class CamelotModel:
         room = self.config.window - start
         if m > room:
             raise ValueError(f"step got {m} tokens but the open segment has room for {room}")
+        self._check_state_devices()
         pos = torch.arange(start, start + m, device=ids.device).expand(b, m)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
         if start + m == self.config.window:
             self.flush()
         return out.logits
+
+    def _check_state_devices(self) -> None:
+        """Memory stays on the device its layer had when it was written. A model moved since
+        (`model.to(...)`) would meet it deep inside torch with a device-mismatch error, so refuse
+        here, naming both devices. One attribute check per layer and step: cheap."""
+        for m, rt in zip(self.modules, self.runtimes):
+            held = _held_device(rt)
+            if held is None:
+                continue
+            p = next(m.parameters(), None)
+            if p is not None and p.device != held:
+                raise ValueError(
+                    f"layer {rt.layer_idx}: camelot memory is on {held} but the model's layer is now on {p.device}; "
+                    "move the model back, or call reset() (the memory is lost) to use the new device")
 
     def flush(self) -> None:
         """Close the open segment now (write it to memory)."""
@@ -240,6 +255,9 @@ class CamelotModel:
             raise ValueError(f"token ids must be [N] or [batch, N], got shape {tuple(ids.shape)}")
         if ids.shape[1] == 0:
             raise ValueError("empty input: no tokens to read")
+        if ids.device.type == "meta":  # holds no values: range checks and copies would fail inside torch
+            raise ValueError("token ids are on the meta device and hold no values; give them on cpu or the "
+                             "model's device")
         vocab = self.model.get_input_embeddings().num_embeddings
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
@@ -247,6 +265,14 @@ class CamelotModel:
         if ids.device != dev:
             ids = ids.to(dev)
         return ids.long()
+
+
+def _held_device(rt: LayerRuntime) -> torch.device | None:
+    """Device of the first state tensor a layer holds (open segment, memory or prefix), if any."""
+    for t in (rt.local_k, getattr(rt.memory, "keys", None), getattr(rt.prefix, "keys", None)):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return None
 
 
 def wrap(model: nn.Module, config: CamelotConfig | None = None, **overrides) -> CamelotModel:

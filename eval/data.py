@@ -1,0 +1,167 @@
+"""Documents for evaluation: where they come from and how they become token ids.
+
+A data spec names one of:
+- `builtin:NAME`: a text packaged in camelot/data (`builtin:genesis_kjv`, `builtin:state_union_1961_kennedy`);
+- a `.txt` (or any text) file: one document;
+- a folder: every `*.txt` file in it (sorted by name) is one document;
+- a `.jsonl` / `.json` / `.parquet` file: one document per row, read from `text_field`;
+- a folder written by `datasets.Dataset.save_to_disk`: one document per row of `split`.
+
+Plain text is read with Python rather than `datasets`: a strict UTF-8 read is what lets a
+binary or mis-encoded file fail with a message naming the file, and it skips the Arrow cache
+that `datasets` would write for a single file. Row formats go through `datasets`.
+
+Every failure the user can fix is raised as `camelot.cli.UserError` (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from camelot.cli import UserError
+
+BUILTIN_PREFIX = "builtin:"
+ROW_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Document:
+    """One document: a name for reports, its text, and (after `tokenize_documents`) its ids."""
+
+    name: str
+    text: str
+    ids: torch.Tensor | None = None  # [N] long
+
+    @property
+    def n_tokens(self) -> int:
+        return 0 if self.ids is None else int(self.ids.numel())
+
+
+def builtin_names() -> list[str]:
+    """Names accepted after `builtin:`, from the texts packaged in camelot/data."""
+    folder = files("camelot").joinpath("data")
+    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def load_documents(spec: str, text_field: str = "text", split: str | None = None,
+                   max_docs: int | None = None) -> list[Document]:
+    """Read the documents a data spec names (see the module docstring), at most `max_docs`."""
+    if max_docs is not None and max_docs < 1:
+        raise UserError(f"--max-docs must be >= 1, got {max_docs}")
+    if spec.startswith(BUILTIN_PREFIX):
+        docs = [_builtin(spec[len(BUILTIN_PREFIX):])]
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"data not found: {spec} (give a text file, a folder of .txt files, a .jsonl/.parquet "
+                            f"file, a saved datasets folder, or builtin:{'|'.join(builtin_names())})")
+        if path.is_dir():
+            docs = _dataset_folder(path, text_field, split, max_docs) if _is_saved_dataset(path) \
+                else _text_folder(path, max_docs)
+        elif path.suffix.lower() in ROW_SUFFIXES:
+            docs = _row_file(path, ROW_SUFFIXES[path.suffix.lower()], text_field, max_docs)
+        else:
+            docs = [Document(path.name, _read_text(path))]
+    docs = docs[:max_docs] if max_docs else docs
+    for d in docs:
+        if not d.text.strip():
+            raise UserError(f"document {d.name!r} is empty")
+    return docs
+
+
+def tokenize_documents(docs: list[Document], tokenizer, max_tokens: int | None = None) -> list[Document]:
+    """Fill `ids` of each document with the tokenizer's ids (special tokens as the tokenizer adds
+    them by default, e.g. a BOS), keeping the first `max_tokens` (None or 0: all of them)."""
+    for d in docs:
+        ids = tokenizer(d.text, add_special_tokens=True, verbose=False)["input_ids"]
+        if max_tokens:
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise UserError(f"document {d.name!r} has {len(ids)} token(s); perplexity needs at least 2")
+        d.ids = torch.tensor(ids, dtype=torch.long)
+    return docs
+
+
+# ---------------------------------------------------------------------------- sources
+def _builtin(name: str) -> Document:
+    names = builtin_names()
+    if name not in names:
+        raise UserError(f"unknown builtin text {name!r}; available: {', '.join(BUILTIN_PREFIX + n for n in names)}")
+    text = files("camelot").joinpath(f"data/{name}.txt").read_text(encoding="utf-8")
+    return Document(BUILTIN_PREFIX + name, text)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _text_folder(path: Path, max_docs: int | None) -> list[Document]:
+    paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+    if not paths:
+        raise UserError(f"no .txt files in folder {path}")
+    return [Document(p.name, _read_text(p)) for p in paths[:max_docs]]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
+        or (path / "state.json").exists()
+
+
+def _rows_to_docs(ds, source: str, text_field: str, max_docs: int | None) -> list[Document]:
+    if text_field not in ds.column_names:
+        raise UserError(f"{source} has no field {text_field!r} (fields: {', '.join(ds.column_names)}); "
+                        "choose one with --text-field")
+    if len(ds) == 0:
+        raise UserError(f"{source} has no rows")
+    n = len(ds) if not max_docs else min(max_docs, len(ds))
+    texts = ds.select(range(n))[text_field]
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise UserError(f"{source}: field {text_field!r} of row {bad[0]} is not text")
+    return [Document(f"{source}#{i}", t) for i, t in enumerate(texts)]
+
+
+def _row_file(path: Path, builder: str, text_field: str, max_docs: int | None) -> list[Document]:
+    from datasets import load_dataset
+
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty")
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parse errors in several types; the message is what matters
+        raise UserError(f"cannot read {path} as {builder}: {_first_line(e)}") from None
+    return _rows_to_docs(ds, path.name, text_field, max_docs)
+
+
+def _dataset_folder(path: Path, text_field: str, split: str | None, max_docs: int | None) -> list[Document]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"cannot load the datasets folder {path}: {_first_line(e)}") from None
+    if isinstance(ds, DatasetDict):
+        splits = list(ds.keys())
+        if split is None:
+            split = "test" if "test" in splits else (splits[0] if len(splits) == 1 else None)
+        if split not in splits:
+            raise UserError(f"{path} holds splits {', '.join(splits)}; choose one with --split")
+        ds = ds[split]
+    elif split is not None:
+        raise UserError(f"{path} is a single dataset without splits; drop --split")
+    return _rows_to_docs(ds, path.name, text_field, max_docs)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,218 @@
+"""The perplexity harness (`camelot ppl`) on a tiny random llama: fair comparisons (same tokens
+for every strategy), exact baselines (`full` = a plain HF forward, `window` = independent
+segments), the CLI end to end, and clean errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from camelot.eval.data import Document, load_documents
+from camelot.eval.perplexity import Sweep, evaluate, parse_layers, plan_runs
+from torch.nn.functional import cross_entropy
+
+from camelot.cli import UserError, main
+from tests.conftest import tiny_llama
+
+ALL = ("window", "recurrent", "sliding", "knn", "camelot", "full")
+
+
+def _docs(lengths: tuple[int, ...], vocab: int = 101, seed: int = 1) -> list[Document]:
+    g = torch.Generator().manual_seed(seed)
+    return [Document(f"doc{i}", "", torch.randint(0, vocab, (n,), generator=g)) for i, n in enumerate(lengths)]
+
+
+def _by_strategy(results) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in results:
+        out.setdefault(r.spec.strategy, []).append(r)
+    return out
+
+
+def test_plan_multiplies_only_memory_settings():
+    sweep = Sweep(strategies=ALL, windows=(16, 32), slots=(32, 64), thresholds=(0.5, 0.9), top_ks=(1, 2),
+                  count_biases=(False, True))
+    runs = _by_strategy_specs(plan_runs(sweep))
+    assert len(runs["window"]) == len(runs["recurrent"]) == 2  # once per window
+    assert len(runs["sliding"]) == 2 * 2  # windows x slots
+    assert len(runs["knn"]) == 2 * 2  # windows x top_k
+    assert len(runs["camelot"]) == 2 * 2 * 2 * 2 * 2  # windows x slots x threshold x top_k x bias
+    assert len(runs["full"]) == 1
+    assert {s.config.slots for s in runs["sliding"]} == {32, 64}
+
+
+def _by_strategy_specs(specs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for s in specs:
+        out.setdefault(s.strategy, []).append(s)
+    return out
+
+
+def test_plan_rejects_bad_settings_before_running():
+    with pytest.raises(UserError, match="top_k"):
+        plan_runs(Sweep(strategies=("camelot",), slots=(2,), top_ks=(4,)))
+    with pytest.raises(UserError, match="unknown strategy"):
+        plan_runs(Sweep(strategies=("window", "magic")))
+    assert parse_layers("all/0-2,5") == (None, [0, 1, 2, 5])
+    with pytest.raises(UserError, match="layer list"):
+        parse_layers("a-b")
+
+
+def test_every_strategy_scores_the_same_tokens():
+    model = tiny_llama()
+    docs = _docs((70, 45))
+    sweep = Sweep(strategies=ALL, windows=(16,), slots=(32,), thresholds=(0.5,), top_ks=(2,))
+    results = evaluate(model, docs, plan_runs(sweep), bucket_size=20, progress=False)
+    by = _by_strategy(results)
+    assert set(by) == set(ALL)
+    expected = sum(d.n_tokens - 1 for d in docs)
+    for r in results:
+        assert r.skipped is None
+        assert r.tokens == expected, r.spec.label
+        assert sum(r.bucket_tokens) == expected
+        assert math.isfinite(r.ppl) and r.ppl > 1
+    # memory must change something on a 70-token doc read in 16-token segments
+    assert by["camelot"][0].ppl != by["window"][0].ppl
+    assert model.config._attn_implementation != "camelot"  # unwrapped afterwards
+
+
+def test_full_equals_plain_forward_loss():
+    model = tiny_llama()
+    docs = _docs((90,))
+    res = evaluate(model, docs, plan_runs(Sweep(strategies=("full",))), progress=False)[0]
+    with torch.no_grad():
+        ref = model(input_ids=docs[0].ids[None], labels=docs[0].ids[None]).loss
+    assert res.tokens == 89
+    assert res.nll_sum / res.tokens == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_full_is_skipped_when_the_document_does_not_fit():
+    model = tiny_llama(max_pos=64)
+    res = evaluate(model, _docs((80,)), plan_runs(Sweep(strategies=("full",))), progress=False)[0]
+    assert res.skipped and "64 positions" in res.skipped and res.tokens == 0
+
+
+def test_window_equals_independent_segment_losses():
+    """Reference: the unwrapped model on each segment alone. The boundary token (first token of
+    the next segment) is predicted by the last position of the previous segment, so segment
+    [a, a+w) scores targets a+1 .. a+w and every one of the N-1 targets is counted once."""
+    model = tiny_llama()
+    docs = _docs((75,))
+    w, ids = 16, docs[0].ids
+    res = evaluate(model, docs, plan_runs(Sweep(strategies=("window",), windows=(w,))), progress=False)[0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, ids.numel(), w):
+            seg = ids[a : a + w]
+            tgt = ids[a + 1 : a + w + 1]
+            logits = model(input_ids=seg[None]).logits[0, : tgt.numel()]
+            total += float(cross_entropy(logits, tgt, reduction="sum"))
+            count += tgt.numel()
+    assert count == res.tokens == 74
+    assert res.nll_sum / res.tokens == pytest.approx(total / count, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- data
+def test_data_sources(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second document", encoding="utf-8")
+    (folder / "a.txt").write_text("first document", encoding="utf-8")
+    (folder / "notes.md").write_text("ignored", encoding="utf-8")
+    assert [d.text for d in load_documents(str(folder))] == ["first document", "second document"]
+    assert len(load_documents(str(folder), max_docs=1)) == 1
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "one"}\n{"body": "two"}\n', encoding="utf-8")
+    assert [d.text for d in load_documents(str(rows), text_field="body")] == ["one", "two"]
+    with pytest.raises(UserError, match="no field 'text'.*body"):
+        load_documents(str(rows))
+
+    from datasets import Dataset, DatasetDict
+
+    saved = tmp_path / "saved"
+    DatasetDict({"test": Dataset.from_dict({"text": ["x y", "z"]})}).save_to_disk(str(saved))
+    assert [d.text for d in load_documents(str(saved))] == ["x y", "z"]
+    pq = tmp_path / "rows.parquet"
+    Dataset.from_dict({"text": ["p", "q", "r"]}).to_parquet(str(pq))
+    assert len(load_documents(str(pq), max_docs=2)) == 2
+
+    kennedy = load_documents("builtin:state_union_1961_kennedy")
+    assert len(kennedy) == 1 and len(kennedy[0].text) > 10_000
+
+
+# ---------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny llama saved with a character-level tokenizer, loadable by `--model PATH`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    path = tmp_path_factory.mktemp("tiny_model")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>").save_pretrained(path)
+    tiny_llama(vocab=len(vocab)).save_pretrained(path)
+    return path
+
+
+def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys, long_text):
+    text = tmp_path / "doc.txt"
+    text.write_text(long_text[:400], encoding="utf-8")
+    out = tmp_path / "out"
+    rc = main(["ppl", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--slots", "16,32",
+               "--threshold", "0.5,0.9", "--top-k", "2", "--max-tokens", "300", "--bucket-size", "50",
+               "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| strategy |" in table and "| camelot | 16 | slots=32 threshold=0.9 top_k=2 count_bias=off |" in table
+    payload = json.loads((out / "results.json").read_text())
+    runs = payload["runs"]
+    assert {r["strategy"] for r in runs} == set(ALL)
+    assert len({r["tokens"] for r in runs}) == 1 and runs[0]["tokens"] == 299
+    assert payload["config"]["documents"] == [{"name": "doc.txt", "tokens": 300}]
+    window = next(r for r in runs if r["strategy"] == "window")
+    assert window["compare"][0]["delta_pct"] == pytest.approx(0.0)
+    for png in ("ppl_by_position_w16.png", "ppl_vs_slots_w16.png", "ppl_vs_threshold_w16.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "data not found"),
+    ("empty_folder", "no .txt files"),
+    ("binary", "binary"),
+    ("latin1", "not UTF-8"),
+    ("one_token", "at least 2"),
+    ("builtin", "unknown builtin"),
+    ("bad_window", "not a valid int"),
+])
+def test_bad_input_gives_one_clean_line(case, message, tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "x.txt"
+    extra: list[str] = []
+    if case == "missing":
+        data = tmp_path / "nope.txt"
+    elif case == "empty_folder":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif case == "binary":
+        data.write_bytes(b"\x7fELF\x00\x00\x01")
+    elif case == "latin1":
+        data.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    elif case == "one_token":
+        data.write_text("a", encoding="utf-8")
+    elif case == "builtin":
+        data = "builtin:nothing"
+    elif case == "bad_window":
+        data.write_text("hello world", encoding="utf-8")
+        extra = ["--window", "12x"]
+    rc = main(["ppl", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress",
+               "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("camelot ppl: error:") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
