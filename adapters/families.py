@@ -1,17 +1,24 @@
-"""Built-in adapters, one per way positions enter attention."""
+"""Built-in adapters, one per way positions enter attention. `FAMILY_ADAPTERS` is the single list
+the registry, the tests (via camelot.adapters.tiny) and the compatibility table read."""
 
 from __future__ import annotations
 
+from camelot.adapters.absolute import AbsoluteAdapter
 from camelot.adapters.base import Adapter
+from camelot.adapters.forward_hooks import BloomAdapter, FalconAdapter
 from camelot.adapters.registry import register_adapter
+from camelot.adapters.rotary import (
+    GPTJAdapter,
+    InterleavedRotaryAdapter,
+    NoPERotaryAdapter,
+    PartialRotaryAdapter,
+    RotaryAdapter,
+)
 
+FAMILY_ADAPTERS: tuple[Adapter, ...] = (
+    RotaryAdapter(), NoPERotaryAdapter(), PartialRotaryAdapter(), InterleavedRotaryAdapter(), GPTJAdapter(),
+    AbsoluteAdapter(), FalconAdapter(), BloomAdapter(),
+)
 
-class RotaryAdapter(Adapter):
-    """Rotary position embedding on the head (llama family and its many descendants)."""
-
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
-    positions = "rotary"
-    notes = "keys stored un-rotated; memory placed `memory_distance` positions before the segment"
-
-
-register_adapter(RotaryAdapter())
+for _adapter in FAMILY_ADAPTERS:
+    register_adapter(_adapter)

@@ -3,6 +3,12 @@ reads: the open segment's KV, an optional raw prefix, and the layer's memory.
 
 Local, prefix and memory logits go through ONE softmax, so with an empty memory the output is
 exactly local attention, and with memory it is exact attention over the union.
+
+Positions are the runtime's own: the open segment's keys sit at [0, local_len), a raw prefix at
+[-p, 0), memory at `-distance` (fixed placement) or at each slot's last-write position (recency).
+Rotary models carry them in the keys; ALiBi models (falcon, bloom) pass an `Alibi` and get
+`slope * key_position` added to every logit, memory included, which is the same relative bias
+HF adds (a per-row constant does not change a softmax).
 """
 
 from __future__ import annotations
@@ -16,6 +22,28 @@ from camelot.rope import RopeSpec, place_keys, place_queries_for_memory, unrotat
 from camelot.search import SearchBackend
 
 ATTN_NAME = "camelot"
+
+
+@dataclass(frozen=True)
+class Alibi:
+    """ALiBi as HF's falcon/bloom compute it: logit += scale * bf16(slope_bf16 * key_position).
+
+    slopes: [Hq] per query head, already rounded to bfloat16 as `build_alibi_tensor` does.
+    scale: factor the model applies to the bias (falcon: 1/sqrt(head_dim); bloom: 1).
+    round_bf16: HF materialises the bias in bfloat16; matching that keeps identity exact.
+    """
+
+    slopes: torch.Tensor
+    scale: float = 1.0
+    round_bf16: bool = True
+
+    def bias(self, positions: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
+        """positions broadcastable against [Hkv, G, 1, 1] (e.g. [N], or [B, Hkv, 1, 1, S]) -> bias."""
+        slopes = self.slopes.to(device=positions.device, dtype=torch.float32).view(hkv, g, 1, 1)
+        b = slopes * positions.float()
+        if self.round_bf16:
+            b = b.to(torch.bfloat16).float()
+        return b * self.scale if self.scale != 1.0 else b
 
 
 @dataclass
@@ -70,7 +98,10 @@ class LayerRuntime:
         self.local_k = self.local_v = None
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-               softcap: float | None, sliding_window: int | None) -> torch.Tensor:
+               softcap: float | None, sliding_window: int | None,
+               alibi: Alibi | None = None) -> torch.Tensor:
+        """query [B, Hq, m, D]; key/value [B, Hkv, m, D] of the new tokens -> output [B, m, Hq, Dv].
+        alibi: ALiBi bias rule for models without rotary positions (falcon/bloom adapters)."""
         b, hq, m, d = query.shape
         hkv = key.shape[1]
         g = hq // hkv
@@ -82,14 +113,15 @@ class LayerRuntime:
         k_loc = key if l0 == 0 else torch.cat([self.local_k, key], dim=2)
         v_loc = value if l0 == 0 else torch.cat([self.local_v, value], dim=2)
         qg = query.float().reshape(b, hkv, g, m, d)
+        ali = None if alibi is None else (alibi, hkv, g)
 
         q_pos = torch.arange(l0, l0 + m, device=dev)
-        logits = [self._local_logits(qg, k_loc, q_pos, scaling, softcap, sliding_window)]
+        logits = [self._local_logits(qg, k_loc, q_pos, scaling, softcap, sliding_window, ali)]
         values = [v_loc]
         if self.prefix is not None and self.prefix.size:
-            logits.append(self._prefix_logits(qg, q_pos, scaling, softcap, sliding_window))
+            logits.append(self._prefix_logits(qg, q_pos, scaling, softcap, sliding_window, ali))
             values.append(self.prefix.values)
-        mem = self._memory_read(query, scaling, softcap) if self.memory is not None else None
+        mem = self._memory_read(query, scaling, softcap, ali) if self.memory is not None else None
         if mem is not None and mem.values is not None:  # dense read: memory joins like a prefix
             logits.append(mem.logits)
             values.append(mem.values)
@@ -116,21 +148,32 @@ class LayerRuntime:
     def _cap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
         return x if not softcap else torch.tanh(x / softcap) * softcap
 
-    def _local_logits(self, qg, k_loc, q_pos, scaling, softcap, sliding_window):
+    def _local_logits(self, qg, k_loc, q_pos, scaling, softcap, sliding_window, ali=None):
         s = torch.matmul(qg, k_loc.float()[:, :, None].transpose(-1, -2)) * scaling
         s = self._cap(s, softcap)
         k_pos = torch.arange(k_loc.shape[2], device=qg.device)
+        if ali is not None:
+            s = s + _alibi(ali, k_pos)
         return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
 
-    def _prefix_logits(self, qg, q_pos, scaling, softcap, sliding_window):
+    def _prefix_logits(self, qg, q_pos, scaling, softcap, sliding_window, ali=None):
         p = self.prefix.size
         k_pos = torch.arange(-p, 0, device=qg.device)
         k_pre = place_keys(self.rope, self.prefix.keys, k_pos)
         s = torch.matmul(qg, k_pre[:, :, None].transpose(-1, -2)) * scaling
         s = self._cap(s, softcap)
+        if ali is not None:
+            s = s + _alibi(ali, k_pos)
         return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
 
-    def _memory_read(self, query, scaling, softcap) -> MemoryRead | None:
+    def _memory_positions(self, device: torch.device) -> torch.Tensor:
+        """Where memory keys sit for position biases (ALiBi): [S] or [B, Hkv, S], negative."""
+        if self.placement == "recency":
+            pos = self.memory.positions().to(device)
+            return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
+        return torch.tensor([-self.distance], device=device)
+
+    def _memory_read(self, query, scaling, softcap, ali=None) -> MemoryRead | None:
         state = self.memory.readable()
         if state is None:
             return None
@@ -159,14 +202,24 @@ class LayerRuntime:
             s = self._cap(raw * scaling, softcap)
             if bias is not None:
                 s = s + bias[:, :, None, :]
-            s = s.masked_fill(~(keep & valid[:, :, None, :]), float("-inf"))
-            return MemoryRead(s.view(b, hkv, g, m, -1), top.indices.view(b, hkv, g, m, k), values=values)
+            s = s.masked_fill(~(keep & valid[:, :, None, :]), float("-inf")).view(b, hkv, g, m, -1)
+            if ali is not None:  # ALiBi: slots are chosen by content, then biased by their distance
+                pos = self._memory_positions(s.device)
+                s = s + _alibi(ali, pos[:, :, None, None, :] if pos.dim() == 3 else pos)
+            return MemoryRead(s, top.indices.view(b, hkv, g, m, k), values=values)
         scores, idx = self.search.topk(qm, keys, valid, self.top_k)  # [B, Hkv, G*m, k]
         s = self._cap(scores * scaling, softcap)
         if bias is not None:
             s = s + bias.gather(2, idx.flatten(2)).view_as(idx)
         s = s.masked_fill(torch.isneginf(scores), float("-inf"))  # softcap must not revive empty slots
         k = idx.shape[-1]
+        if ali is not None:
+            pos = self._memory_positions(s.device)
+            if pos.dim() == 3:  # per-slot positions: each query's own chosen slots
+                pos = pos.gather(2, idx.flatten(2)).view(b, hkv, g, m, k)
+            elif pos.numel() > 1:  # one position per stored token, shared by all heads
+                pos = pos[idx].view(b, hkv, g, m, k)
+            s = (s.view(b, hkv, g, m, k) + _alibi(ali, pos)).view_as(idx)
         flat = idx.flatten(2)[..., None].expand(-1, -1, -1, values.shape[-1])
         v = values.gather(2, flat).view(b, hkv, g, m, k, -1).float()
         return MemoryRead(s.view(b, hkv, g, m, k), idx.view(b, hkv, g, m, k), gathered=v)
@@ -178,6 +231,11 @@ class MemoryRead:
     slots: torch.Tensor  # [B, Hkv, G, m, k] slots read by each query
     values: torch.Tensor | None = None  # dense: [B, Hkv, S, Dv], shared by all queries
     gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv]
+
+
+def _alibi(ali: tuple[Alibi, int, int], positions: torch.Tensor) -> torch.Tensor:
+    alibi, hkv, g = ali
+    return alibi.bias(positions, hkv, g)
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

@@ -53,11 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
-        print(f"camelot {args.command}: error: {e}", file=sys.stderr)
+        print(f"camelot {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # e.g. --slots far beyond the machine: say so in one line, exit 3
+        print(f"camelot {args.command}: out of memory: {_one_line(e)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (some library messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

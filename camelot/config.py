@@ -75,6 +75,11 @@ class CamelotConfig:
         _check_choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)
         if self.memory_distance is not None:
             _check_int("memory_distance", self.memory_distance, low=0)
+        # A truthy string ("no") would silently switch the bias on: demand a real bool.
+        if not isinstance(self.count_bias, bool):
+            raise ValueError(f"count_bias must be True or False, got {self.count_bias!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"layers must be None or a non-empty list of ints, got {self.layers!r}")

@@ -2,7 +2,9 @@
 
 Memory keys must be position-free to be averaged, so the core stores keys with their
 rotation removed and puts a position back only when a query reads them.
-All functions use the rotate-half convention of HF's `apply_rotary_pos_emb`.
+Two pairings exist in HF models: rotate-half (llama and most others: dim i pairs with
+dim i + rot_dim/2) and interleaved (gptj, codegen, cohere: dim 2i pairs with 2i+1). A RopeSpec
+says which; partial rotary (gpt_neox, phi, stablelm) rotates only the first `rot_dim` dims.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ class RopeSpec:
     inv_freq: [rot_dim // 2] inverse frequencies.
     scaling: the factor HF multiplies cos and sin by (1.0 for plain RoPE).
     rot_dim: leading head dims that rotate (partial rotary leaves the rest as they are).
+    interleaved: pairs (2i, 2i+1) rotate together (gptj/cohere style) instead of (i, i + rot_dim/2).
     """
 
     inv_freq: torch.Tensor
     scaling: float = 1.0
+    interleaved: bool = False
 
     @property
     def rot_dim(self) -> int:
@@ -34,7 +38,7 @@ def cos_sin(spec: RopeSpec, positions: torch.Tensor, device: torch.device) -> tu
     freqs = positions.to(device=device, dtype=torch.float32)[..., None] * spec.inv_freq.to(
         device=device, dtype=torch.float32
     )
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = freqs.repeat_interleave(2, dim=-1) if spec.interleaved else torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
@@ -43,13 +47,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+           interleaved: bool = False) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x (fp32 math, result in fp32). inverse undoes it."""
     rd = cos.shape[-1]
     x = x.float()
     rot, rest = x[..., :rd], x[..., rd:]
     s = -sin if inverse else sin
-    out = rot * cos + _rotate_half(rot) * s
+    turn = _rotate_every_two if interleaved else _rotate_half
+    out = rot * cos + turn(rot) * s
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
@@ -58,7 +69,7 @@ def unrotate_keys(spec: RopeSpec | None, keys: torch.Tensor, positions: torch.Te
     if spec is None:
         return keys.float()
     cos, sin = cos_sin(spec, positions, keys.device)
-    raw = rotate(keys, cos, sin, inverse=True)
+    raw = rotate(keys, cos, sin, inverse=True, interleaved=spec.interleaved)
     if spec.scaling != 1.0:
         # HF scales cos and sin by `scaling`, so a rotated key carries that factor once.
         raw = raw / spec.scaling
@@ -70,7 +81,7 @@ def place_keys(spec: RopeSpec | None, raw: torch.Tensor, positions: torch.Tensor
     if spec is None:
         return raw.float()
     cos, sin = cos_sin(spec, positions, raw.device)
-    out = rotate(raw, cos, sin)
+    out = rotate(raw, cos, sin, interleaved=spec.interleaved)
     return out * spec.scaling if spec.scaling != 1.0 else out
 
 
@@ -85,5 +96,5 @@ def place_queries_for_memory(spec: RopeSpec | None, query: torch.Tensor, distanc
         return query.float()
     pos = torch.tensor(distance, device=query.device)
     cos, sin = cos_sin(spec, pos, query.device)
-    out = rotate(query, cos, sin)
+    out = rotate(query, cos, sin, interleaved=spec.interleaved)
     return out * spec.scaling if spec.scaling != 1.0 else out

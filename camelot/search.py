@@ -32,7 +32,14 @@ class TorchExactSearch:
         return scores.topk(min(k, scores.shape[-1]), dim=-1)
 
 
+# torch: exact, batched over heads (default). faiss: exact flat (CPU). faiss-gpu: exact flat on a GPU
+# (CPU with a warning where faiss has no GPU support). faiss-ivf / faiss-hnsw: approximate indexes
+# kept in step with slot updates. Measured in docs/speed.md.
+BACKENDS = ("torch", "faiss", "faiss-gpu", "faiss-ivf", "faiss-hnsw")
+
+
 def make_backend(name: str) -> SearchBackend:
+    """A fresh backend (one per attention layer: index backends keep per-layer state)."""
     if name == "torch":
         return TorchExactSearch()
     from camelot.faiss_search import make_faiss_backend

@@ -1,46 +1,116 @@
-"""The memory as a user sees it: statistics, and snapshots saved as safetensors (never pickle).
+"""The memory as a user sees it: statistics, in-process checkpoints, and snapshots saved as
+safetensors (never pickle).
 
-A snapshot records which model it belongs to; loading it into another model, or loading a
-damaged file, is refused before the live memory is touched."""
+A snapshot holds everything the wrapper has read: per layer the memory (slot bank or token
+store), the raw prefix (`recurrent` / `sliding`) and the open, not yet consolidated segment. So
+saving changes nothing, and a wrapper that loads the file answers exactly as the one that saved
+it would have. The file records which model it belongs to (architecture facts and a digest of
+a few weight tensors) and a digest of its own tensor bytes; loading it into another model, or
+loading a damaged, truncated or pickle file, is refused with a `SnapshotError` before the live
+memory is touched: the new state of every layer is built and checked aside, then swapped in.
+"""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from camelot.memory import TELEMETRY_FIELDS
+from camelot.memory import TELEMETRY_FIELDS, RawWindow
 
 if TYPE_CHECKING:
+    from camelot.attention import LayerRuntime
     from camelot.wrapper import CamelotModel
 
-FORMAT = "camelot-memory/1"
+FORMAT = "camelot-memory"
+FORMAT_VERSION = 1
+USER_PREFIX = "user."  # metadata keys a caller adds (e.g. `camelot ask` records its prompt format)
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip archive
 
 
 class SnapshotError(ValueError):
     """A snapshot that cannot be loaded into this model; the live memory is unchanged."""
 
 
+# ---------------------------------------------------------------------------- model identity
+def architecture(cm: CamelotModel) -> dict[str, Any]:
+    """The facts a snapshot must agree with to be readable by this model."""
+    cfg = cm.adapter.text_config(cm.model)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cm.modules[0], "head_dim", None) or getattr(cfg, "head_dim", None)
+    if head_dim is None and heads:
+        head_dim = cfg.hidden_size // heads
+    return {"model_type": cfg.model_type, "num_layers": len(cm.modules), "num_heads": heads,
+            "num_kv_heads": cm.adapter.num_kv_heads(cm.model), "head_dim": head_dim,
+            "hidden_size": getattr(cfg, "hidden_size", None), "vocab_size": getattr(cfg, "vocab_size", None)}
+
+
 def model_fingerprint(cm: CamelotModel) -> str:
     """Architecture facts plus a digest of a few weight tensors: cheap, and different for
-    different checkpoints of the same architecture."""
-    cfg = cm.adapter.text_config(cm.model)
-    h = hashlib.sha256()
-    facts = [cfg.model_type, getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None),
-             cm.adapter.num_kv_heads(cm.model), getattr(cfg, "vocab_size", None)]
-    h.update(json.dumps(facts).encode())
+    different checkpoints of the same architecture. Weights are hashed after rounding to bf16,
+    so an fp32 model and its bf16 copy share a fingerprint (the memory transfers between them)."""
+    h = hashlib.sha256(json.dumps(architecture(cm), sort_keys=True).encode())
     emb = cm.model.get_input_embeddings().weight
-    h.update(emb[: min(64, emb.shape[0])].detach().float().cpu().numpy().tobytes())
+    parts = [emb[: min(64, emb.shape[0])]]
     for m in cm.modules[:2]:
-        for p in list(m.parameters())[:1]:
-            h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        parts += [p.flatten()[:4096] for p in list(m.parameters())[:1]]
+    for p in parts:
+        h.update(p.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
+# ---------------------------------------------------------------------------- statistics
+def layer_stats(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Slots used, count and age summaries of one layer's memory state (all rows and heads).
+    Histograms are log2-bucketed: [[lower bound, slots], ...] over used slots; an age of a is
+    counted as a+1 so that "written in the last step" lands in bucket 1."""
+    if not state:
+        return {"slots_used": 0}
+    counts = state["counts"].long()
+    used = counts > 0
+    row: dict[str, Any] = {
+        "slots_used": int(used.sum()),
+        "slots_total": int(counts.numel()),
+        "tokens_merged": int(counts.sum()),
+        "count_max": int(counts.max()) if counts.numel() else 0,
+        "count_mean": float(counts[used].float().mean()) if used.any() else 0.0,
+        "count_hist": log2_hist(counts[used]),
+    }
+    if "ages" in state:
+        ages = state["ages"].long()[used]
+        row["age_mean"] = float(ages.float().mean()) if ages.numel() else 0.0
+        row["age_max"] = int(ages.max()) if ages.numel() else 0
+        row["age_hist"] = log2_hist(ages + 1)
+    if "telemetry" in state:
+        row.update(dict(zip(TELEMETRY_FIELDS, state["telemetry"].long().tolist())))
+    return row
+
+
+def log2_hist(x: torch.Tensor) -> list[list[int]]:
+    """[[2**e, n], ...] for every non-empty bucket [2**e, 2**(e+1)) of positive integers x."""
+    if x.numel() == 0:
+        return []
+    b = torch.floor(torch.log2(x.clamp(min=1).double())).long()
+    n = torch.bincount(b)
+    return [[2**e, int(c)] for e, c in enumerate(n.tolist()) if c]
+
+
+# ---------------------------------------------------------------------------- the view
+@dataclass
+class Checkpoint:
+    """An in-process copy of the wrapper's whole state (see MemoryView.checkpoint)."""
+
+    layers: list[tuple[Any, Any, Any, Any]]  # per runtime: open keys, open values, memory, prefix
+
+
 class MemoryView:
+    """`cm.memory`: statistics, checkpoints and snapshots of a CamelotModel's state."""
+
     def __init__(self, cm: CamelotModel) -> None:
         self.cm = cm
 
@@ -49,7 +119,7 @@ class MemoryView:
 
     # ------------------------------------------------------------------ stats
     def telemetry(self) -> dict[str, int]:
-        """Totals since reset over all memory layers: merged, new, evicted, skipped tokens."""
+        """Totals since reset over all memory layers: merged, new, evicted, dropped, skipped tokens."""
         tot = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long)
         for _, mem in self._stores():
             if mem.telemetry is not None:
@@ -57,134 +127,266 @@ class MemoryView:
         return dict(zip(TELEMETRY_FIELDS, tot.tolist()))
 
     def stats(self) -> dict[str, Any]:
-        """Slots used, count and age summaries, per memory layer (host syncs: not for hot loops)."""
-        layers = []
-        for idx, mem in self._stores():
-            state = mem.state_dict()
-            if not state:
-                layers.append({"layer": idx, "slots_used": 0})
-                continue
-            counts = state["counts"].float()
-            used = counts > 0
-            row: dict[str, Any] = {
-                "layer": idx,
-                "slots_used": int(used.sum()),
-                "slots_total": int(counts.numel()),
-                "tokens_merged": int(counts.sum()),
-                "count_max": int(counts.max()),
-                "count_mean": float(counts[used].mean()) if used.any() else 0.0,
-                "count_hist": _hist(counts[used]),
-            }
-            if "ages" in state:
-                ages = state["ages"].float()[used]
-                row["age_mean"] = float(ages.mean()) if ages.numel() else 0.0
-                row["age_hist"] = _hist(ages + 1)
-            row.update(dict(zip(TELEMETRY_FIELDS, state["telemetry"].tolist())))
-            layers.append(row)
-        return {"strategy": self.cm.config.strategy, "layers": layers, "telemetry": self.telemetry()}
+        """Per memory layer: slots used, count and age histograms, telemetry; plus the open segment
+        and raw prefix sizes. Host syncs: not for hot loops."""
+        layers = [{"layer": idx, **layer_stats(mem.state_dict())} for idx, mem in self._stores()]
+        prefix = [rt.prefix.size for rt in self.cm.runtimes if rt.prefix is not None]
+        return {"strategy": self.cm.config.strategy, "open_tokens": self.cm.open_len,
+                "prefix_tokens": max(prefix) if prefix else 0, "layers": layers, "telemetry": self.telemetry()}
+
+    # ------------------------------------------------------------------ in-process checkpoints
+    def checkpoint(self) -> Checkpoint:
+        """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
+        read several continuations of one shared prefix without re-reading it."""
+        return Checkpoint([(rt.local_k, rt.local_v, copy.deepcopy(rt.memory), copy.deepcopy(rt.prefix))
+                           for rt in self.cm.runtimes])
+
+    def restore(self, cp: Checkpoint) -> None:
+        """Go back to a checkpoint; the checkpoint stays valid for further restores. (The open
+        segment's tensors are shared: attention replaces them, never writes into them.)"""
+        if len(cp.layers) != len(self.cm.runtimes):
+            raise ValueError("checkpoint belongs to another wrapper")
+        for rt, (k, v, mem, pre) in zip(self.cm.runtimes, cp.layers):
+            rt.local_k, rt.local_v = k, v
+            rt.memory, rt.prefix = copy.deepcopy(mem), copy.deepcopy(pre)
+            rt.last_read = None
 
     # ------------------------------------------------------------------ snapshots
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write the whole state to a safetensors file; the live state is not changed.
+        `metadata` (str -> str) is stored under keys prefixed with 'user.'."""
         from safetensors.torch import save_file
 
-        if self.cm.open_len:
-            # the open segment is part of what the model has read; keep it by closing it
-            self.cm.flush()
         tensors: dict[str, torch.Tensor] = {}
-        for idx, mem in self._stores():
-            for name, t in mem.state_dict().items():
-                tensors[f"layer{idx}.{name}"] = t.detach().contiguous().cpu()
+        for rt in self.cm.runtimes:
+            i = rt.layer_idx
+            if rt.local_k is not None:
+                tensors[f"layer{i}.open.keys"], tensors[f"layer{i}.open.values"] = rt.local_k, rt.local_v
+            if rt.memory is not None:
+                for name, t in rt.memory.state_dict().items():
+                    tensors[f"layer{i}.memory.{name}"] = t
+            if rt.prefix is not None and rt.prefix.size:
+                tensors[f"layer{i}.prefix.keys"], tensors[f"layer{i}.prefix.values"] = rt.prefix.keys, rt.prefix.values
+        # copies: state tensors are views into larger buffers (the bank's scratch slot, capacity)
+        tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         meta = {
             "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
             "camelot_version": _version(),
-            "model_type": self.cm.adapter.text_config(self.cm.model).model_type,
+            **{k: json.dumps(v) for k, v in architecture(self.cm).items()},
             "fingerprint": model_fingerprint(self.cm),
-            "layers": json.dumps([i for i, _ in self._stores()]),
-            "num_kv_heads": str(self.cm.adapter.num_kv_heads(self.cm.model)),
+            "memory_layers": json.dumps([i for i, _ in self._stores()]),
+            "open_len": str(self.cm.open_len),
             "config": json.dumps(self.cm.config.to_dict()),
+            "digest": tensor_digest(tensors),
         }
+        for k, v in (metadata or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError("snapshot metadata must map str to str")
+            meta[USER_PREFIX + k] = v
         path = Path(path)
-        save_file(tensors, str(path), metadata=meta)
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)  # a crash mid-write never leaves a half file under the real name
         return path
 
-    def load(self, path: str | Path) -> None:
-        """Replace the memory with a snapshot; refused (memory untouched) if it does not fit."""
+    def load(self, path: str | Path) -> dict[str, str]:
+        """Replace the whole state with a snapshot's; returns the snapshot's metadata. Refused
+        with SnapshotError, the live state untouched, if the file does not fit this wrapper."""
         tensors, meta = read_snapshot(path)
-        if meta.get("fingerprint") != model_fingerprint(self.cm):
-            raise SnapshotError(
-                f"{path}: snapshot was made with another model ({meta.get('model_type')}, fingerprint "
-                f"{meta.get('fingerprint')}); this model is {self.cm.adapter.text_config(self.cm.model).model_type} "
-                f"with fingerprint {model_fingerprint(self.cm)}")
-        saved_cfg = json.loads(meta.get("config", "{}"))
-        if saved_cfg.get("strategy") != self.cm.config.strategy:
-            raise SnapshotError(f"{path}: snapshot holds a {saved_cfg.get('strategy')!r} memory, "
-                                f"this wrapper uses {self.cm.config.strategy!r}")
-        layers = json.loads(meta.get("layers", "[]"))
-        mine = [i for i, _ in self._stores()]
-        if layers != mine:
-            raise SnapshotError(f"{path}: snapshot has memory on layers {layers}, this wrapper on {mine}")
-        per_layer: dict[int, dict[str, torch.Tensor]] = {i: {} for i in mine}
-        for key, t in tensors.items():
-            layer, _, name = key.partition(".")
-            per_layer[int(layer.removeprefix("layer"))][name] = t
-        # Validate every layer before changing any, so a bad file leaves memory untouched.
-        backups = {}
-        for i, mem in self._stores():
-            _validate_layer(path, i, per_layer[i], mem, self.cm)
-        for i, mem in self._stores():
-            backups[i] = mem.state_dict()
-        try:
-            self.cm.reset()
-            for (i, mem), m in zip(self._stores(), self.cm.modules):
-                dev = next(self.cm.modules[i].parameters()).device if list(m.parameters()) else None
-                mem.load_state_dict(per_layer[i], device=dev)
-        except Exception:
-            for i, mem in self._stores():
-                mem.load_state_dict({k: v.clone() for k, v in backups[i].items()})
-            raise
+        _check_compatible(path, meta, self.cm)
+        new_state = [_build_layer(path, rt, tensors, meta, self.cm) for rt in self.cm.runtimes]
+        left = set(tensors) - {k for _, _, _, _, used in new_state for k in used}
+        if left:
+            raise SnapshotError(f"{path}: unexpected tensors {sorted(left)[:4]} (not written by this camelot layout)")
+        batches = {t.shape[0] for t in tensors.values() if t.dim() >= 3}
+        if len(batches) > 1:
+            raise SnapshotError(f"{path}: tensors disagree on the batch size ({sorted(batches)})")
+        for rt, (k, v, mem, pre, _) in zip(self.cm.runtimes, new_state):  # nothing below can fail
+            rt.local_k, rt.local_v, rt.memory, rt.prefix, rt.last_read = k, v, mem, pre, None
+        return meta
 
 
-def read_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+# ---------------------------------------------------------------------------- reading files
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: catches bit rot that leaves the file parseable."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
-    path = Path(path)
-    if not path.is_file():
-        raise SnapshotError(f"{path}: no such snapshot file")
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A snapshot's metadata, read from its header only (cheap; the tensors are not checked)."""
+    from safetensors import safe_open
+
+    path = _check_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types, OSError or ValueError
+        raise SnapshotError(_unreadable(path, e)) from None
+    _check_format(path, meta)
+    return meta
+
+
+def read_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a snapshot file, after checking that it is one and is intact."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SnapshotError(f"{path}: not a readable camelot snapshot (truncated, corrupted, or not "
-                            f"safetensors): {e}") from None
-    if meta.get("format") != FORMAT:
-        raise SnapshotError(f"{path}: not a camelot memory snapshot (format {meta.get('format')!r})")
+    except Exception as e:
+        raise SnapshotError(_unreadable(Path(path), e)) from None
+    if meta.get("digest") != tensor_digest(tensors):
+        raise SnapshotError(f"{path}: corrupted: its tensor bytes do not match the digest recorded when it was saved")
     return tensors, meta
 
 
-def _validate_layer(path, i, state, mem, cm) -> None:
-    need = {"keys", "values", "counts", "telemetry"}
-    missing = need - set(state)
-    if missing:
-        raise SnapshotError(f"{path}: layer {i} lacks {sorted(missing)}")
-    keys = state["keys"]
-    h = cm.adapter.num_kv_heads(cm.model)
-    if keys.dim() != 4 or keys.shape[1] != h:
-        raise SnapshotError(f"{path}: layer {i} keys have shape {tuple(keys.shape)}, expected [B, {h}, S, D]")
-    if hasattr(mem, "slots") and keys.shape[2] != mem.slots:
-        raise SnapshotError(f"{path}: layer {i} has {keys.shape[2]} slots, this memory {mem.slots}")
-    if not torch.isfinite(keys).all() or not torch.isfinite(state["values"]).all():
-        raise SnapshotError(f"{path}: layer {i} holds non-finite values")
+def _check_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise SnapshotError(f"{path}: no such snapshot file")
+    if not path.is_file():
+        raise SnapshotError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        raise SnapshotError(f"{path}: holds pickle data (torch.save / pickle); camelot loads only safetensors "
+                            "snapshots and never unpickles a file")
+    if len(head) < 8:
+        raise SnapshotError(f"{path}: truncated or empty ({len(head)} bytes), not a camelot snapshot")
+    return path
 
 
-def _hist(x: torch.Tensor, bins: int = 8) -> list[tuple[int, int]]:
-    """Log2-bucketed histogram: [(bucket lower bound, n)]."""
-    if x.numel() == 0:
-        return []
-    b = torch.floor(torch.log2(x.clamp(min=1))).long()
-    edges = torch.arange(int(b.max()) + 1)
-    return [(int(2**e), int((b == e).sum())) for e in edges[:bins * 4].tolist() if int((b == e).sum())]
+def _unreadable(path: Path, e: Exception) -> str:
+    return f"{path}: not a readable camelot snapshot (truncated, corrupted or not safetensors): {e}"
+
+
+def _check_format(path: Path, meta: dict[str, str]) -> None:
+    if meta.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: a safetensors file but not a camelot memory snapshot "
+                            f"(format {meta.get('format')!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise SnapshotError(f"{path}: bad format_version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise SnapshotError(f"{path}: snapshot format {version} is newer than this camelot reads "
+                            f"({FORMAT_VERSION}); upgrade camelot")
+
+
+# ---------------------------------------------------------------------------- loading checks
+def _check_compatible(path, meta: dict[str, str], cm: CamelotModel) -> None:
+    mine = architecture(cm)
+    theirs = {k: _json(meta.get(k)) for k in mine}
+    diff = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine if theirs[k] != mine[k]]
+    if diff:
+        raise SnapshotError(f"{path}: made with another model ({theirs['model_type']}): " + ", ".join(diff)
+                            + " (snapshot vs this model)")
+    if meta.get("fingerprint") != model_fingerprint(cm):
+        raise SnapshotError(f"{path}: made with another {mine['model_type']} checkpoint (weights fingerprint "
+                            f"{meta.get('fingerprint')} vs this model's {model_fingerprint(cm)})")
+    saved = _json(meta.get("config")) or {}
+    cfg = cm.config
+    if saved.get("strategy") != cfg.strategy:
+        raise SnapshotError(f"{path}: holds a {saved.get('strategy')!r} memory, this wrapper uses {cfg.strategy!r}")
+    layers = _json(meta.get("memory_layers"))
+    mine_layers = [rt.layer_idx for rt in cm.runtimes if rt.memory is not None]
+    if layers != mine_layers:
+        raise SnapshotError(f"{path}: has memory on layers {layers}, this wrapper on {mine_layers}")
+    if cfg.strategy == "camelot" and saved.get("slots") != cfg.slots:
+        raise SnapshotError(f"{path}: has {saved.get('slots')} slots per head, this wrapper {cfg.slots}")
+    open_len = int(meta.get("open_len", "0"))
+    if open_len >= cfg.window:
+        raise SnapshotError(f"{path}: its open segment holds {open_len} tokens, more than fit this wrapper's "
+                            f"window ({cfg.window}); use window > {open_len}")
+
+
+def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                 cm: CamelotModel) -> tuple[Any, Any, Any, Any, list[str]]:
+    """The new (open keys, open values, memory, prefix) of one layer, checked, on the layer's
+    device; the live runtime is not touched. Also returns the tensor names it used."""
+    i = rt.layer_idx
+    arch = architecture(cm)
+    h, d = arch["num_kv_heads"], arch["head_dim"]
+    module = cm.modules[cm.runtimes.index(rt)]
+    p = next(module.parameters(), None)
+    dev, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    used: list[str] = []
+
+    def take(name: str, dims: int, floating: bool) -> torch.Tensor:
+        key = f"layer{i}.{name}"
+        if key not in tensors:
+            raise SnapshotError(f"{path}: layer {i} lacks {name}")
+        t = tensors[key]
+        if t.dim() != dims or t.is_floating_point() != floating:
+            raise SnapshotError(f"{path}: layer {i} {name} has shape {tuple(t.shape)} and dtype {t.dtype}")
+        if floating and not torch.isfinite(t).all():
+            raise SnapshotError(f"{path}: layer {i} {name} holds non-finite values")
+        if not floating and t.numel() and int(t.min()) < 0:
+            raise SnapshotError(f"{path}: layer {i} {name} holds negative values")
+        used.append(key)
+        return t
+
+    def check_kv(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape[1] != h or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+            raise SnapshotError(f"{path}: layer {i} {name} keys {tuple(k.shape)} / values {tuple(v.shape)} do not "
+                                f"fit [batch, {h} kv heads, n, {d}]")
+
+    open_k = open_v = None
+    open_len = int(meta.get("open_len", "0"))
+    if open_len:
+        open_k, open_v = take("open.keys", 4, True), take("open.values", 4, True)
+        check_kv("open segment", open_k, open_v)
+        if open_k.shape[2] != open_len:
+            raise SnapshotError(f"{path}: layer {i} open segment has {open_k.shape[2]} tokens, "
+                                f"metadata says {open_len}")
+        open_k, open_v = open_k.to(dev, dtype), open_v.to(dev, dtype)
+
+    mem = None
+    if rt.memory is not None:
+        names = {k.split(".", 2)[2] for k in tensors if k.startswith(f"layer{i}.memory.")}
+        mem = copy.copy(rt.memory)  # same settings; load_state_dict rebinds every tensor it sets
+        mem.reset()
+        if names:
+            state = {"keys": take("memory.keys", 4, True), "values": take("memory.values", 4, True),
+                     "counts": take("memory.counts", 3, False), "telemetry": take("memory.telemetry", 1, False)}
+            if "ages" in names or hasattr(rt.memory, "ages"):
+                state["ages"] = take("memory.ages", 3, False)
+            check_kv("memory", state["keys"], state["values"])
+            for name in ("counts", "ages"):
+                if name in state and state[name].shape != state["keys"].shape[:3]:
+                    raise SnapshotError(f"{path}: layer {i} memory {name} {tuple(state[name].shape)} does not fit "
+                                        f"keys {tuple(state['keys'].shape)}")
+            if state["telemetry"].numel() != len(TELEMETRY_FIELDS):
+                raise SnapshotError(f"{path}: layer {i} memory telemetry has {state['telemetry'].numel()} fields")
+            try:
+                mem.load_state_dict(state, device=dev)
+            except (ValueError, RuntimeError) as e:
+                raise SnapshotError(f"{path}: layer {i} memory: {e}") from None
+
+    pre = None
+    if rt.prefix is not None:
+        pre = RawWindow(rt.prefix.length)
+        if f"layer{i}.prefix.keys" in tensors:
+            pk, pv = take("prefix.keys", 4, True), take("prefix.values", 4, True)
+            check_kv("prefix", pk, pv)
+            if pk.shape[2] > pre.length:
+                raise SnapshotError(f"{path}: layer {i} prefix holds {pk.shape[2]} tokens, this wrapper keeps "
+                                    f"{pre.length}")
+            pre.keys, pre.values = pk.to(dev), pv.to(dev)
+    return open_k, open_v, mem, pre, used
+
+
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        return text
 
 
 def _version() -> str:

@@ -211,36 +211,21 @@ class CamelotModel:
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor | list[int], max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 eos_token_id: int | list[int] | None = None, seed: int | None = None) -> torch.Tensor:
-        """Continue after whatever is in memory and the open window. Returns only the new tokens
-        [B, <= max_new_tokens]. Tokens beyond the window flow into memory like fed ones."""
-        from camelot.generation import sample_next
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 stopping_criteria=None, stop_strings: list[str] | None = None, tokenizer=None,
+                 seed: int | None = None, streamer=None) -> torch.Tensor:
+        """Continue after whatever is in memory and the open window, HF-style arguments (see
+        camelot.generation.generate). Returns only the new tokens [B, <= max_new_tokens].
 
-        ids = self._as_batch(ids)
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        gen = torch.Generator(device="cpu")
-        if seed is not None:
-            gen.manual_seed(seed)
-        logits = None
-        for a, e in self._chunks(ids.shape[1]):
-            logits = self.step(ids[:, a:e])
-        b = ids.shape[0]
-        out = []
-        done = torch.zeros(b, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1].float().cpu(), do_sample, temperature, top_p, top_k, gen)
-            if eos:
-                nxt = torch.where(done, next(iter(eos)), nxt)
-            out.append(nxt)
-            if eos:
-                done |= torch.isin(nxt, torch.tensor(sorted(eos)))
-                if bool(done.all()):
-                    break
-            logits = self.step(nxt[:, None].to(ids.device))
-        return torch.stack(out, dim=1) if out else torch.empty(b, 0, dtype=torch.long)
+        Every returned token is stepped into the state like a fed one: beyond the window it is
+        consolidated into memory, and afterwards the state equals that of feed(ids + new)."""
+        from camelot.generation import generate
+
+        return generate(self, self._as_batch(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stopping_criteria=stopping_criteria,
+                        stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, streamer=streamer)
 
     def _as_batch(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
         if isinstance(ids, (list, tuple)):

@@ -220,8 +220,9 @@ def _accumulate(res: RunResult, name: str, nll: torch.Tensor, seconds: float, bu
     res.nll_sum += total
     res.tokens += nll.numel()
     res.seconds += seconds
+    # nll_sum lets a data-parallel run (eval/parallel.py) re-add documents in their own order
     res.docs.append({"name": name, "tokens": nll.numel(), "ppl": math.exp(total / nll.numel()),
-                     "seconds": seconds})
+                     "seconds": seconds, "nll_sum": total})
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
@@ -366,7 +367,14 @@ def run_cli(args: argparse.Namespace) -> int:
     if too_big:
         raise UserError(f"--window {max(too_big)} exceeds the model's {max_pos} positions")
 
-    results = evaluate(model, docs, specs, args.bucket_size, progress=not args.no_progress)
+    # Under `accelerate launch`, each process scores its share and the main process reports.
+    from camelot.eval import parallel
+
+    mine = parallel.shard(docs)
+    results = evaluate(model, mine, specs, args.bucket_size, progress=not args.no_progress)
+    results = parallel.gather(results, [d.name for d in docs])
+    if not parallel.is_main_process():
+        return 0
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["documents"] = [{"name": d.name, "tokens": d.n_tokens} for d in docs]
     out = Path(args.out)

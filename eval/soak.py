@@ -41,14 +41,16 @@ class SoakReport:
     seconds: float
     tokens_per_second: float  # over the last interval
     rss_mb: float
-    state_mb: float  # bytes in camelot's tensors (memory, prefixes, open segment)
+    state_mb: float  # bytes in camelot's memory banks and prefixes (not the open segment, < one window)
     slots_used: int
     ppl: float  # of the last interval's predictions
     telemetry: dict[str, int] = field(default_factory=dict)
+    gpu_mb: float | None = None  # torch.cuda.memory_allocated when the model is on a GPU
 
     def line(self) -> str:
         tel = " ".join(f"{k}={v}" for k, v in self.telemetry.items())
-        return (f"{self.tokens:>9,d} tok  {self.tokens_per_second:8.1f} tok/s  RSS {self.rss_mb:8.1f} MiB  "
+        gpu = "" if self.gpu_mb is None else f"GPU {self.gpu_mb:8.1f} MiB  "
+        return (f"{self.tokens:>9,d} tok  {self.tokens_per_second:8.1f} tok/s  RSS {self.rss_mb:8.1f} MiB  {gpu}"
                 f"state {self.state_mb:7.2f} MiB  slots {self.slots_used:>7d}  ppl {self.ppl:8.2f}  {tel}")
 
 
@@ -70,11 +72,13 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def state_bytes(cm) -> int:
-    """Bytes in every tensor camelot holds for a wrapped model (all layers)."""
+def state_bytes(cm, include_open: bool = False) -> int:
+    """Bytes in the tensors camelot holds for a wrapped model (all layers): memory banks and raw
+    prefixes, plus the open segment if `include_open` (it varies with where an interval ends
+    inside a segment, so the flatness check leaves it out; it never exceeds one window)."""
     total = 0
     for rt in cm.runtimes:
-        held = [rt.local_k, rt.local_v]
+        held = [rt.local_k, rt.local_v] if include_open else []
         for part in (rt.memory, rt.prefix):
             if part is not None:
                 held += [getattr(part, n, None) for n in ("keys", "values", "counts", "ages", "valid")]
@@ -114,9 +118,10 @@ def run_soak(cm, source: torch.Tensor, total_tokens: int, report_every: int,
         out = cm.score(cycled(source, a, n), keep_memory=True)
         dt = time.perf_counter() - t0
         done += n
+        gpu = torch.cuda.memory_allocated(cm.device) / 2**20 if cm.device.type == "cuda" else None
         rep = SoakReport(tokens=done, seconds=time.perf_counter() - t_start, tokens_per_second=n / max(dt, 1e-9),
                          rss_mb=rss_mb(), state_mb=state_bytes(cm) / 2**20, slots_used=slots_used(cm),
-                         ppl=out.perplexity, telemetry=cm.memory.telemetry())
+                         ppl=out.perplexity, telemetry=cm.memory.telemetry(), gpu_mb=gpu)
         reports.append(rep)
         if on_report is not None:
             on_report(rep)
@@ -138,6 +143,8 @@ def summarize(reports: list[SoakReport], warmup: int = 1) -> dict[str, float]:
         "rss_growth_mb": last.rss_mb - base.rss_mb,
         "rss_max_mb": max(r.rss_mb for r in reports),
         "state_growth_mb": last.state_mb - base.state_mb,
+        **({"gpu_growth_mb": last.gpu_mb - base.gpu_mb} if last.gpu_mb is not None and base.gpu_mb is not None
+           else {}),
         "tokens_per_second_first": speeds[0],
         "tokens_per_second_last": speeds[-1],
         "any_nan_ppl": any(math.isnan(r.ppl) for r in reports),

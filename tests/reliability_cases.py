@@ -1,9 +1,11 @@
 """Bad-input cases for camelot: one list (`CASES`) that the tests run and that
-scripts/bad_input_table.py turns into the table in docs/reliability.md.
+scripts/reliability_table.py turns into the table in docs/reliability.md.
 
 Every case states what must happen: a clear refusal (`Refused`: an exception of a given type,
 raised from camelot's own code, whose message names the problem), a one-line CLI error
-(`CliRefused`), or a documented result (`Returns`). Cases that run against a live wrapper
+(`CliRefused`), or a documented result (`Returns`). A case that shows a bug in a file owned
+elsewhere carries `xfail` (the reason and the fix): the test runs it as a strict xfail, so the
+fix turns it into a failure that asks to drop the mark. Cases that run against a live wrapper
 (`WATCH_MEMORY`) also prove the refused call left the memory bit for bit as it was.
 
 The live wrapper is a tiny random llama (2 layers, 2 KV heads) with window 16 and 8 slots that
@@ -45,9 +47,11 @@ class Refused:
 
 @dataclass(frozen=True)
 class CliRefused:
-    """`camelot.cli.main` returns 2 and prints one line to stderr containing `needle`."""
+    """`camelot.cli.main` returns `rc` (2: user error, 3: out of memory) and prints one line to
+    stderr containing `needle`."""
 
     needle: str
+    rc: int = 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Case:
     expect: Refused | CliRefused | Returns
     setup: Callable[[Ctx], None] | None = None
     watch: Callable[[Ctx], Any] | None = None  # state that must be the same before and after
+    xfail: str | None = None  # known bug elsewhere: what is wrong and the fix
+    needs_cuda: bool = False  # run only where a CUDA device exists
 
 
 @dataclass
@@ -250,6 +256,48 @@ def _move_model_to_meta(ctx: Ctx) -> None:
     ctx.cm.model.to("meta")  # stands in for .to("cuda") on a CPU-only machine
 
 
+# -- more snapshots and models
+def _other_arch_setup(ctx: Ctx) -> None:
+    """A snapshot of a 3-layer llama (the live one has 2)."""
+    other = camelot.wrap(tiny_llama(layers=3), CamelotConfig(**LIVE))
+    other.feed(doc(FED, seed=5), progress=False)
+    ctx.extra["path"] = other.memory.save(ctx.tmp / "three_layers.safetensors")
+
+
+def _random_bytes_setup(ctx: Ctx) -> None:
+    g = torch.Generator().manual_seed(0)
+    ctx.extra["path"] = ctx.file("noise.safetensors", bytes(torch.randint(0, 256, (4096,), generator=g).tolist()))
+
+
+def _rewrap(ctx: Ctx):
+    """Unwrap the live wrapper, wrap the same model with another config, score: must equal a
+    wrapper built fresh on an identical model."""
+    model = ctx.cm.unwrap()
+    cfg = CamelotConfig(window=8, slots=4, top_k=1, threshold=0.3)
+    again = camelot.wrap(model, cfg).score(doc(40, seed=6))
+    fresh = camelot.wrap(tiny_llama(), cfg).score(doc(40, seed=6))
+    return again, fresh
+
+
+def _rewrap_check(ctx: Ctx, r) -> str | None:
+    again, fresh = r
+    return None if torch.equal(again.token_nll, fresh.token_nll) else "rewrapped model scores differ from a fresh one"
+
+
+def _huge_slots(ctx: Ctx):
+    if "huge" not in ctx.extra:
+        ctx.extra["huge"] = camelot.wrap(tiny_llama(), CamelotConfig(window=16, slots=10**12, top_k=2))
+    return ctx.extra["huge"]
+
+
+def _banks_allocated(ctx: Ctx) -> list[bool]:
+    return [rt.memory.allocated for rt in _huge_slots(ctx).runtimes]
+
+
+def _to_cuda_after_feed(ctx: Ctx) -> None:
+    ctx.cm.model.to("cuda")
+
+
 # -- short document: the result must equal a plain forward (nothing in memory yet)
 def _short_doc(ctx: Ctx):
     ids = doc(10, seed=3)
@@ -281,9 +329,19 @@ def _one_token_check(ctx: Ctx, out) -> str | None:
 POISON_POS = 3  # position inside segment 2 (absolute 16 + 3 = 19)
 
 
-def _poison(value: float) -> Callable[[Ctx], Any]:
+def _wrapper(ctx: Ctx, strategy: str):
+    """The live wrapper (camelot) or one like it with another strategy, built on first use."""
+    if strategy == "camelot":
+        return ctx.cm
+    if strategy not in ctx.extra:
+        ctx.extra[strategy] = camelot.wrap(tiny_llama(), CamelotConfig(**LIVE, strategy=strategy))
+    return ctx.extra[strategy]
+
+
+def _poison(value: float, strategy: str = "camelot") -> Callable[[Ctx], Any]:
     def run(ctx: Ctx):
-        cm = ctx.cm
+        cm = _wrapper(ctx, strategy)
+        ctx.extra["poisoned"] = cm
         calls = {"n": 0}
 
         def hook(module, args, output):
@@ -304,15 +362,24 @@ def _poison(value: float) -> Callable[[Ctx], Any]:
     return run
 
 
+def _skipped(cm) -> int:
+    """Non-finite tokens kept out: memory telemetry, or the raw windows' null-token count."""
+    if any(rt.memory is not None for rt in cm.runtimes):
+        return cm.memory.telemetry()["skipped"]
+    return sum(int(rt.prefix.skipped) for rt in cm.runtimes if rt.prefix is not None and rt.prefix.skipped is not None)
+
+
 def _poison_check(ctx: Ctx, out) -> str | None:
-    cm = ctx.cm
+    cm = ctx.extra["poisoned"]
     for rt in cm.runtimes:
-        st = rt.memory.state_dict()
-        if not (torch.isfinite(st["keys"]).all() and torch.isfinite(st["values"]).all()):
-            return f"layer {rt.layer_idx} memory absorbed non-finite values"
-    tel = cm.memory.telemetry()
-    if tel["skipped"] != 2:  # the poisoned token x 2 KV heads, at layer 1 (layer 0 saw clean input)
-        return f"telemetry skipped={tel['skipped']}, expected 2"
+        for part, name in ((rt.memory, "memory"), (rt.prefix, "prefix")):
+            st = {} if part is None else (part.state_dict() if hasattr(part, "state_dict") else
+                                          {"keys": part.keys, "values": part.values})
+            if st and not (torch.isfinite(st["keys"]).all() and torch.isfinite(st["values"]).all()):
+                return f"layer {rt.layer_idx} {name} absorbed non-finite values"
+    skipped = _skipped(cm)
+    if skipped != 2:  # the poisoned token x 2 KV heads, at layer 1 (layer 0 saw clean input)
+        return f"skipped={skipped}, expected 2"
     nll = out.token_nll[0]
     # Segment 2 (predictions 16..31) may be lost: its tokens share one attention matmul, where a
     # masked NaN value still gives 0 * NaN = NaN. Everything before and after must be finite.
@@ -324,13 +391,14 @@ def _poison_check(ctx: Ctx, out) -> str | None:
 
 
 def _poison_describe(ctx: Ctx, out) -> str:
-    tel = ctx.cm.memory.telemetry()
+    cm = ctx.extra["poisoned"]
     nll = out.token_nll[0]
     nan = (~torch.isfinite(nll)).nonzero()[:, 0].tolist()
-    return (f"result returned; telemetry skipped={tel['skipped']} (the token x 2 KV heads at layer 1, which "
-            f"received it); memory finite; non-finite losses only at predictions {nan[0]}..{nan[-1]} (the poisoned "
-            f"segment: a masked NaN value still meets a 0 weight in the segment's matmul), all "
-            f"{int(torch.isfinite(nll[32:]).sum())} later losses finite")
+    where = "telemetry skipped" if any(rt.memory is not None for rt in cm.runtimes) else \
+        "prefix.skipped (kept as null tokens)"
+    return (f"returned; {where}={_skipped(cm)} (the token x 2 KV heads at layer 1); state finite; NaN losses only "
+            f"at predictions {nan[0]}..{nan[-1]} (the poisoned segment: a masked NaN value still meets a 0 weight "
+            f"in its matmul); all {int(torch.isfinite(nll[32:]).sum())} later losses finite")
 
 
 # ---------------------------------------------------------------------------- the cases
@@ -366,6 +434,13 @@ CASES: list[Case] = [
          Refused(ValueError, "reset"), watch=WATCH_MEMORY),
     Case("cm.step with more tokens than the open segment has room for", lambda c: c.cm.step(doc(12)),
          Refused(ValueError, "room"), watch=WATCH_MEMORY),
+    Case("token ids as a list of floats ([1.5, 2.0])", lambda c: c.cm.score([1.5, 2.0], keep_memory=True),
+         Refused(TypeError, "integers"), watch=WATCH_MEMORY,
+         xfail="camelot/wrapper.py CamelotModel._as_batch: torch.tensor(ids, dtype=torch.long) truncates floats "
+               "silently (1.5 -> 1); build with torch.tensor(ids) (then .long() only when numel() == 0) so the "
+               "dtype check below refuses floats"),
+    Case("ragged list of token ids ([[1, 2], [3]])", lambda c: c.cm.score([[1, 2], [3]], keep_memory=True),
+         Refused(ValueError, "sequence"), watch=WATCH_MEMORY),
     Case("generate with max_new_tokens < 0", lambda c: c.cm.generate(doc(4), max_new_tokens=-1),
          Refused(ValueError, "max_new_tokens"), watch=WATCH_MEMORY),
     # -- configuration
@@ -388,27 +463,58 @@ CASES: list[Case] = [
          Refused(ValueError, "threshold must be in [-1, 1]")),
     Case("top_k > slots (top_k 8, slots 4)", lambda c: CamelotConfig(slots=4, top_k=8),
          Refused(ValueError, "must not exceed slots")),
+    Case("top_k > slots (CLI --slots 4 --top-k 8)",
+         lambda c: c.ppl(c.file("doc.txt", "hello"), "--slots", "4", "--top-k", "8"), CliRefused("must not exceed")),
+    Case("threshold outside [-1, 1] (CLI --threshold 2)",
+         lambda c: c.ppl(c.file("doc.txt", "hello"), "--threshold", "2"), CliRefused("threshold must be in [-1, 1]")),
+    Case("count_bias given as a string ('yes')", lambda c: CamelotConfig(count_bias="yes"),
+         Refused(ValueError, "count_bias must be True or False")),
+    Case("slots far beyond memory (10**12: first segment write)", lambda c: _huge_slots(c).score(doc(40)),
+         Refused(MemoryError, "lower slots"), watch=_banks_allocated),
+    Case("slots far beyond memory (CLI --slots 1000000000000)",
+         lambda c: c.ppl(c.file("doc.txt", "hello world, " * 5), "--slots", "1000000000000", "--window", "16",
+                         "--strategies", "camelot"),
+         CliRefused("lower slots", rc=3)),
     Case("soak with --tokens 0 (CLI)", lambda c: c.cli("soak", "--tokens", "0", "--model", str(c.ws.model_dir)),
          CliRefused("must be >= 1")),
     # -- faults inside the model
     Case("NaN in hidden states (forward hook on layer 0, one token of segment 2)", _poison(float("nan")),
          Returns(_poison_check, _poison_describe)),
     Case("inf in hidden states (same hook, +inf)", _poison(float("inf")), Returns(_poison_check, _poison_describe)),
+    Case("NaN in hidden states, knn strategy (token store)", _poison(float("nan"), "knn"),
+         Returns(_poison_check, _poison_describe)),
+    Case("NaN in hidden states, recurrent strategy (raw previous segment)", _poison(float("nan"), "recurrent"),
+         Returns(_poison_check, _poison_describe)),
+    Case("NaN in hidden states, sliding strategy (raw last `slots` tokens)", _poison(float("nan"), "sliding"),
+         Returns(_poison_check, _poison_describe)),
     # -- models
     Case("model type with no adapter (bert)", lambda c: camelot.wrap(_bert(c)),
          Refused(ValueError, "has no camelot adapter"), watch=lambda c: model_state(_bert(c))),
     Case("wrapping an already wrapped model", lambda c: camelot.wrap(c.cm.model),
          Refused(ValueError, "already wrapped"), watch=lambda c: (memory_state(c.cm), model_state(c.cm.model))),
+    Case("wrapping the wrapper itself (camelot.wrap(cm))", lambda c: camelot.wrap(c.cm),
+         Refused(ValueError, "camelot wraps HF causal LMs"), watch=lambda c: memory_state(c.cm)),
+    Case("unwrap, then wrap the same model again with another config", _rewrap,
+         Returns(_rewrap_check, lambda c, r: "works; losses equal bit for bit those of a fresh wrapper on an "
+                 "identical model (unwrap leaves nothing behind)")),
     Case("token ids on the meta device", lambda c: c.cm.score(torch.zeros(1, 4, dtype=torch.long, device="meta"),
                                                               keep_memory=True),
          Refused(ValueError, "meta device"), watch=WATCH_MEMORY),
     Case("score on a model moved to another device than its memory (model.to('meta') stands in for cuda)",
          lambda c: c.cm.score(doc(8), keep_memory=True), Refused(ValueError, "camelot memory is on cpu"),
          setup=_move_model_to_meta, watch=WATCH_MEMORY),
+    Case("score on a model moved to cuda after its memory was written on cpu",
+         lambda c: c.cm.score(doc(8), keep_memory=True), Refused(ValueError, "camelot memory is on cpu"),
+         setup=_to_cuda_after_feed, watch=WATCH_MEMORY, needs_cuda=True),
     # -- snapshots
     Case("snapshot from another model (same architecture, other weights)",
-         lambda c: c.cm.memory.load(c.extra["path"]), Refused(SnapshotError, "another model"),
+         lambda c: c.cm.memory.load(c.extra["path"]), Refused(SnapshotError, "another"),
          setup=_other_model_setup, watch=WATCH_MEMORY),
+    Case("snapshot from another architecture (3-layer llama into a 2-layer one)",
+         lambda c: c.cm.memory.load(c.extra["path"]), Refused(SnapshotError, "another model"),
+         setup=_other_arch_setup, watch=WATCH_MEMORY),
+    Case("snapshot file of random bytes", lambda c: c.cm.memory.load(c.extra["path"]),
+         Refused(SnapshotError, "snapshot"), setup=_random_bytes_setup, watch=WATCH_MEMORY),
     Case("snapshot with another slot count", lambda c: c.cm.memory.load(c.extra["path"]),
          Refused(SnapshotError, "slots"), setup=_other_slots_setup, watch=WATCH_MEMORY),
     Case("truncated snapshot (first 60% of the file)", lambda c: c.cm.memory.load(c.extra["path"]),
@@ -491,8 +597,8 @@ def observe(case: Case, ws: Workspace) -> Observation:
             obs.outcome = "exit"
             obs.message = result.stderr
             lines = result.stderr.splitlines()
-            if result.rc != 2:
-                obs.problems.append(f"exit code {result.rc}, expected 2")
+            if result.rc != exp.rc:
+                obs.problems.append(f"exit code {result.rc}, expected {exp.rc}")
             if len(lines) != 1 or "Traceback" in result.stderr:
                 obs.problems.append(f"stderr is not one line: {result.stderr!r}")
             if exp.needle not in result.stderr:

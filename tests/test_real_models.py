@@ -26,3 +26,18 @@ def test_smollm2_identity_with_empty_memory(smollm2, long_text):
     assert (got - ref).abs().max() <= 1e-5
     # SDPA itself differs from eager by ~1e-4 on O(30) logits over 30 layers; we sit inside that.
     assert (got - ref_sdpa).abs().max() <= 2 * max((ref - ref_sdpa).abs().max(), 1e-5)
+
+
+def test_smollm2_camelot_beats_window_on_a_long_document(smollm2, long_text):
+    """Issue 2's acceptance check: >= 8k tokens of Genesis, window 128, default memory settings."""
+    model, tok = smollm2
+    ids = tok(long_text, return_tensors="pt").input_ids[:, :8192]
+    assert ids.shape[1] == 8192
+    results = {}
+    for strategy in ("window", "camelot"):
+        cm = camelot.wrap(model, CamelotConfig(window=128, strategy=strategy))
+        try:
+            results[strategy] = cm.score(ids).perplexity
+        finally:
+            cm.unwrap()
+    assert results["camelot"] < 0.9 * results["window"], results

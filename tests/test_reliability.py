@@ -1,6 +1,7 @@
 """Reliability: every bad-input case of tests/reliability_cases.py (the same list that writes the
-table in docs/reliability.md), bank invariants after any sequence of writes, determinism, and
-reset() returning the state exactly to what a fresh wrapper holds."""
+table in docs/reliability.md), bank invariants after any sequence of writes, and the CI-sized
+soak (state and RSS flat once the memory is full). Determinism: tests/test_determinism.py;
+fuzzing: tests/test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ import camelot
 from camelot import CamelotConfig
 from camelot.memory import TELEMETRY_FIELDS, SlotBank
 from tests.conftest import tiny_llama
-from tests.reliability_cases import CASES, Workspace, doc, memory_state, observe, same_state
+from tests.reliability_cases import CASES, Workspace, observe
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models' matmuls gain nothing from a second thread, and on a shared CPU it only waits
+    (the soak below: 3 s with one thread, 40 s with two on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +32,16 @@ def workspace(tmp_path_factory) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("reliability"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def _param(case):
+    marks = []
+    if case.xfail:
+        marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
+    if case.needs_cuda:
+        marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_bad_input_case(case, workspace):
     obs = observe(case, workspace)
     assert not obs.problems, f"{case.name}: {obs.problems} (observed {obs.error_type}: {obs.message})"
@@ -105,47 +125,113 @@ def _write_and_check(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, s: int) -
             assert int(a0[row][ev].min()) >= int(a0[row][keep].max()), "eviction skipped an older slot"
 
 
-# ---------------------------------------------------------------------------- determinism
-def _search_options() -> list[str]:
-    import importlib.util
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_bank_provenance_over_rows_heads_modes_and_faults(data):
+    """Beyond test_bank.py's provenance test (one row and head, finite tokens, segment mode):
+    with several rows and heads, both write modes, thresholds at the ends of [-1, 1] and NaN/inf
+    tokens mixed in, every slot's key and value are the mean of exactly the tokens merged into it
+    since it was last (re)filled, its count is their number, its age the steps since the last,
+    and no skipped token is ever part of a slot."""
+    b, h, slots = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
+    thr = data.draw(st.sampled_from([-1.0, 0.0, 0.7, 0.95, 1.0]))
+    mode = data.draw(st.sampled_from(["segment", "token"]))
+    lengths = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=5))
+    total = sum(lengths)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    protos = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    bank = SlotBank(slots, thr, torch.float64, mode)
+    keys, bad, step = [], [], 0
+    for t in lengths:
+        k = protos[torch.randint(0, 3, (b, h, t), generator=g)] + 0.05 * torch.randn(b, h, t, 4, generator=g,
+                                                                                       dtype=torch.float64)
+        ids = torch.arange(step, step + t)
+        v = torch.nn.functional.one_hot(ids, max(total, 1)).double().expand(b, h, t, -1).clone()  # value = token id
+        fault = torch.rand(b, h, t, generator=g) < 0.2
+        k[..., 1] = torch.where(fault & (torch.rand(b, h, t, generator=g) < 0.5), float("nan"), k[..., 1])
+        v[..., 0] = torch.where(fault & ~torch.isnan(k[..., 1]), float("inf"), v[..., 0])
+        bank.write(k, v)
+        keys.append(k)
+        bad.append(fault)
+        step += t
+    if not bank.allocated:
+        assert total == 0
+        return
+    all_k, all_bad = torch.cat(keys, dim=2), torch.cat(bad, dim=2)
+    st_ = bank.state_dict()
+    assert int(st_["telemetry"].sum()) == b * h * total and int(st_["telemetry"][4]) == int(all_bad.sum())
+    for r in range(b):
+        for hh in range(h):
+            for i in range(slots):
+                c = int(st_["counts"][r, hh, i])
+                if c == 0:
+                    continue
+                members = st_["values"][r, hh, i] > 0
+                assert int(members.sum()) == c
+                assert not bool(all_bad[r, hh][members].any()), "a skipped token was merged"
+                assert torch.allclose(st_["values"][r, hh, i][members], torch.full((c,), 1.0 / c, dtype=torch.float64))
+                assert torch.allclose(st_["keys"][r, hh, i], all_k[r, hh][members].mean(0), atol=1e-9)
+                assert int(st_["ages"][r, hh, i]) == total - 1 - int(members.nonzero().max())
+    assert torch.isfinite(st_["keys"]).all() and torch.isfinite(st_["values"]).all()
 
-    # faiss backends live in camelot.faiss_search (optional); test them when they are there
-    has = importlib.util.find_spec("faiss") and importlib.util.find_spec("camelot.faiss_search")
-    return ["torch", "faiss"] if has else ["torch"]
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6), length=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_token_store_and_raw_window_hold_exactly_what_they_should(lengths, length, seed):
+    """TokenStore: every token, valid exactly where finite, nothing non-finite stored. RawWindow
+    (recurrent / sliding): exactly the last `length` tokens, never more (fixed size once full),
+    non-finite ones as null tokens, counted."""
+    from camelot.memory import RawWindow, TokenStore
+
+    g = torch.Generator().manual_seed(seed)
+    store, window = TokenStore(), RawWindow(length)
+    ks, vs, fins = [], [], []
+    for t in lengths:
+        k, v = torch.randn(1, 2, t, 4, generator=g), torch.randn(1, 2, t, 3, generator=g)
+        k[..., 0] = torch.where(torch.rand(1, 2, t, generator=g) < 0.2, float("nan"), k[..., 0])
+        store.write(k, v)
+        window.write(k, v)
+        ks.append(k)
+        vs.append(v)
+        fins.append(torch.isfinite(k).all(-1))
+        assert window.size == min(length, sum(x.shape[2] for x in ks))
+    all_k, all_v, fin = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(fins, 2)
+    if sum(lengths):
+        keys, values, _, valid = store.readable()
+        assert torch.equal(valid, fin)
+        assert torch.isfinite(keys).all() and torch.equal(keys[fin], all_k[fin])
+        assert torch.equal(values[fin], all_v[fin])
+        assert int(store.telemetry[1]) == int(fin.sum()) and int(store.telemetry[4]) == int((~fin).sum())
+        last = fin[:, :, -length:, None]  # non-finite tokens are kept as null tokens (zero key and value)
+        assert torch.equal(window.keys, torch.where(last, all_k[:, :, -length:], 0))
+        assert torch.equal(window.values, torch.where(last, all_v[:, :, -length:], 0))
+        assert int(window.skipped) == int((~fin).sum())
 
 
-@pytest.mark.parametrize("strategy,search", [("camelot", s) for s in _search_options()]
-                         + [("knn", "torch"), ("sliding", "torch"), ("recurrent", "torch")])
-def test_same_input_config_seed_gives_bit_identical_perplexity(strategy, search):
-    """Two independent processes' worth of state (fresh model from the same seed, fresh wrapper):
-    identical losses bit for bit on CPU, not merely close."""
-    outs = []
-    for _ in range(2):
-        cm = camelot.wrap(tiny_llama(seed=7), CamelotConfig(window=16, slots=12, top_k=3, threshold=0.4,
-                                                            strategy=strategy, search=search))
-        outs.append(cm.score(doc(120, seed=11)))
-    assert torch.equal(outs[0].token_nll, outs[1].token_nll)
-    assert outs[0].perplexity == outs[1].perplexity
+# ---------------------------------------------------------------------------- CI-sized soak
+def test_soak_state_and_rss_stay_flat_once_the_memory_is_full():
+    """`camelot soak` in small: ~50k tokens through a tiny llama with camelot. Once the bank is
+    full (threshold 0.99: nearly every token is novel, so it fills in the first interval), the
+    memory's size does not move by a byte, RSS stays within noise, and no interval turns NaN.
+    The knn run beside it grows by design and shows the measure would catch growth."""
+    from camelot.eval.soak import run_soak, state_bytes, summarize
 
+    window, slots, every = 64, 128, 64 * 64
+    src = torch.randint(0, 101, (7919,), generator=torch.Generator().manual_seed(0))
+    cm = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, top_k=4, threshold=0.99))
+    reports = run_soak(cm, src, 12 * every, every, progress=False)
+    full = 2 * 2 * slots  # layers x KV heads x slots
+    assert [r.slots_used for r in reports] == [full] * len(reports)
+    assert len({r.state_mb for r in reports}) == 1  # not one byte of growth
+    summary = summarize(reports)
+    assert summary["tokens"] == 12 * every and not summary["any_nan_ppl"]
+    assert summary["rss_growth_mb"] < 10, summary  # a leak of one token's KV per step would be ~25 MiB here
+    assert state_bytes(cm, include_open=True) >= state_bytes(cm)
+    tel = cm.memory.telemetry()
+    assert sum(tel.values()) == 2 * 2 * (12 * every // window) * window  # every token accounted for, per layer x head
+    cm.unwrap()
 
-def test_seeded_sampling_is_reproducible():
-    runs = []
-    for _ in range(2):
-        cm = camelot.wrap(tiny_llama(seed=2), CamelotConfig(window=16, slots=8, top_k=2))
-        runs.append(cm.generate(doc(20), max_new_tokens=24, do_sample=True, temperature=1.3, top_p=0.9, seed=5))
-    assert torch.equal(runs[0], runs[1])
-
-
-@pytest.mark.parametrize("strategy", ["camelot", "knn", "recurrent", "sliding", "window"])
-def test_reset_returns_state_exactly_to_a_fresh_wrappers(strategy):
-    cfg = CamelotConfig(window=16, slots=8, top_k=2, threshold=0.5, strategy=strategy)
-    cm = camelot.wrap(tiny_llama(seed=3), cfg)
-    initial = memory_state(cm)
-    cm.feed(doc(70, seed=1), progress=False)
-    assert not same_state(memory_state(cm), initial)  # something was held (at least the open window)
-    cm.reset()
-    assert same_state(memory_state(cm), initial)
-    assert set(cm.memory.telemetry().values()) == {0} and cm.open_len == 0
-    after_reset = cm.score(doc(50, seed=2), keep_memory=True).token_nll
-    fresh = camelot.wrap(tiny_llama(seed=3), cfg).score(doc(50, seed=2), keep_memory=True).token_nll
-    assert torch.equal(after_reset, fresh)
+    knn = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, top_k=4, strategy="knn"))
+    grown = run_soak(knn, src, 3 * every, every, progress=False)
+    assert grown[-1].state_mb > grown[0].state_mb > 0  # unbounded by design: the check can fail

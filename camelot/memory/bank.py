@@ -32,7 +32,7 @@ class SlotBank:
         self.values: torch.Tensor | None = None  # [B, H, S+1, Dv]
         self.counts: torch.Tensor | None = None  # [B, H, S+1] int64
         self.ages: torch.Tensor | None = None  # [B, H, S+1] int64
-        self.telemetry: torch.Tensor | None = None  # [4] int64, TELEMETRY_FIELDS
+        self.telemetry: torch.Tensor | None = None  # [5] int64, TELEMETRY_FIELDS
         self.empty = True  # host-side: no write has happened since reset
 
     # ---------------------------------------------------------------- state
@@ -49,10 +49,19 @@ class SlotBank:
         dv = like_v.shape[-1]
         dev = like_k.device
         n = self.slots + 1
-        self.keys = torch.zeros(b, h, n, d, dtype=self.dtype, device=dev)
-        self.values = torch.zeros(b, h, n, dv, dtype=self.dtype, device=dev)
-        self.counts = torch.zeros(b, h, n, dtype=torch.long, device=dev)
-        self.ages = torch.zeros(b, h, n, dtype=torch.long, device=dev)
+        # Build into locals and assign at the end: a failed allocation (slots far too many for the
+        # device) leaves the bank as it was, unallocated, instead of half-built.
+        try:
+            keys = torch.zeros(b, h, n, d, dtype=self.dtype, device=dev)
+            values = torch.zeros(b, h, n, dv, dtype=self.dtype, device=dev)
+            counts = torch.zeros(b, h, n, dtype=torch.long, device=dev)
+            ages = torch.zeros(b, h, n, dtype=torch.long, device=dev)
+        except (RuntimeError, MemoryError) as e:  # torch raises RuntimeError (cpu) or OutOfMemoryError (cuda)
+            size = b * h * n * ((d + dv) * torch.finfo(self.dtype).bits // 8 + 16)
+            raise MemoryError(
+                f"camelot memory of {self.slots} slots x {h} KV heads x {b} row(s) needs {size / 2**30:.1f} GiB "
+                f"per layer on {dev}, which could not be allocated; lower slots") from e
+        self.keys, self.values, self.counts, self.ages = keys, values, counts, ages
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:

@@ -96,7 +96,12 @@ class TokenStore:
 
 class RawWindow:
     """The most recent `length` tokens' position-free keys and values, kept raw (no merging).
-    `recurrent` is this with length = window; `sliding` with length = slots."""
+    `recurrent` is this with length = window; `sliding` with length = slots.
+
+    A token with a non-finite key or value is kept as a null token (zero key, zero value): the
+    window has no validity mask the attention could honour, and a NaN kept raw would turn every
+    later query that sees it into NaN. A zero key scores 0 and adds nothing to the output beyond
+    its share of the softmax; `skipped` counts such tokens."""
 
     def __init__(self, length: int) -> None:
         self.length = length
@@ -105,12 +110,18 @@ class RawWindow:
     def reset(self) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.skipped: torch.Tensor | None = None  # [] int64, non-finite tokens nulled (on the state's device)
 
     @property
     def size(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # [B, H, T]
+        k = torch.where(finite[..., None], k, 0)
+        v = torch.where(finite[..., None], v, 0)
+        bad = (~finite).sum()  # stays a tensor: no host sync per segment
+        self.skipped = bad if self.skipped is None else self.skipped + bad
         if self.keys is not None:
             k = torch.cat([self.keys, k.to(self.keys.dtype)], dim=2)
             v = torch.cat([self.values, v.to(self.values.dtype)], dim=2)

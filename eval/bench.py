@@ -1,0 +1,448 @@
+"""`camelot bench`: speed of every strategy and search backend against window-only attention,
+measured in one process on the same model, tokens and segmentation (ratios, not absolute
+seconds: the CPU may be shared), plus growth with document length, recall of approximate
+search, and a profile of one camelot segment.
+
+Tables (Markdown on stdout, everything also in --json):
+1. speed: median time per segment and tokens/s of window, recurrent, knn and camelot (slots x
+   backend), each as a ratio to window. camelot banks are pre-filled to full with random slots
+   before timing, so every row pays the steady-state cost of its slot count (a real document
+   needs `slots` novel tokens per head before that happens). `window` is timed first and again
+   last; the spread of the two says how much the shared CPU drifted during the run.
+2. growth: tokens/s and peak RSS as the document grows (the text cycled to length), relative to
+   the shortest length of the same strategy. camelot should stay flat; knn and full grow.
+3. recall@k of approximate backends against exact search, sampled on every read of a real run.
+4. profile: top ops of one camelot segment and every host-sync op (item, nonzero, ...) with the
+   camelot source line that called it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from camelot.cli import UserError
+from camelot.config import CamelotConfig
+from camelot.search import BACKENDS, TorchExactSearch
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
+APPROXIMATE = ("faiss-ivf", "faiss-hnsw")
+DEFAULT_BACKENDS = "torch,faiss,faiss-ivf,faiss-hnsw"
+
+
+# ---------------------------------------------------------------------------- measuring
+class PeakRSS:
+    """Peak resident memory (bytes) while the block runs, sampled by a thread every few ms.
+    ru_maxrss cannot be reset within a process, so a later, smaller run could not be measured."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class RecallProbe:
+    """A search backend that answers with `inner` and counts how many of exact search's top-k
+    it found (only where exact search found a valid slot)."""
+
+    dense = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = f"probe({inner.name})"
+        self.found = 0
+        self.total = 0
+
+    def topk(self, queries, keys, valid, k):
+        scores, idx = self.inner.topk(queries, keys, valid, k)
+        ref = TorchExactSearch().topk(queries, keys, valid, k)
+        real = torch.isfinite(ref.values)
+        hit = (ref.indices[..., :, None] == idx[..., None, :]).any(-1) & real
+        self.found += int(hit.sum())
+        self.total += int(real.sum())
+        return scores, idx
+
+    @property
+    def recall(self) -> float:
+        return self.found / self.total if self.total else float("nan")
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    label: str
+    strategy: str
+    slots: int | None = None
+    search: str | None = None
+    tokens: int = 0
+    segments: int = 0
+    seconds: float = 0.0
+    seg_median: float = 0.0
+    peak_rss: int = 0
+    state_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+def fill_banks(cm, seed: int = 0) -> None:
+    """Put every camelot bank in its steady state: all slots used (random keys/values, count 1,
+    distinct ages), so the timed segments pay for a full bank and for evictions."""
+    from camelot.memory import SlotBank
+
+    cfg = cm.model.config
+    g = torch.Generator().manual_seed(seed)
+    for rt in cm.runtimes:
+        if not isinstance(rt.memory, SlotBank):
+            continue
+        attn = cm.modules[rt.layer_idx]
+        h = cfg.num_key_value_heads
+        d = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        s = rt.memory.slots
+        dev = next(attn.parameters()).device
+        state = {"keys": torch.randn(1, h, s, d, generator=g), "values": torch.randn(1, h, s, d, generator=g),
+                 "counts": torch.ones(1, h, s, dtype=torch.long),
+                 "ages": torch.randperm(s, generator=g).expand(1, h, s).contiguous(),
+                 "telemetry": torch.zeros(5, dtype=torch.long)}
+        rt.memory.load_state_dict(state, device=dev)
+
+
+def state_bytes(cm) -> int:
+    """Bytes held by memory and prefix tensors of every layer."""
+    total = 0
+    for rt in cm.runtimes:
+        for holder in (rt.memory, rt.prefix):
+            for name in ("keys", "values", "counts", "ages", "valid"):
+                t = getattr(holder, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def run_wrapped(model, ids: torch.Tensor, cfg: CamelotConfig, label: str, prefill: bool = False,
+                probe: bool = False, progress: bool = True) -> Row:
+    """Time `ids` [1, N] through a wrapped model segment by segment (cm.step, as feed does)."""
+    import camelot
+    from camelot.progress import progress_bar
+
+    cm = camelot.wrap(model, cfg)
+    try:
+        if prefill:
+            fill_banks(cm)
+        if probe:
+            for rt in cm.runtimes:
+                rt.search = RecallProbe(rt.search)
+        spans = list(cm._chunks(ids.shape[1]))
+        times = []
+        with PeakRSS() as rss, torch.no_grad():
+            for a, e in progress_bar(spans, desc=label, enabled=progress, unit="seg"):
+                t0 = time.perf_counter()
+                cm.step(ids[:, a:e])
+                times.append(time.perf_counter() - t0)
+        row = Row(label, cfg.strategy, cfg.slots if cfg.strategy in ("camelot", "sliding") else None,
+                  cfg.search if cfg.strategy in ("camelot", "knn") else None, ids.shape[1], len(spans),
+                  sum(times), statistics.median(times), rss.peak, state_bytes(cm))
+        if probe:
+            probes = [rt.search for rt in cm.runtimes if isinstance(rt.search, RecallProbe)]
+            found, total = sum(p.found for p in probes), sum(p.total for p in probes)
+            row.extra["recall"] = found / total if total else float("nan")
+            stats = [getattr(p.inner, "stats", None) for p in probes]
+            row.extra["trains"] = sum(s.trains for s in stats if s is not None)
+        return row
+    finally:
+        cm.unwrap()
+
+
+def run_full(model, ids: torch.Tensor) -> Row:
+    """One plain forward over the whole document (the model's own attention)."""
+    with PeakRSS() as rss, torch.no_grad():
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sec = time.perf_counter() - t0
+    return Row("full", "full", tokens=ids.shape[1], segments=1, seconds=sec, seg_median=sec, peak_rss=rss.peak)
+
+
+# ---------------------------------------------------------------------------- tables
+def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[str], slots: list[int],
+               backends: list[str], progress: bool) -> list[Row]:
+    warm = ids[:, : 2 * base.window]  # first forwards pay one-off costs (allocator, kernels): not timed
+    run_wrapped(model, warm, base.replace(strategy="window"), "warm-up", progress=False)
+    run_wrapped(model, warm, base.replace(strategy="camelot", slots=min(slots)), "warm-up", progress=False)
+    rows = [run_wrapped(model, ids, base.replace(strategy="window"), "window", progress=progress)]
+    if "recurrent" in strategies:
+        rows.append(run_wrapped(model, ids, base.replace(strategy="recurrent"), "recurrent", progress=progress))
+    if "knn" in strategies:
+        for b in backends:
+            rows.append(run_wrapped(model, ids, base.replace(strategy="knn", search=b), f"knn {b}",
+                                    progress=progress))
+    if "camelot" in strategies:
+        for s in slots:
+            for b in backends:
+                cfg = base.replace(strategy="camelot", slots=s, search=b)
+                rows.append(run_wrapped(model, ids, cfg, f"camelot slots={s} {b}", prefill=True, progress=progress))
+    rows.append(run_wrapped(model, ids, base.replace(strategy="window"), "window (again)", progress=progress))
+    return rows
+
+
+def growth_rows(model, ids: torch.Tensor, base: CamelotConfig, lengths: list[int], strategies: list[str],
+                knn_max: int, full_max: int, progress: bool) -> list[Row]:
+    rows = []
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    for n in lengths:
+        x = ids[:, :n]
+        for st in strategies:
+            if st == "full":
+                if n > full_max or (max_pos and n > max_pos):
+                    continue
+                row = run_full(model, x)
+            elif st == "knn" and n > knn_max:
+                continue
+            else:
+                row = run_wrapped(model, x, base.replace(strategy=st), f"{st} {n}", progress=progress)
+            row.label = st
+            rows.append(row)
+    return rows
+
+
+def recall_rows(model, ids: torch.Tensor, base: CamelotConfig, slots: list[int], backends: list[str],
+                progress: bool) -> list[Row]:
+    rows = []
+    for s in slots:
+        for b in (b for b in backends if b in APPROXIMATE):
+            cfg = base.replace(strategy="camelot", slots=s, search=b)
+            rows.append(run_wrapped(model, ids, cfg, f"recall slots={s} {b}", probe=True, progress=progress))
+    return rows
+
+
+def profile_segment(model, ids: torch.Tensor, cfg: CamelotConfig, warm: int = 2) -> dict[str, Any]:
+    """Profile one camelot segment (full bank) and list host-sync ops with their camelot callers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import camelot
+
+    cm = camelot.wrap(model, cfg)
+    try:
+        fill_banks(cm)
+        w = cfg.window
+        with torch.no_grad():
+            for i in range(warm):
+                cm.step(ids[:, i * w : (i + 1) * w])
+            seg = ids[:, warm * w : (warm + 1) * w]
+            with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+                cm.step(seg)
+        n_layers = len(cm.runtimes)
+    finally:
+        cm.unwrap()
+    syncs: dict[str, int] = {}
+    sites: dict[str, int] = {}
+    ops: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        o = ops.setdefault(ev.name, [0, 0.0])
+        o[0] += 1
+        o[1] += ev.self_cpu_time_total / 1e3
+        if ev.name in SYNC_OPS and not _inside_sync_op(ev):
+            syncs[ev.name] = syncs.get(ev.name, 0) + 1
+            site = _caller(ev)
+            sites[site] = sites.get(site, 0) + 1
+    top = sorted(ops.items(), key=lambda kv: -kv[1][1])[:12]
+    table = "\n".join(["| op | calls | self CPU ms |", "|---|---|---|"]
+                      + [f"| {name} | {n} | {ms:.2f} |" for name, (n, ms) in top])
+    total_ops = sum(n for n, _ in ops.values())
+    return {"table": table, "syncs": syncs, "sync_sites": sites, "aten_ops": total_ops, "layers": n_layers,
+            "aten_ops_per_layer": total_ops / max(n_layers, 1)}
+
+
+def _inside_sync_op(ev) -> bool:
+    """item() calls _local_scalar_dense: count the outermost sync op only."""
+    p = ev.cpu_parent
+    return p is not None and p.name in SYNC_OPS
+
+
+def _caller(ev) -> str:
+    """Nearest python frame above an op, preferring camelot's own files."""
+    p, first = ev.cpu_parent, None
+    while p is not None:
+        if not p.name.startswith("aten::") and "(" in p.name:
+            first = first or p.name
+            if "/camelot/" in p.name or "/eval/" in p.name or "/adapters/" in p.name:
+                return p.name if p.name == first else f"{first}, called from {p.name}"
+        p = p.cpu_parent
+    return f"outside camelot: {first or '?'}"
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.0f}"
+
+
+def speed_table(rows: list[Row]) -> str:
+    w = rows[0]
+    out = ["| run | segments | time/segment (ms) | × window | tokens/s | × window | state MiB |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.label} | {r.segments} | {1e3 * r.seg_median:.1f} | {r.seg_median / w.seg_median:.2f} | "
+                   f"{r.tokens_per_second:.0f} | {r.tokens_per_second / w.tokens_per_second:.2f} | "
+                   f"{_mib(r.state_bytes)} |")
+    return "\n".join(out)
+
+
+def growth_table(rows: list[Row]) -> str:
+    first: dict[str, Row] = {}
+    out = ["| strategy | tokens | tokens/s | × shortest | peak RSS MiB | × shortest | state MiB |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = first.setdefault(r.label, r)
+        out.append(f"| {r.label} | {r.tokens} | {r.tokens_per_second:.0f} | "
+                   f"{r.tokens_per_second / f.tokens_per_second:.2f} | {_mib(r.peak_rss)} | "
+                   f"{r.peak_rss / f.peak_rss:.2f} | {_mib(r.state_bytes)} |")
+    return "\n".join(out)
+
+
+def recall_table(rows: list[Row], k: int) -> str:
+    out = [f"| backend | slots | recall@{k} | index trainings |", "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.search} | {r.slots} | {r.extra['recall']:.3f} | {r.extra.get('trains', '–')} |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--{name}: {text!r} is not a comma-separated list of integers") from None
+    if not out or min(out) < 1:
+        raise UserError(f"--{name} needs positive integers, got {text!r}")
+    return out
+
+
+def _names(text: str, allowed: tuple[str, ...], name: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in allowed]
+    if bad or not out:
+        raise UserError(f"--{name}: {bad[0] if bad else text!r} is not one of {', '.join(allowed)}")
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="speed of camelot vs window-only attention, growth with length, search recall",
+        description="Speed benchmark, one process: every row is a ratio to window-only attention on the same "
+        "model, tokens and segmentation. Not a test: numbers depend on the machine and its load.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="bundled short name or a local model folder")
+    p.add_argument("--data", default="builtin:genesis_kjv", help="text to read (cycled to the needed length)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared CPU)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every table in minutes")
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--threshold", type=float, default=CamelotConfig.threshold)
+    p.add_argument("--placement", default=CamelotConfig.placement, choices=("fixed", "recency"))
+    p.add_argument("--slots", default="512,2048,8192", help="camelot slots per KV head to time")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"from {','.join(BACKENDS)}")
+    p.add_argument("--strategies", default="recurrent,knn,camelot", help="besides window, which to time")
+    p.add_argument("--tokens", type=int, default=2048, help="document length of the speed and recall tables")
+    p.add_argument("--lengths", default="4096,16384",
+                   help="document lengths of the growth table (the issue's: 4096,16384,65536,262144)")
+    p.add_argument("--growth-strategies", default="window,camelot,knn,full")
+    p.add_argument("--knn-max", type=int, default=16384, help="longest document for knn in the growth table")
+    p.add_argument("--full-max", type=int, default=8192, help="longest document for full attention")
+    p.add_argument("--skip", default="", help="tables to skip: speed,growth,recall,profile")
+    p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from camelot.eval.data import load_documents, tokenize_documents
+
+    import camelot
+
+    if args.quick:
+        args.tokens, args.lengths, args.slots = 512, "1024,2048", "512,2048"
+        if args.backends == DEFAULT_BACKENDS:
+            args.backends = "torch,faiss,faiss-ivf"
+    slots = _ints(args.slots, "slots")
+    lengths = _ints(args.lengths, "lengths")
+    backends = _names(args.backends, BACKENDS, "backends")
+    strategies = _names(args.strategies, ("recurrent", "knn", "camelot"), "strategies")
+    growth = _names(args.growth_strategies, ("window", "camelot", "knn", "full", "recurrent"), "growth-strategies")
+    skip = set(_names(args.skip, ("speed", "growth", "recall", "profile"), "skip")) if args.skip else set()
+    try:
+        base = CamelotConfig(window=args.window, top_k=args.top_k, threshold=args.threshold,
+                             placement=args.placement, slots=max(slots))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.tokens < 3 * args.window:
+        raise UserError(f"--tokens must cover at least 3 windows ({3 * args.window}), got {args.tokens}")
+    docs = load_documents(args.data)
+    torch.set_num_threads(args.threads)
+    model, tok = camelot.load_model(args.model, device=args.device)
+    tokenize_documents(docs, tok)
+    text = torch.cat([d.ids for d in docs])
+    need = max([args.tokens, *lengths])
+    ids = text.repeat(-(-need // text.numel()))[:need][None].to(model.device)
+    progress = not args.no_progress
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "func"},
+                              "torch_threads": torch.get_num_threads()}
+    print(f"# camelot bench: {args.model}, window {args.window}, top_k {args.top_k}, placement {args.placement}, "
+          f"{torch.get_num_threads()} thread(s), {args.device}\n")
+    if "speed" not in skip:
+        rows = speed_rows(model, ids[:, : args.tokens], base, strategies, slots, backends, progress)
+        report["speed"] = [asdict(r) for r in rows]
+        print(f"## Speed ({args.tokens} tokens; camelot banks full)\n\n{speed_table(rows)}\n")
+    if "growth" not in skip:
+        rows = growth_rows(model, ids, base.replace(slots=2048 if 2048 in slots else slots[0]), lengths, growth,
+                           args.knn_max, args.full_max, progress)
+        report["growth"] = [asdict(r) for r in rows]
+        print(f"## Growth with document length\n\n{growth_table(rows)}\n")
+    if "recall" not in skip and any(b in APPROXIMATE for b in backends):
+        rows = recall_rows(model, ids[:, : args.tokens], base, slots, backends, progress)
+        report["recall"] = [asdict(r) for r in rows]
+        print(f"## Search recall ({args.tokens} tokens of real keys and queries)\n\n"
+              f"{recall_table(rows, args.top_k)}\n")
+    if "profile" not in skip:
+        cfg = base.replace(strategy="camelot", slots=2048 if 2048 in slots else slots[0], search="torch")
+        prof = profile_segment(model, ids, cfg)
+        report["profile"] = {k: v for k, v in prof.items() if k != "table"}
+        print(f"## Profile of one camelot segment (slots={cfg.slots}, torch search)\n\n{prof['table']}\n")
+        print(f"aten ops: {prof['aten_ops']} ({prof['aten_ops_per_layer']:.0f} per layer); host-sync ops: "
+              f"{prof['syncs'] or 'none'}")
+        for site, n in sorted(prof["sync_sites"].items(), key=lambda x: -x[1]):
+            print(f"  {n} x {site}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0

@@ -1,0 +1,193 @@
+"""Memory snapshots on tiny random llamas: a save/load roundtrip answers identically, and every
+file that does not fit (another model, another layout, damaged, truncated, pickle) is refused
+with a clear message while the live memory stays exactly as it was. Also stats and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import camelot
+from camelot import CamelotConfig
+from camelot.snapshot import SnapshotError, read_metadata
+from tests.conftest import tiny_llama
+
+STRATEGIES = ["camelot", "knn", "recurrent", "sliding", "window"]
+
+
+def _doc(n, batch=1, seed=0, vocab=101):
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _state(cm) -> list:
+    out = []
+    for rt in cm.runtimes:
+        out += [rt.local_k, rt.local_v]
+        out += list(rt.memory.state_dict().values()) if rt.memory is not None else []
+        out += [rt.prefix.keys, rt.prefix.values] if rt.prefix is not None else []
+    return [None if t is None else t.clone() for t in out]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                                    for x, y in zip(a, b))
+
+
+def _cfg(strategy="camelot", **kw):
+    return CamelotConfig(**{"window": 16, "slots": 12, "top_k": 2, "threshold": 0.5, "strategy": strategy, **kw})
+
+
+@pytest.fixture
+def fed(llama, tmp_path):
+    """A camelot wrapper that read 75 tokens (4 closed segments + 11 open), and its snapshot."""
+    cm = camelot.wrap(llama, _cfg())
+    cm.feed(_doc(75, batch=2), progress=False)
+    path = cm.memory.save(tmp_path / "doc.camelot", metadata={"note": "hello"})
+    return cm, path
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_roundtrip_answers_identically(llama, tmp_path, strategy):
+    cm = camelot.wrap(llama, _cfg(strategy))
+    cm.feed(_doc(75, batch=2), progress=False)
+    before = _state(cm)
+    cm.memory.save(tmp_path / "m.camelot")
+    assert _same(_state(cm), before) and cm.open_len == 75 % 16  # saving changes nothing
+    question = _doc(6, batch=2, seed=5)
+    answer = cm.generate(question, max_new_tokens=30)
+    model = cm.unwrap()
+
+    cm2 = camelot.wrap(model, _cfg(strategy))
+    cm2.feed(_doc(40, batch=2, seed=9), progress=False)  # whatever it held is replaced
+    cm2.memory.load(tmp_path / "m.camelot")
+    assert _same(_state(cm2), before)
+    assert torch.equal(cm2.generate(question, max_new_tokens=30), answer)
+
+
+def test_metadata_records_model_config_and_versions(fed):
+    cm, path = fed
+    meta = read_metadata(path)
+    assert meta["format"] == "camelot-memory" and meta["format_version"] == "1"
+    assert meta["camelot_version"] == camelot.__version__
+    assert json.loads(meta["model_type"]) == "llama"
+    assert [json.loads(meta[k]) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")] == [2, 4, 2, 16]
+    assert json.loads(meta["config"])["slots"] == 12 and meta["open_len"] == "11"
+    assert len(meta["fingerprint"]) == 32 and meta["user.note"] == "hello"
+    assert cm.memory.load(path)["user.note"] == "hello"
+
+
+def _refused(cm, path, needle: str) -> None:
+    before = _state(cm)
+    with pytest.raises(SnapshotError, match=needle):
+        cm.memory.load(path)
+    assert _same(_state(cm), before), "a refused load must leave the live memory untouched"
+
+
+def test_other_models_are_refused(fed):
+    cm, path = fed
+    cm.unwrap()
+    for model, needle in [(tiny_llama(seed=3), "another llama checkpoint"),
+                          (tiny_llama(kv_heads=1), r"num_kv_heads 2 vs 1"),
+                          (tiny_llama(layers=3), r"num_layers 2 vs 3")]:
+        other = camelot.wrap(model, _cfg())
+        other.feed(_doc(40, batch=2, seed=4), progress=False)
+        _refused(other, path, needle)
+        other.unwrap()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"strategy": "knn"}, "holds a 'camelot' memory"),
+    ({"slots": 24}, "12 slots per head"),
+    ({"layers": [1]}, r"memory on layers \[0, 1\]"),
+    ({"window": 8}, "open segment holds 11 tokens"),
+])
+def test_other_layouts_are_refused(fed, change, needle):
+    cm, path = fed
+    model = cm.unwrap()
+    cfg = _cfg(**{k: v for k, v in change.items() if k != "strategy"})
+    other = camelot.wrap(model, cfg.replace(strategy=change.get("strategy", "camelot")))
+    other.feed(_doc(40, batch=2, seed=4), progress=False)
+    _refused(other, path, needle)
+
+
+def test_damaged_files_are_refused(fed, tmp_path):
+    cm, path = fed
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    cases = {}
+    flipped = bytearray(data)
+    flipped[8 + header_len + 100] ^= 0xFF  # a bit of tensor data: the file still parses
+    cases["flipped.camelot"] = (bytes(flipped), "do not match the digest")
+    header = bytearray(data)
+    header[9] = ord("#")  # the JSON header no longer parses
+    cases["header.camelot"] = (bytes(header), "not a readable camelot snapshot")
+    cases["truncated.camelot"] = (data[: len(data) // 2], "not a readable camelot snapshot")
+    cases["tiny.camelot"] = (data[:5], "truncated or empty")
+    cases["pickle.camelot"] = (pickle.dumps({"keys": [1.0, 2.0]}), "pickle")
+    cases["text.camelot"] = (b"just some text, not a snapshot at all", "not a readable camelot snapshot")
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        _refused(cm, tmp_path / name, needle)
+    torch.save(_state(cm), tmp_path / "torch.pt")  # zip-format pickle
+    _refused(cm, tmp_path / "torch.pt", "pickle")
+    _refused(cm, tmp_path / "missing.camelot", "no such snapshot file")
+    _refused(cm, tmp_path, "not a file")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    _refused(cm, tmp_path / "plain.safetensors", "not a camelot memory snapshot")
+
+
+def test_tampered_tensors_are_refused(fed, tmp_path):
+    """Files whose digest matches (re-signed) but whose content does not fit the model."""
+    from safetensors.torch import load_file, save_file
+
+    from camelot.snapshot import tensor_digest
+
+    cm, path = fed
+    meta = read_metadata(path)
+    for edit, needle in [(lambda t: t.pop("layer1.memory.ages"), "lacks memory.ages"),
+                         (lambda t: t.update({"layer0.memory.keys": t["layer0.memory.keys"][..., :8].clone()}), "keys"),
+                         (lambda t: t["layer0.memory.values"].__setitem__((0, 0, 0, 0), float("nan")), "non-finite"),
+                         (lambda t: t["layer0.memory.counts"].__setitem__((0, 0, 0), -3), "negative"),
+                         (lambda t: t.__setitem__("layer7.extra", torch.zeros(1)), "unexpected tensors")]:
+        tensors = load_file(str(path))
+        edit(tensors)
+        bad = tmp_path / "bad.camelot"
+        save_file(tensors, str(bad), metadata={**meta, "digest": tensor_digest(tensors)})
+        _refused(cm, bad, needle)
+
+
+def test_stats_count_and_age_histograms():
+    model = tiny_llama()
+    cm = camelot.wrap(model, CamelotConfig(window=16, slots=64, top_k=2, threshold=0.6))
+    cm.feed(_doc(70), progress=False)
+    stats = cm.memory.stats()
+    assert stats["open_tokens"] == 70 % 16 and stats["strategy"] == "camelot"
+    assert [row["layer"] for row in stats["layers"]] == [0, 1]
+    for row in stats["layers"]:
+        used = row["slots_used"]
+        assert 0 < used <= row["slots_total"] == 64 * 2
+        assert sum(n for _, n in row["count_hist"]) == used == sum(n for _, n in row["age_hist"])
+        assert row["tokens_merged"] == 64 * 2  # 4 closed segments x 2 kv heads, none evicted
+        assert row["merged"] + row["new"] == 64 * 2 and row["new"] == used
+        lows = [lo for lo, _ in row["count_hist"]]
+        assert lows == sorted(lows) and all(lo & (lo - 1) == 0 for lo in lows)  # powers of two
+        assert row["count_max"] < 2 * lows[-1] and row["age_max"] < 64
+    json.dumps(stats)  # plain data
+
+
+def test_checkpoint_and_restore(llama):
+    cm = camelot.wrap(llama, _cfg())
+    cm.feed(_doc(40), progress=False)
+    cp = cm.memory.checkpoint()
+    before = _state(cm)
+    first = cm.generate(_doc(30, seed=2), max_new_tokens=10)
+    assert not _same(_state(cm), before)
+    for _ in range(2):  # a checkpoint survives being restored
+        cm.memory.restore(cp)
+        assert _same(_state(cm), before)
+        assert torch.equal(cm.generate(_doc(30, seed=2), max_new_tokens=10), first)
