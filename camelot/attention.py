@@ -83,6 +83,8 @@ class LayerRuntime:
             self.memory.reset()
         if self.prefix is not None:
             self.prefix.reset()
+        if hasattr(self.search, "reset"):  # index backends hold a copy of the keys they indexed
+            self.search.reset()
 
     def flush(self) -> None:
         """Close the open segment: its keys lose their positions and go to memory / prefix."""

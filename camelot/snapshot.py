@@ -300,10 +300,21 @@ def _check_compatible(path, meta: dict[str, str], cm: CamelotModel) -> None:
         raise SnapshotError(f"{path}: has memory on layers {layers}, this wrapper on {mine_layers}")
     if cfg.strategy == "camelot" and saved.get("slots") != cfg.slots:
         raise SnapshotError(f"{path}: has {saved.get('slots')} slots per head, this wrapper {cfg.slots}")
-    open_len = int(meta.get("open_len", "0"))
+    open_len = _open_len(path, meta)
     if open_len >= cfg.window:
         raise SnapshotError(f"{path}: its open segment holds {open_len} tokens, more than fit this wrapper's "
                             f"window ({cfg.window}); use window > {open_len}")
+
+
+def _open_len(path, meta: dict[str, str]) -> int:
+    """Tokens of the open segment the snapshot holds, refusing a malformed value."""
+    try:
+        n = int(meta.get("open_len", "0"))
+    except ValueError:
+        raise SnapshotError(f"{path}: bad open_len {meta.get('open_len')!r} in its metadata") from None
+    if n < 0:
+        raise SnapshotError(f"{path}: bad open_len {n} in its metadata")
+    return n
 
 
 def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta: dict[str, str],
@@ -338,7 +349,7 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
                                 f"fit [batch, {h} kv heads, n, {d}]")
 
     open_k = open_v = None
-    open_len = int(meta.get("open_len", "0"))
+    open_len = _open_len(path, meta)
     if open_len:
         open_k, open_v = take("open.keys", 4, True), take("open.values", 4, True)
         check_kv("open segment", open_k, open_v)

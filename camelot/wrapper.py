@@ -229,7 +229,10 @@ class CamelotModel:
 
     def _as_batch(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
         if isinstance(ids, (list, tuple)):
-            ids = torch.tensor(ids, dtype=torch.long)
+            # No dtype here: floats must reach the integer check below, not be truncated silently.
+            ids = torch.tensor(ids)
+            if ids.numel() == 0:
+                ids = ids.long()
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"token ids must be a tensor or a list of ints, got {type(ids).__name__}")
         if ids.dtype not in (torch.long, torch.int32, torch.int64):

@@ -435,10 +435,7 @@ CASES: list[Case] = [
     Case("cm.step with more tokens than the open segment has room for", lambda c: c.cm.step(doc(12)),
          Refused(ValueError, "room"), watch=WATCH_MEMORY),
     Case("token ids as a list of floats ([1.5, 2.0])", lambda c: c.cm.score([1.5, 2.0], keep_memory=True),
-         Refused(TypeError, "integers"), watch=WATCH_MEMORY,
-         xfail="camelot/wrapper.py CamelotModel._as_batch: torch.tensor(ids, dtype=torch.long) truncates floats "
-               "silently (1.5 -> 1); build with torch.tensor(ids) (then .long() only when numel() == 0) so the "
-               "dtype check below refuses floats"),
+         Refused(TypeError, "integers"), watch=WATCH_MEMORY),
     Case("ragged list of token ids ([[1, 2], [3]])", lambda c: c.cm.score([[1, 2], [3]], keep_memory=True),
          Refused(ValueError, "sequence"), watch=WATCH_MEMORY),
     Case("generate with max_new_tokens < 0", lambda c: c.cm.generate(doc(4), max_new_tokens=-1),

@@ -158,18 +158,7 @@ def test_seeded_sampling_is_reproducible():
 RESET_VARIANTS = [dict(strategy=s) for s in ("camelot", "knn", "recurrent", "sliding", "window")] + \
     [dict(strategy="camelot", write_mode="token"), dict(strategy="camelot", placement="recency")] + \
     ([dict(strategy="camelot", search=s) for s in ("faiss", "faiss-ivf", "faiss-hnsw")] if HAS_FAISS else [])
-INDEX_RESET_BUG = ("camelot/attention.py LayerRuntime.reset does not reset the search backend: the faiss-ivf / "
-                   "faiss-hnsw indexes keep the previous document's keys (and their RAM) after reset(); fix: add "
-                   "`if hasattr(self.search, 'reset'): self.search.reset()` at the end of LayerRuntime.reset")
-
-
-def _reset_param(v: dict[str, Any]):
-    marks = [pytest.mark.xfail(strict=True, reason=INDEX_RESET_BUG)] if v.get("search") in ("faiss-ivf",
-                                                                                           "faiss-hnsw") else []
-    return pytest.param(v, id=",".join(f"{k}={x}" for k, x in v.items()), marks=marks)
-
-
-@pytest.mark.parametrize("variant", [_reset_param(v) for v in RESET_VARIANTS])
+@pytest.mark.parametrize("variant", RESET_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
 def test_reset_returns_every_state_tensor_to_the_initial_one(variant):
     cm = _wrap(seed=3, **variant, slots=8)
     initial = full_state(cm)

@@ -60,10 +60,6 @@ def live(tmp_path_factory) -> Live:
 
 # Metadata keys whose malformed values still escape as a plain ValueError: left out of the
 # mutations below and pinned by test_malformed_open_len_is_refused_as_a_snapshot_error.
-OPEN_LEN_BUG = ("camelot/snapshot.py _check_compatible: `open_len = int(meta.get('open_len', '0'))` raises a plain "
-                "ValueError (not SnapshotError) for a malformed value; fix: wrap it in try/except ValueError and "
-                "raise SnapshotError(f'{path}: bad open_len {meta.get(\"open_len\")!r}') from None")
-KNOWN_BAD_META = {"open_len"}
 
 
 def _counter() -> Any:
@@ -192,7 +188,7 @@ def test_damaged_snapshots_are_refused_or_harmless(tmp_path_factory, live, data)
     else:
         header = json.loads(good[8 : 8 + n])
         meta = header["__metadata__"]
-        key = data.draw(st.sampled_from(sorted(set(meta) - KNOWN_BAD_META)))
+        key = data.draw(st.sampled_from(sorted(meta)))
         meta[key] = data.draw(st.one_of(
             st.text(max_size=12), st.integers(-5, 10**6).map(str), st.sampled_from(["null", "[]", "{}", "nan", "-1"]),
             st.just(json.dumps({**json.loads(meta.get("config", "{}") or "{}"), "slots": 3}))))
@@ -208,7 +204,6 @@ def test_damaged_snapshots_are_refused_or_harmless(tmp_path_factory, live, data)
         assert outcome == "refused", kind
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OPEN_LEN_BUG)
 def test_malformed_open_len_is_refused_as_a_snapshot_error(tmp_path, live):
     cm, good = live
     (n,) = struct.unpack("<Q", good[:8])
