@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from camelot.cli import UserError
-from camelot.config import CamelotConfig
+from camelot.cli import UserError, add_memory_args, memory_config
 from camelot.generation import cut_at_stop
 
 DOC = "<<camelot:document>>"  # stands for the document in renderings; never tokenized
@@ -147,7 +146,6 @@ def eos_ids(model, tok) -> list[int]:
 
 # ---------------------------------------------------------------------------- CLI
 def register(subparsers: argparse._SubParsersAction) -> None:
-    d = CamelotConfig
     p = subparsers.add_parser(
         "ask", help="read a long document into memory and answer questions about it",
         description="Stream a document far longer than the window into camelot memory, then answer "
@@ -164,13 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt (chat template only)")
     p.add_argument("--no-chat-template", action="store_true", help="plain 'Question: ... Answer:' prompts")
     g = p.add_argument_group("memory")
-    g.add_argument("--strategy", default="camelot", help="camelot, knn, sliding, recurrent or window")
-    g.add_argument("--window", type=int, default=512, help="segment length (local attention span)")
-    g.add_argument("--slots", type=int, default=4096, help="memory slots per layer and KV head")
-    g.add_argument("--threshold", type=float, default=d.threshold, help="merge threshold (cosine similarity)")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="memory slots read per query")
-    g.add_argument("--count-bias", action="store_true", help="log(count) bias on slot logits")
-    g.add_argument("--placement", default="recency", help="recency or fixed")
+    add_memory_args(g, window=512, slots=4096, placement="recency")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -196,11 +188,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("--context-file and --load both give the memory's content; use one")
     if args.save and not args.context_file:
         raise UserError("--save stores the memory after reading --context-file; give one (or /save in -i mode)")
-    try:
-        cfg = CamelotConfig(window=args.window, slots=args.slots, threshold=args.threshold, top_k=args.top_k,
-                            strategy=args.strategy, count_bias=args.count_bias, placement=args.placement)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    cfg = memory_config(args)
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature,
                   "top_p": args.top_p, "top_k": args.sample_top_k, "repetition_penalty": args.repetition_penalty,
                   "seed": args.seed}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from camelot.memory import RawWindow, SlotBank, TokenStore
+from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
 from camelot.rope import RopeSpec, place_keys, place_queries_for_memory, unrotate_keys
 from camelot.search import SearchBackend
 
@@ -61,10 +61,11 @@ class LayerRuntime:
     memory: SlotBank | TokenStore | None
     prefix: RawWindow | None
     search: SearchBackend
-    top_k: int
+    top_k: int | None  # None: every slot
     distance: int
     count_bias: bool
     placement: str = "fixed"
+    sink: SinkTokens | None = None
     max_distance: int | None = None  # farthest position a memory key may be placed at (recency)
     record_reads: bool = False
     local_k: torch.Tensor | None = None  # rotated at positions [0, local_len), model dtype
@@ -83,6 +84,8 @@ class LayerRuntime:
             self.memory.reset()
         if self.prefix is not None:
             self.prefix.reset()
+        if self.sink is not None:
+            self.sink.reset()
         if hasattr(self.search, "reset"):  # index backends hold a copy of the keys they indexed
             self.search.reset()
 
@@ -93,10 +96,16 @@ class LayerRuntime:
         if self.memory is not None or self.prefix is not None:
             pos = torch.arange(self.local_len, device=self.local_k.device)
             raw = unrotate_keys(self.rope, self.local_k, pos)
-            if self.memory is not None:
-                self.memory.write(raw, self.local_v)
-            if self.prefix is not None:
-                self.prefix.write(raw, self.local_v.float())
+            v = self.local_v
+            if self.sink is not None and not self.sink.full:
+                raw, v = self.sink.write(raw, v)
+            if self.prefix is None:
+                self.memory.write(raw, v)
+            else:
+                # With both, the prefix is the raw recent tail: tokens reach memory as they leave it.
+                out = self.prefix.write(raw, v.float())
+                if self.memory is not None and out is not None:
+                    self.memory.write(*out)
         self.local_k = self.local_v = None
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -120,9 +129,15 @@ class LayerRuntime:
         q_pos = torch.arange(l0, l0 + m, device=dev)
         logits = [self._local_logits(qg, k_loc, q_pos, scaling, softcap, sliding_window, ali)]
         values = [v_loc]
-        if self.prefix is not None and self.prefix.size:
-            logits.append(self._prefix_logits(qg, q_pos, scaling, softcap, sliding_window, ali))
+        p = 0 if self.prefix is None else self.prefix.size
+        if p:
+            k_pos = torch.arange(-p, 0, device=dev)
+            logits.append(self._raw_logits(qg, self.prefix.keys, k_pos, q_pos, scaling, softcap, sliding_window, ali))
             values.append(self.prefix.values)
+        if self.sink is not None and self.sink.size:  # right before the raw tail, as StreamingLLM places them
+            k_pos = torch.arange(-p - self.sink.size, -p, device=dev)
+            logits.append(self._raw_logits(qg, self.sink.keys, k_pos, q_pos, scaling, softcap, None, ali))
+            values.append(self.sink.values)
         mem = self._memory_read(query, scaling, softcap, ali) if self.memory is not None else None
         if mem is not None and mem.values is not None:  # dense read: memory joins like a prefix
             logits.append(mem.logits)
@@ -158,10 +173,8 @@ class LayerRuntime:
             s = s + _alibi(ali, k_pos)
         return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
 
-    def _prefix_logits(self, qg, q_pos, scaling, softcap, sliding_window, ali=None):
-        p = self.prefix.size
-        k_pos = torch.arange(-p, 0, device=qg.device)
-        k_pre = place_keys(self.rope, self.prefix.keys, k_pos)
+    def _raw_logits(self, qg, keys, k_pos, q_pos, scaling, softcap, sliding_window, ali=None):
+        k_pre = place_keys(self.rope, keys, k_pos)
         s = torch.matmul(qg, k_pre[:, :, None].transpose(-1, -2)) * scaling
         s = self._cap(s, softcap)
         if ali is not None:
@@ -172,6 +185,8 @@ class LayerRuntime:
         """Where memory keys sit for position biases (ALiBi): [S] or [B, Hkv, S], negative."""
         if self.placement == "recency":
             pos = self.memory.positions().to(device)
+            if self.prefix is not None:  # a raw tail sits between memory and the segment
+                pos = pos - self.prefix.size
             return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
         return torch.tensor([-self.distance], device=device)
 
@@ -185,10 +200,7 @@ class LayerRuntime:
         g = hq // hkv
         if self.placement == "recency" and self.rope is not None:
             # Each slot sits where it was last written: rotate the bank (cheaper than per query).
-            pos = self.memory.positions()
-            if self.max_distance is not None:
-                pos = pos.clamp(min=-self.max_distance)
-            keys = place_keys(self.rope, keys, pos)
+            keys = place_keys(self.rope, keys, self._memory_positions(keys.device))
             qm = query.float().reshape(b, hkv, g * m, d)
         else:
             qm = place_queries_for_memory(self.rope, query, self.distance).reshape(b, hkv, g * m, d)
@@ -197,19 +209,24 @@ class LayerRuntime:
             # Exact search already scores every slot: keep those scores, mask all but the top-k,
             # and let memory join the softmax like a prefix. No gathers, cost independent of k.
             raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
-            raw = raw.masked_fill(~valid[:, :, None, :], float("-inf"))
-            k = min(self.top_k, raw.shape[-1])
-            top = raw.topk(k, dim=-1)
-            keep = raw >= top.values[..., -1:]
+            n_slots = raw.shape[-1]
+            k = n_slots if self.top_k is None else min(self.top_k, n_slots)
+            read = valid[:, :, None, :]
+            if k < n_slots:
+                idx = raw.masked_fill(~read, float("-inf")).topk(k, dim=-1).indices
+                # exactly k per query, also where scores tie (as every top-k search backend does)
+                read = torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True) & read
+            else:  # every slot: no top-k at all
+                idx = torch.arange(n_slots, device=raw.device).expand(b, hkv, g * m, n_slots)
             s = self._cap(raw * scaling, softcap)
             if bias is not None:
                 s = s + bias[:, :, None, :]
-            s = s.masked_fill(~(keep & valid[:, :, None, :]), float("-inf")).view(b, hkv, g, m, -1)
+            s = s.masked_fill(~read, float("-inf")).view(b, hkv, g, m, -1)
             if ali is not None:  # ALiBi: slots are chosen by content, then biased by their distance
                 pos = self._memory_positions(s.device)
                 s = s + _alibi(ali, pos[:, :, None, None, :] if pos.dim() == 3 else pos)
-            return MemoryRead(s, top.indices.view(b, hkv, g, m, k), values=values)
-        scores, idx = self.search.topk(qm, keys, valid, self.top_k)  # [B, Hkv, G*m, k]
+            return MemoryRead(s, idx.reshape(b, hkv, g, m, k), values=values)
+        scores, idx = self.search.topk(qm, keys, valid, self.top_k or keys.shape[2])  # [B, Hkv, G*m, k]
         s = self._cap(scores * scaling, softcap)
         if bias is not None:
             s = s + bias.gather(2, idx.flatten(2)).view_as(idx)

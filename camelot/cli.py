@@ -70,3 +70,51 @@ def _one_line(e: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strategy: bool = True,
+                    **defaults) -> None:
+    """The options of one memory configuration, for commands that run a single one (`ask`,
+    `icl`, `soak`); `defaults` overrides CamelotConfig's defaults by field name."""
+    from camelot.config import PLACEMENTS, STRATEGIES, CamelotConfig
+
+    d = {f: getattr(CamelotConfig, f) for f in ("strategy", "window", "slots", "recent", "sink", "threshold",
+                                                "top_k", "count_bias", "placement", "search")}
+    d.update(defaults)
+    if strategy:
+        p.add_argument("--strategy", default=d["strategy"], choices=STRATEGIES, help="memory strategy")
+    p.add_argument("--window", type=int, default=d["window"], help="segment length (local attention span)")
+    p.add_argument("--slots", type=int, default=d["slots"], help="consolidated memory slots per layer and KV head")
+    p.add_argument("--recent", type=int, default=d["recent"],
+                   help="raw tokens kept before the segment; they reach memory as they leave this tail")
+    p.add_argument("--sink", type=int, default=d["sink"], help="first tokens kept raw for good (attention sinks)")
+    p.add_argument("--threshold", type=float, default=d["threshold"], help="merge threshold (cosine similarity)")
+    p.add_argument("--top-k", type=_top_k, default=d["top_k"], help="memory slots read per query ('all': every slot)")
+    p.add_argument("--count-bias", action=argparse.BooleanOptionalAction, default=d["count_bias"],
+                   help="log(count) bias on slot logits")
+    p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
+                   help="where memory sits for rotary models (recency: each slot at its last write)")
+    p.add_argument("--search", default=d["search"], help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
+
+
+def memory_config(args: argparse.Namespace, **fixed):
+    """The CamelotConfig that `add_memory_args` options describe; a bad value is a UserError."""
+    from camelot.config import CamelotConfig
+
+    fields = {f: getattr(args, f) for f in ("window", "slots", "recent", "sink", "threshold", "top_k", "count_bias",
+                                            "placement", "search") if hasattr(args, f)}
+    if hasattr(args, "strategy"):
+        fields["strategy"] = args.strategy
+    try:
+        return CamelotConfig(**{**fields, **fixed})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _top_k(text: str) -> int | None:
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'all'") from None

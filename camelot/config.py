@@ -19,7 +19,8 @@ class CamelotConfig:
     window: tokens per segment (the local attention span).
     slots: memory slots per layer and KV head (camelot); cached tokens for `sliding`.
     threshold: cosine similarity at or above which a token merges into its nearest slot.
-    top_k: memory slots each query reads (1 is the paper's mode).
+    top_k: memory slots each query reads (1 is the paper's mode); None reads every slot (the
+        exact dense read scores every slot anyway, so this costs no more than a small top_k).
     layers: indices of the layers that own memory (None: all).
     strategy: camelot (consolidated slots), knn (keep every token), window (no memory),
         recurrent (previous segment's raw KV), sliding (raw KV of the last `slots` tokens).
@@ -39,7 +40,7 @@ class CamelotConfig:
     window: int = 128
     slots: int = 2048
     threshold: float = 0.8
-    top_k: int = 4
+    top_k: int | None = 4
     layers: list[int] | None = None
     strategy: str = "camelot"
     search: str = "torch"
@@ -47,6 +48,8 @@ class CamelotConfig:
     memory_distance: int | None = None
     placement: str = "fixed"
     write_mode: str = "segment"
+    recent: int = 0
+    sink: int = 0
     memory_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -56,14 +59,17 @@ class CamelotConfig:
     def validate(self) -> None:
         _check_int("window", self.window, low=1)
         _check_int("slots", self.slots, low=1)
-        _check_int("top_k", self.top_k, low=1)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, low=1)
+        _check_int("recent", self.recent, low=0)
+        _check_int("sink", self.sink, low=0)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
         if not -1.0 <= float(self.threshold) <= 1.0:
             raise ValueError(
                 f"threshold must be in [-1, 1] (a cosine similarity), got {self.threshold}"
             )
-        if self.strategy == "camelot" and self.top_k > self.slots:
+        if self.strategy == "camelot" and self.top_k is not None and self.top_k > self.slots:
             raise ValueError(
                 f"top_k ({self.top_k}) must not exceed slots ({self.slots}): a query cannot "
                 "read more slots than the memory has"
@@ -89,7 +95,7 @@ class CamelotConfig:
 
     @property
     def distance(self) -> int:
-        return self.window if self.memory_distance is None else self.memory_distance
+        return self.window + self.recent if self.memory_distance is None else self.memory_distance
 
     def replace(self, **changes: Any) -> CamelotConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

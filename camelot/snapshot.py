@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from camelot.memory import TELEMETRY_FIELDS, RawWindow
+from camelot.memory import TELEMETRY_FIELDS, RawWindow, SinkTokens
 
 if TYPE_CHECKING:
     from camelot.attention import LayerRuntime
@@ -105,7 +105,7 @@ def log2_hist(x: torch.Tensor) -> list[list[int]]:
 class Checkpoint:
     """An in-process copy of the wrapper's whole state (see MemoryView.checkpoint)."""
 
-    layers: list[tuple[Any, Any, Any, Any]]  # per runtime: open keys, open values, memory, prefix
+    layers: list[tuple[Any, Any, Any, Any, Any]]  # per runtime: open keys, open values, memory, prefix, sink
 
 
 class MemoryView:
@@ -131,24 +131,26 @@ class MemoryView:
         and raw prefix sizes. Host syncs: not for hot loops."""
         layers = [{"layer": idx, **layer_stats(mem.state_dict())} for idx, mem in self._stores()]
         prefix = [rt.prefix.size for rt in self.cm.runtimes if rt.prefix is not None]
+        sink = [rt.sink.size for rt in self.cm.runtimes if rt.sink is not None]
         return {"strategy": self.cm.config.strategy, "open_tokens": self.cm.open_len,
-                "prefix_tokens": max(prefix) if prefix else 0, "layers": layers, "telemetry": self.telemetry()}
+                "prefix_tokens": max(prefix) if prefix else 0, "sink_tokens": max(sink) if sink else 0,
+                "layers": layers, "telemetry": self.telemetry()}
 
     # ------------------------------------------------------------------ in-process checkpoints
     def checkpoint(self) -> Checkpoint:
         """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
         read several continuations of one shared prefix without re-reading it."""
-        return Checkpoint([(rt.local_k, rt.local_v, copy.deepcopy(rt.memory), copy.deepcopy(rt.prefix))
-                           for rt in self.cm.runtimes])
+        return Checkpoint([(rt.local_k, rt.local_v, copy.deepcopy(rt.memory), copy.deepcopy(rt.prefix),
+                            copy.deepcopy(rt.sink)) for rt in self.cm.runtimes])
 
     def restore(self, cp: Checkpoint) -> None:
         """Go back to a checkpoint; the checkpoint stays valid for further restores. (The open
         segment's tensors are shared: attention replaces them, never writes into them.)"""
         if len(cp.layers) != len(self.cm.runtimes):
             raise ValueError("checkpoint belongs to another wrapper")
-        for rt, (k, v, mem, pre) in zip(self.cm.runtimes, cp.layers):
+        for rt, (k, v, mem, pre, sink) in zip(self.cm.runtimes, cp.layers):
             rt.local_k, rt.local_v = k, v
-            rt.memory, rt.prefix = copy.deepcopy(mem), copy.deepcopy(pre)
+            rt.memory, rt.prefix, rt.sink = copy.deepcopy(mem), copy.deepcopy(pre), copy.deepcopy(sink)
             rt.last_read = None
 
     # ------------------------------------------------------------------ snapshots
@@ -167,6 +169,9 @@ class MemoryView:
                     tensors[f"layer{i}.memory.{name}"] = t
             if rt.prefix is not None and rt.prefix.size:
                 tensors[f"layer{i}.prefix.keys"], tensors[f"layer{i}.prefix.values"] = rt.prefix.keys, rt.prefix.values
+                tensors[f"layer{i}.prefix.finite"] = rt.prefix.finite.to(torch.uint8)
+            if rt.sink is not None and rt.sink.size:
+                tensors[f"layer{i}.sink.keys"], tensors[f"layer{i}.sink.values"] = rt.sink.keys, rt.sink.values
         # copies: state tensors are views into larger buffers (the bank's scratch slot, capacity)
         tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         meta = {
@@ -196,14 +201,14 @@ class MemoryView:
         tensors, meta = read_snapshot(path)
         _check_compatible(path, meta, self.cm)
         new_state = [_build_layer(path, rt, tensors, meta, self.cm) for rt in self.cm.runtimes]
-        left = set(tensors) - {k for _, _, _, _, used in new_state for k in used}
+        left = set(tensors) - {k for *_, used in new_state for k in used}
         if left:
             raise SnapshotError(f"{path}: unexpected tensors {sorted(left)[:4]} (not written by this camelot layout)")
         batches = {t.shape[0] for t in tensors.values() if t.dim() >= 3}
         if len(batches) > 1:
             raise SnapshotError(f"{path}: tensors disagree on the batch size ({sorted(batches)})")
-        for rt, (k, v, mem, pre, _) in zip(self.cm.runtimes, new_state):  # nothing below can fail
-            rt.local_k, rt.local_v, rt.memory, rt.prefix, rt.last_read = k, v, mem, pre, None
+        for rt, (k, v, mem, pre, sink, _) in zip(self.cm.runtimes, new_state):  # nothing below can fail
+            rt.local_k, rt.local_v, rt.memory, rt.prefix, rt.sink, rt.last_read = k, v, mem, pre, sink, None
         return meta
 
 
@@ -318,8 +323,8 @@ def _open_len(path, meta: dict[str, str]) -> int:
 
 
 def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta: dict[str, str],
-                 cm: CamelotModel) -> tuple[Any, Any, Any, Any, list[str]]:
-    """The new (open keys, open values, memory, prefix) of one layer, checked, on the layer's
+                 cm: CamelotModel) -> tuple[Any, Any, Any, Any, Any, list[str]]:
+    """The new (open keys, open values, memory, prefix, sink) of one layer, checked, on the layer's
     device; the live runtime is not touched. Also returns the tensor names it used."""
     i = rt.layer_idx
     arch = architecture(cm)
@@ -389,8 +394,22 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
             if pk.shape[2] > pre.length:
                 raise SnapshotError(f"{path}: layer {i} prefix holds {pk.shape[2]} tokens, this wrapper keeps "
                                     f"{pre.length}")
-            pre.keys, pre.values = pk.to(dev), pv.to(dev)
-    return open_k, open_v, mem, pre, used
+            finite = take("prefix.finite", 3, False)
+            if finite.shape != pk.shape[:3] or int(finite.max()) > 1:
+                raise SnapshotError(f"{path}: layer {i} prefix.finite {tuple(finite.shape)} does not fit its keys")
+            pre.keys, pre.values, pre.finite = pk.to(dev), pv.to(dev), finite.to(dev, torch.bool)
+
+    sink = None
+    if rt.sink is not None:
+        sink = SinkTokens(rt.sink.length)
+        if f"layer{i}.sink.keys" in tensors:
+            sk, sv = take("sink.keys", 4, True), take("sink.values", 4, True)
+            check_kv("sink", sk, sv)
+            if sk.shape[2] > sink.length:
+                raise SnapshotError(f"{path}: layer {i} holds {sk.shape[2]} sink tokens, this wrapper keeps "
+                                    f"{sink.length}")
+            sink.keys, sink.values = sk.to(dev), sv.to(dev)
+    return open_k, open_v, mem, pre, sink, used
 
 
 def _json(text: str | None) -> Any:

@@ -15,7 +15,7 @@ from camelot.adapters import get_adapter
 from camelot.adapters.base import Adapter, param_device
 from camelot.attention import LayerRuntime
 from camelot.config import CamelotConfig
-from camelot.memory import RawWindow, SlotBank, TokenStore
+from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
 from camelot.progress import progress_bar
 from camelot.search import make_backend
 
@@ -83,13 +83,16 @@ class CamelotModel:
                 memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode)
             elif cfg.strategy == "knn":
                 memory = TokenStore(dtype)
+            if memory is not None and cfg.recent:
+                prefix = RawWindow(cfg.recent)
             elif cfg.strategy == "recurrent":
                 prefix = RawWindow(cfg.window)
             elif cfg.strategy == "sliding":
                 prefix = RawWindow(cfg.slots)
         return LayerRuntime(
             layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory,
-            prefix=prefix, search=make_backend(cfg.search), top_k=cfg.top_k,
+            prefix=prefix, sink=SinkTokens(cfg.sink) if cfg.sink and with_memory and cfg.strategy != "window" else None,
+            search=make_backend(cfg.search), top_k=cfg.top_k,
             distance=cfg.distance, count_bias=cfg.count_bias, placement=cfg.placement,
             max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 

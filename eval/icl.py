@@ -431,6 +431,8 @@ def _str_list(text: str) -> list[str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from camelot.cli import add_memory_args
+
     p = subparsers.add_parser(
         "icl", help="in-context learning: accuracy vs number of demonstrations, with demonstrations in memory",
         description="Accuracy of a frozen LM on a classification task against the number of in-context "
@@ -444,12 +446,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strategies", type=_str_list, default=["window", "camelot", "knn"])
     p.add_argument("--seeds", type=int, default=3, help="demonstration samples (seeds 0..N-1)")
     p.add_argument("--n-test", type=int, default=200, help="label-balanced test examples (same for all runs)")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--slots", type=int, default=2048)
-    p.add_argument("--threshold", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--count-bias", action="store_true")
-    p.add_argument("--search", default="torch")
+    add_memory_args(p, strategy=False, window=256)
     p.add_argument("--label-score", choices=LABEL_SCORES, default="sum",
                    help="sum: log-prob of all tokens of a label word; mean: per token; first: first token only")
     p.add_argument("--out", default="icl-results", help="folder for the .md, .json and .png outputs")
@@ -460,8 +457,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from camelot.cli import UserError
-    from camelot.config import STRATEGIES, CamelotConfig
+    from camelot.cli import UserError, memory_config
+    from camelot.config import STRATEGIES
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -472,8 +469,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--seeds must be >= 1")
     if args.n_test < 1:
         raise UserError("--n-test must be >= 1")
-    config = CamelotConfig(window=args.window, slots=args.slots, threshold=args.threshold, top_k=args.top_k,
-                           count_bias=args.count_bias, search=args.search)
+    config = memory_config(args)
     task = load_task(args.task)
     train = load_split(task, args.data_dir, "train")
     test = load_split(task, args.data_dir, "test")

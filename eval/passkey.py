@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from camelot.eval.perplexity import RunSpec, Sweep, parse_bool, parse_distance, parse_layers, parse_list, plan_runs
+from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_from_args
 
 from camelot.cli import UserError
-from camelot.config import STRATEGIES, CamelotConfig
+from camelot.config import STRATEGIES
 from camelot.progress import progress_bar
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -342,7 +342,6 @@ def to_json(results: list[PasskeyResult], config: dict[str, Any], lengths: list[
 
 # ---------------------------------------------------------------------------- CLI
 def register(subparsers: argparse._SubParsersAction) -> None:
-    d = CamelotConfig
     p = subparsers.add_parser(
         "passkey", help="pass key retrieval accuracy of camelot and its baselines",
         description="Hide a random 5-digit pass key at several depths of N tokens of filler and ask for it; "
@@ -354,16 +353,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="2k,8k,32k,128k", help="tokens per sequence, answer included")
     p.add_argument("--depths", default="10,50,90", help="needle depths in percent of the filler")
     p.add_argument("--trials", type=int, default=3, help="keys per length and depth")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"from {','.join(ALL_STRATEGIES)}")
-    p.add_argument("--window", default="512", help="segment length(s)")
-    p.add_argument("--slots", default="4096", help="memory slots per KV head (camelot) = cached tokens (sliding)")
-    p.add_argument("--threshold", default=str(d.threshold), help="merge threshold(s), cosine similarity")
-    p.add_argument("--top-k", default=str(d.top_k), help="memory slots read per query (camelot, knn)")
-    p.add_argument("--count-bias", default="off", help="log(count) bias on slot logits: on, off or on,off")
-    p.add_argument("--placement", default="recency", help="recency and/or fixed (comma-separated sweeps)")
-    p.add_argument("--memory-distance", default="default", help="positions between memory and segment ('default')")
-    p.add_argument("--layers", default="all", help="layers with memory, e.g. all or 0-14; '/' sweeps")
-    p.add_argument("--search", default=d.search, help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
+    add_sweep_args(p, window="512", slots="4096", placement="recency")
     p.add_argument("--filler", default="repeat",
                    help="'repeat' (grass is green...) or a text: a file, or builtin:genesis_kjv")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated (greedy)")
@@ -387,13 +377,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--depths are percentages in [0, 100], got {depths}")
     if args.trials < 1 or args.max_new_tokens < 1:
         raise UserError("--trials and --max-new-tokens must be >= 1")
-    specs = plan_runs(Sweep(
-        strategies=parse_list(args.strategies, str, "strategies"), windows=parse_list(args.window, int, "window"),
-        slots=parse_list(args.slots, int, "slots"), thresholds=parse_list(args.threshold, float, "threshold"),
-        top_ks=parse_list(args.top_k, int, "top-k"), count_biases=parse_list(args.count_bias, parse_bool, "count-bias"),
-        memory_distances=parse_list(args.memory_distance, parse_distance, "memory-distance"),
-        placements=parse_list(args.placement, str, "placement"), layers=parse_layers(args.layers),
-        search=args.search))
+    specs = plan_runs(sweep_from_args(args))
     filler_text = None
     if args.filler != "repeat":
         from camelot.eval.data import load_documents

@@ -48,6 +48,8 @@ class Sweep:
     memory_distances: tuple[int | None, ...] = (None,)
     placements: tuple[str, ...] = (CamelotConfig.placement,)
     layers: tuple[list[int] | None, ...] = (None,)
+    recents: tuple[int, ...] = (CamelotConfig.recent,)
+    sinks: tuple[int, ...] = (CamelotConfig.sink,)
     search: str = CamelotConfig.search
     write_mode: str = CamelotConfig.write_mode
 
@@ -63,7 +65,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        shown = " ".join(f"{k}={_fmt_param(v)}" for k, v in self.params.items())
+        shown = " ".join(f"{k}={_fmt_param(v, k)}" for k, v in self.params.items())
         return f"{self.strategy} {shown}".strip()
 
 
@@ -102,17 +104,22 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
     base = {"search": sweep.search, "write_mode": sweep.write_mode}
     for w in sweep.windows:
         for strategy in (s for s in sweep.strategies if s != "full"):
-            if strategy in ("window", "recurrent"):
+            if strategy == "window":
                 grid = [{}]
-            elif strategy == "sliding":
-                grid = [{"slots": s} for s in sweep.slots]
+            elif strategy == "recurrent":
+                grid = _product(sink=sweep.sinks)
+            elif strategy == "sliding":  # the same KV budget as camelot: its slots plus its raw tail
+                budgets = sorted({s + r for s in sweep.slots for r in sweep.recents})
+                grid = _product(slots=tuple(budgets), sink=sweep.sinks)
             elif strategy == "knn":
-                grid = _product(top_k=sweep.top_ks, memory_distance=sweep.memory_distances,
-                                placement=sweep.placements, layers=sweep.layers)
+                grid = _product(top_k=sweep.top_ks, recent=sweep.recents, sink=sweep.sinks,
+                                memory_distance=sweep.memory_distances, placement=sweep.placements,
+                                layers=sweep.layers)
             else:
-                grid = _product(slots=sweep.slots, threshold=sweep.thresholds, top_k=sweep.top_ks,
-                                count_bias=sweep.count_biases, memory_distance=sweep.memory_distances,
-                                placement=sweep.placements, layers=sweep.layers)
+                grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
+                                top_k=sweep.top_ks, count_bias=sweep.count_biases,
+                                memory_distance=sweep.memory_distances, placement=sweep.placements,
+                                layers=sweep.layers)
             for params in grid:
                 try:
                     cfg = CamelotConfig(window=w, strategy=strategy, **base, **params)
@@ -140,15 +147,17 @@ def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
             continue
         if k == "placement" and len(sweep.placements) == 1:
             continue
+        if k in ("recent", "sink") and v == 0 and len(getattr(sweep, k + "s")) == 1:
+            continue
         out[k] = v
     return out
 
 
-def _fmt_param(v: Any) -> str:
+def _fmt_param(v: Any, key: str = "") -> str:
     if isinstance(v, bool):
         return "on" if v else "off"
     if v is None:
-        return "default"
+        return "all" if key == "top_k" else "default"
     if isinstance(v, list):
         return format_layers(v)
     return str(v)
@@ -255,6 +264,10 @@ def parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+def parse_top_k(text: str) -> int | None:
+    return None if text.strip().lower() == "all" else int(text)
+
+
 def parse_distance(text: str) -> int | None:
     return None if text.strip().lower() in ("default", "none") else int(text)
 
@@ -293,7 +306,9 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         windows=parse_list(args.window, int, "window"),
         slots=parse_list(args.slots, int, "slots"),
         thresholds=parse_list(args.threshold, float, "threshold"),
-        top_ks=parse_list(args.top_k, int, "top-k"),
+        top_ks=parse_list(args.top_k, parse_top_k, "top-k"),
+        recents=parse_list(args.recent, int, "recent"),
+        sinks=parse_list(args.sink, int, "sink"),
         count_biases=parse_list(args.count_bias, parse_bool, "count-bias"),
         memory_distances=parse_list(args.memory_distance, parse_distance, "memory-distance"),
         placements=parse_list(args.placement, str, "placement"),
@@ -303,8 +318,39 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
+    """The memory settings a run sweeps (comma-separated values), shared by `camelot ppl` and
+    `camelot passkey`; `defaults` overrides a default by option name (window="512")."""
     d = CamelotConfig
+    dflt = {"strategies": ",".join(DEFAULT_STRATEGIES), "window": str(d.window), "slots": str(d.slots),
+            "placement": d.placement, **defaults}
+    p.add_argument("--strategies", default=dflt["strategies"], help=f"from {','.join(ALL_STRATEGIES)}")
+    p.add_argument("--window", default=dflt["window"], help="segment length(s)")
+    p.add_argument("--slots", default=dflt["slots"],
+                   help="consolidated memory slots per KV head (camelot); sliding caches slots + recent raw tokens")
+    p.add_argument("--threshold", default=str(d.threshold), help="merge threshold(s), cosine similarity")
+    p.add_argument("--top-k", default=_fmt_param(d.top_k, "top_k"),
+                   help="memory slots read per query (camelot, knn); 'all' reads every slot")
+    p.add_argument("--recent", default=str(d.recent),
+                   help="raw tokens kept before the segment; tokens reach memory as they leave this tail "
+                   "(camelot, knn). sliding caches slots + recent tokens, the same budget")
+    p.add_argument("--sink", default=str(d.sink),
+                   help="first tokens of the document kept raw for good, the attention sinks (recurrent, sliding, "
+                   "knn, camelot)")
+    p.add_argument("--count-bias", default=_fmt_param(d.count_bias),
+                   help="log(count) bias on slot logits: on, off or on,off")
+    p.add_argument("--memory-distance", default="default",
+                   help="positions between memory and the segment start ('default' = one window)")
+    p.add_argument("--placement", default=dflt["placement"],
+                   help="where memory sits for rotary models: recency (each slot at its last write) or fixed "
+                   "(all at --memory-distance, the paper); fixed,recency sweeps")
+    p.add_argument("--layers", default="all",
+                   help="layers with memory, e.g. all or 0-14 or 10-29; '/' sweeps: all/15-29")
+    p.add_argument("--search", default=d.search, help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
+    p.add_argument("--write-mode", default=d.write_mode, help="segment (fast) or token (sequential)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "ppl", help="perplexity of camelot and its baselines, side by side",
         description="Perplexity of every strategy on the same tokens and segmentation; comma-separated "
@@ -318,21 +364,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or builtin:genesis_kjv / builtin:state_union_1961_kennedy")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets rows")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (default: test, or the only one)")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"from {','.join(ALL_STRATEGIES)}")
-    p.add_argument("--window", default=str(d.window), help="segment length(s)")
-    p.add_argument("--slots", default=str(d.slots), help="memory slots per KV head (camelot) = cached tokens (sliding)")
-    p.add_argument("--threshold", default=str(d.threshold), help="merge threshold(s), cosine similarity")
-    p.add_argument("--top-k", default=str(d.top_k), help="memory slots read per query (camelot, knn)")
-    p.add_argument("--count-bias", default="off", help="log(count) bias on slot logits: on, off or on,off")
-    p.add_argument("--memory-distance", default="default",
-                   help="positions between memory and the segment start ('default' = one window)")
-    p.add_argument("--placement", default=d.placement,
-                   help="where memory sits for rotary models: recency (each slot at its last write) or fixed "
-                   "(all at --memory-distance, the paper); fixed,recency sweeps")
-    p.add_argument("--layers", default="all",
-                   help="layers with memory, e.g. all or 0-14 or 10-29; '/' sweeps: all/15-29")
-    p.add_argument("--search", default=d.search, help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
-    p.add_argument("--write-mode", default=d.write_mode, help="segment (fast) or token (sequential)")
+    add_sweep_args(p)
     p.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="keep the first T tokens of each document (0: all)")

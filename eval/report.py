@@ -87,7 +87,7 @@ def markdown_table(results: list[RunResult]) -> str:
 def _param_strings(r: RunResult) -> dict[str, str]:
     from camelot.eval.perplexity import _fmt_param
 
-    return {k: _fmt_param(v) for k, v in r.spec.params.items()}
+    return {k: _fmt_param(v, k) for k, v in r.spec.params.items()}
 
 
 # ---------------------------------------------------------------------------- JSON

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from camelot.cli import UserError
-from camelot.config import STRATEGIES, CamelotConfig
+from camelot.cli import UserError, add_memory_args, memory_config
 from camelot.progress import progress_bar
 
 DEFAULT_TOKENS = 1_000_000
@@ -153,7 +152,6 @@ def summarize(reports: list[SoakReport], warmup: int = 1) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- CLI
 def register(subparsers: argparse._SubParsersAction) -> None:
-    d = CamelotConfig
     p = subparsers.add_parser(
         "soak", help="long run: tokens/s and RSS every interval (memory must stay flat)",
         description="Stream many tokens through a wrapped model as one document and print throughput, RSS and "
@@ -164,12 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="UTF-8 text file to repeat (default: the packaged Genesis)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens to stream in total")
     p.add_argument("--report-every", type=int, default=DEFAULT_REPORT, help="tokens between report lines")
-    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES)
-    p.add_argument("--window", type=int, default=d.window, help="segment length")
-    p.add_argument("--slots", type=int, default=d.slots, help="memory slots per layer and KV head")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="merge threshold (cosine)")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="memory slots read per query")
-    p.add_argument("--search", default=d.search, help="search backend")
+    add_memory_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the reports and a summary to this JSON file")
@@ -184,8 +177,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.tokens < 1 or args.report_every < 1:
         raise UserError("--tokens and --report-every must be >= 1")
-    cfg = CamelotConfig(window=args.window, slots=args.slots, threshold=args.threshold, top_k=args.top_k,
-                        strategy=args.strategy, search=args.search)  # ValueError: one clean line
+    cfg = memory_config(args)
     text = load_documents(args.data or "builtin:genesis_kjv")[0].text
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -154,10 +154,10 @@ def memory_state(cm) -> dict[str, Any]:
     """Every tensor and flag of camelot's state, cloned: memory banks, prefixes, open segment."""
     out: dict[str, Any] = {}
     for rt in cm.runtimes:
-        for part_name, part in (("memory", rt.memory), ("prefix", rt.prefix)):
+        for part_name, part in (("memory", rt.memory), ("prefix", rt.prefix), ("sink", rt.sink)):
             if part is None:
                 continue
-            for n in ("keys", "values", "counts", "ages", "valid", "telemetry", "size", "empty"):
+            for n in ("keys", "values", "counts", "ages", "valid", "finite", "telemetry", "size", "empty"):
                 v = getattr(part, n, None)
                 out[f"{rt.layer_idx}.{part_name}.{n}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
         for n in ("local_k", "local_v"):

@@ -156,8 +156,11 @@ def test_seeded_sampling_is_reproducible():
 
 # ---------------------------------------------------------------------------- reset
 RESET_VARIANTS = [dict(strategy=s) for s in ("camelot", "knn", "recurrent", "sliding", "window")] + \
-    [dict(strategy="camelot", write_mode="token"), dict(strategy="camelot", placement="recency")] + \
+    [dict(strategy="camelot", write_mode="token"), dict(strategy="camelot", placement="recency"),
+     dict(strategy="camelot", recent=20, sink=3)] + \
     ([dict(strategy="camelot", search=s) for s in ("faiss", "faiss-ivf", "faiss-hnsw")] if HAS_FAISS else [])
+
+
 @pytest.mark.parametrize("variant", RESET_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
 def test_reset_returns_every_state_tensor_to_the_initial_one(variant):
     cm = _wrap(seed=3, **variant, slots=8)

@@ -27,7 +27,8 @@ def _state(cm) -> list:
     for rt in cm.runtimes:
         out += [rt.local_k, rt.local_v]
         out += list(rt.memory.state_dict().values()) if rt.memory is not None else []
-        out += [rt.prefix.keys, rt.prefix.values] if rt.prefix is not None else []
+        out += [rt.prefix.keys, rt.prefix.values, rt.prefix.finite] if rt.prefix is not None else []
+        out += [rt.sink.keys, rt.sink.values] if rt.sink is not None else []
     return [None if t is None else t.clone() for t in out]
 
 
@@ -49,9 +50,10 @@ def fed(llama, tmp_path):
     return cm, path
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_roundtrip_answers_identically(llama, tmp_path, strategy):
-    cm = camelot.wrap(llama, _cfg(strategy))
+@pytest.mark.parametrize("strategy, extra", [(s, {}) for s in STRATEGIES] + [
+    ("camelot", dict(recent=20, sink=3)), ("sliding", dict(sink=2))])
+def test_roundtrip_answers_identically(llama, tmp_path, strategy, extra):
+    cm = camelot.wrap(llama, _cfg(strategy, **extra))
     cm.feed(_doc(75, batch=2), progress=False)
     before = _state(cm)
     cm.memory.save(tmp_path / "m.camelot")
@@ -60,7 +62,7 @@ def test_roundtrip_answers_identically(llama, tmp_path, strategy):
     answer = cm.generate(question, max_new_tokens=30)
     model = cm.unwrap()
 
-    cm2 = camelot.wrap(model, _cfg(strategy))
+    cm2 = camelot.wrap(model, _cfg(strategy, **extra))
     cm2.feed(_doc(40, batch=2, seed=9), progress=False)  # whatever it held is replaced
     cm2.memory.load(tmp_path / "m.camelot")
     assert _same(_state(cm2), before)

@@ -30,9 +30,11 @@ def test_identity_with_empty_memory(kv_heads):
         assert torch.equal(model(ids).logits, ref)  # unwrap restores the original attention
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_causality_late_change_leaves_earlier_losses(llama, strategy):
-    cm = camelot.wrap(llama, CamelotConfig(window=32, slots=24, top_k=3, threshold=0.3, strategy=strategy))
+@pytest.mark.parametrize("strategy, extra", [(s, {}) for s in STRATEGIES] + [
+    ("camelot", dict(recent=40, sink=3)), ("camelot", dict(recent=40, sink=3, placement="recency")),
+    ("knn", dict(recent=24, sink=2)), ("sliding", dict(sink=4))])
+def test_causality_late_change_leaves_earlier_losses(llama, strategy, extra):
+    cm = camelot.wrap(llama, CamelotConfig(window=32, slots=24, top_k=3, threshold=0.3, strategy=strategy, **extra))
     ids = _doc(200)
     changed = ids.clone()
     changed[0, 150] = (changed[0, 150] + 7) % 101

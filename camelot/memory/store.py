@@ -110,13 +110,17 @@ class RawWindow:
     def reset(self) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.finite: torch.Tensor | None = None  # [B, H, L] bool: False where a null token stands
         self.skipped: torch.Tensor | None = None  # [] int64, non-finite tokens nulled (on the state's device)
 
     @property
     def size(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Append k/v [B, H, T, D]; returns the (keys, values) pushed out of the window, oldest
+        first, or None. A pushed-out null token comes back as NaN, so a memory it moves on to
+        skips it instead of storing a zero key."""
         finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # [B, H, T]
         k = torch.where(finite[..., None], k, 0)
         v = torch.where(finite[..., None], v, 0)
@@ -125,5 +129,48 @@ class RawWindow:
         if self.keys is not None:
             k = torch.cat([self.keys, k.to(self.keys.dtype)], dim=2)
             v = torch.cat([self.values, v.to(self.values.dtype)], dim=2)
+            finite = torch.cat([self.finite, finite], dim=2)
         self.keys = k[:, :, -self.length :].contiguous()
         self.values = v[:, :, -self.length :].contiguous()
+        self.finite = finite[:, :, -self.length :]
+        n_out = k.shape[2] - self.length
+        if n_out <= 0:
+            return None
+        keep = finite[:, :, :n_out, None]
+        return torch.where(keep, k[:, :, :n_out], float("nan")), torch.where(keep, v[:, :, :n_out], float("nan"))
+
+
+class SinkTokens:
+    """The first `length` tokens of a stream, kept raw for good: the attention sinks that a
+    model trained on sequences starting at position 0 dumps attention on (StreamingLLM). Without
+    them, a raw window that slides past the document's start loses the place where heads park
+    their attention, and perplexity rises above that of no memory at all."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.length
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep what still fits of k/v [B, H, T, D]; return the rest (T may be 0)."""
+        take = min(self.length - self.size, k.shape[2])
+        if take > 0:
+            head_k, head_v = k[:, :, :take], v[:, :, :take]
+            finite = (torch.isfinite(head_k).all(-1) & torch.isfinite(head_v).all(-1))[..., None]
+            head_k, head_v = torch.where(finite, head_k, 0).float(), torch.where(finite, head_v, 0).float()
+            if self.keys is not None:
+                head_k = torch.cat([self.keys, head_k], dim=2)
+                head_v = torch.cat([self.values, head_v], dim=2)
+            self.keys, self.values = head_k, head_v
+        return k[:, :, max(take, 0):], v[:, :, max(take, 0):]

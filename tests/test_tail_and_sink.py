@@ -1,0 +1,99 @@
+"""The raw recent tail (`recent`) and attention sinks (`sink`) beside memory: positions exact,
+tokens reach memory exactly once, in order, as they leave the tail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import camelot
+from camelot import CamelotConfig
+from camelot.memory import RawWindow, SinkTokens
+from tests.conftest import tiny_llama
+
+
+def _distinct(n: int, batch: int = 1, vocab: int = 101) -> torch.Tensor:
+    """Token ids without repeats: at layer 0 a repeated token has an identical key, which merges
+    even at threshold 1.0."""
+    g = torch.Generator().manual_seed(0)
+    return torch.stack([torch.randperm(vocab, generator=g)[:n] for _ in range(batch)])
+
+
+def _full_nll(model, ids):
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(strategy="camelot", recent=28, sink=4),
+    dict(strategy="knn", recent=28, sink=4),
+    dict(strategy="sliding", slots=28, sink=4),
+    dict(strategy="recurrent", sink=4, window=16),
+], ids=["camelot", "knn", "sliding", "recurrent"])
+def test_sink_and_tail_give_full_context_while_the_document_fits(cfg):
+    """sink + raw tail + open segment hold every token at its true position while the document
+    fits in them (44 tokens: 32 closed = 4 sink + 28 tail, then one segment), so the losses are
+    those of one plain forward."""
+    model = tiny_llama(max_pos=256)
+    ids = _distinct(44 if cfg["strategy"] != "recurrent" else 32, batch=2)
+    cm = camelot.wrap(model, CamelotConfig(**{"window": 16, "slots": 8, "top_k": 2, **cfg}))
+    got = cm.score(ids).token_nll
+    assert (got - _full_nll(cm.unwrap(), ids)).abs().max() <= 1e-4
+    if cfg["strategy"] in ("camelot", "knn"):  # and nothing reached memory yet
+        assert all(rt.memory.empty for rt in cm.runtimes)
+
+
+@pytest.mark.parametrize("strategy, extra", [("camelot", dict(threshold=1.0, slots=96, top_k=96)),
+                                             ("knn", dict(top_k=96))])
+def test_memory_behind_a_tail_sits_at_its_true_positions(strategy, extra):
+    """With recency placement and nothing merged, memory + tail + segment is every past token at
+    its true position: full attention, whatever the tail length."""
+    model = tiny_llama(max_pos=256)
+    ids = _distinct(90)
+    cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, placement="recency", strategy=strategy, **extra))
+    out = cm.score(ids)
+    assert not cm.runtimes[1].memory.empty
+    assert cm.memory.telemetry()["merged"] == 0
+    assert (out.token_nll - _full_nll(cm.unwrap(), ids)).abs().max() <= 1e-4
+
+
+def test_each_token_reaches_memory_once_when_it_leaves_the_tail():
+    model = tiny_llama(layers=2, kv_heads=2)
+    cm = camelot.wrap(model, CamelotConfig(window=16, slots=32, top_k=2, recent=24, sink=3, threshold=0.5))
+    ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(1))
+    cm.feed(ids, progress=False)
+    tel = cm.memory.telemetry()
+    closed = 96  # 6 full segments; 4 tokens stay open
+    written = tel["merged"] + tel["new"] + tel["evicted"] + tel["dropped"]
+    assert written == (closed - 3 - 24) * 2 * 2  # minus sink and tail, x layers x kv heads
+    st = cm.memory.stats()
+    assert st["sink_tokens"] == 3 and st["prefix_tokens"] == 24 and st["open_tokens"] == 4
+
+
+def test_raw_window_returns_what_it_pushes_out_in_order_with_null_tokens_as_nan():
+    w = RawWindow(4)
+    k = torch.arange(6, dtype=torch.float32).view(1, 1, 6, 1).repeat(1, 1, 1, 2)
+    k[0, 0, 1] = float("nan")
+    assert w.write(k[:, :, :3], k[:, :, :3]) is None
+    out_k, out_v = w.write(k[:, :, 3:], k[:, :, 3:])
+    assert out_k[0, 0, :, 0].tolist()[0] == 0.0 and torch.isnan(out_k[0, 0, 1]).all()
+    assert torch.equal(w.keys[0, 0, :, 0], torch.tensor([2.0, 3.0, 4.0, 5.0]))
+    assert w.skipped == 1
+
+
+def test_sink_keeps_the_first_tokens_and_passes_on_the_rest():
+    s = SinkTokens(3)
+    k = torch.arange(5, dtype=torch.float32).view(1, 1, 5, 1)
+    rest_k, rest_v = s.write(k[:, :, :2], k[:, :, :2])
+    assert rest_k.shape[2] == 0 and s.size == 2
+    rest_k, _ = s.write(k[:, :, 2:], k[:, :, 2:])
+    assert s.full and s.keys[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0]
+    assert rest_k[0, 0, :, 0].tolist() == [3.0, 4.0]
+
+
+def test_tail_and_sink_are_refused_where_they_make_no_sense():
+    with pytest.raises(ValueError, match="recent must be an integer >= 0"):
+        CamelotConfig(recent=-1)
+    with pytest.raises(ValueError, match="sink must be an integer >= 0"):
+        CamelotConfig(sink=-2)
