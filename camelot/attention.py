@@ -93,14 +93,15 @@ class LayerRuntime:
         """Close the open segment: its keys lose their positions and go to memory / prefix."""
         if self.local_k is None:
             return
-        if self.memory is not None or self.prefix is not None:
+        if self.memory is not None or self.prefix is not None or self.sink is not None:
             pos = torch.arange(self.local_len, device=self.local_k.device)
             raw = unrotate_keys(self.rope, self.local_k, pos)
             v = self.local_v
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)
             if self.prefix is None:
-                self.memory.write(raw, v)
+                if self.memory is not None:
+                    self.memory.write(raw, v)
             else:
                 # With both, the prefix is the raw recent tail: tokens reach memory as they leave it.
                 out = self.prefix.write(raw, v.float())
@@ -136,7 +137,8 @@ class LayerRuntime:
             values.append(self.prefix.values)
         if self.sink is not None and self.sink.size:  # right before the raw tail, as StreamingLLM places them
             k_pos = torch.arange(-p - self.sink.size, -p, device=dev)
-            logits.append(self._raw_logits(qg, self.sink.keys, k_pos, q_pos, scaling, softcap, None, ali))
+            logits.append(self._raw_logits(qg, self.sink.keys, k_pos, q_pos, scaling, softcap, sliding_window,
+                                           ali))
             values.append(self.sink.values)
         mem = self._memory_read(query, scaling, softcap, ali) if self.memory is not None else None
         if mem is not None and mem.values is not None:  # dense read: memory joins like a prefix

@@ -21,7 +21,8 @@ class CamelotConfig:
     threshold: cosine similarity at or above which a token merges into its nearest slot.
     top_k: memory slots each query reads (1 is the paper's mode); None reads every slot (the
         exact dense read scores every slot anyway, so this costs no more than a small top_k).
-    layers: indices of the layers that own memory (None: all).
+    layers: indices of the layers that own memory (None: the adapter's choice, which is every layer
+        except where sliding-window and full layers interleave (gemma2/3): there only the full ones).
     strategy: camelot (consolidated slots), knn (keep every token), window (no memory),
         recurrent (previous segment's raw KV), sliding (raw KV of the last `slots` tokens).
     search: nearest-slot backend for reads.

@@ -59,7 +59,8 @@ class CamelotModel:
                 f"window ({config.window}) exceeds the model's position range ({self.max_positions})")
         modules = adapter.attention_modules(model)
         n_layers = len(modules)
-        layers = set(range(n_layers)) if config.layers is None else set(config.layers)
+        # No layers named: the adapter's choice (gemma2/3: only the full-attention layers).
+        layers = set(adapter.default_memory_layers(model) if config.layers is None else config.layers)
         bad = sorted(i for i in layers if i >= n_layers)
         if bad:
             raise ValueError(
@@ -75,24 +76,24 @@ class CamelotModel:
         model._camelot_wrapper = self
 
     def _runtime(self, model: nn.Module, layer_idx: int, with_memory: bool) -> LayerRuntime:
+        """One layer's state. Memory (slots or token store) only where `with_memory`; raw context
+        (the recent tail, the recurrent / sliding prefix, sinks) on every layer: it is exact,
+        and a sliding-window layer masks it by its own window as it would the original tokens."""
         cfg = self.config
         dtype = _DTYPES[cfg.memory_dtype]
-        memory = prefix = None
-        if with_memory:
-            if cfg.strategy == "camelot":
-                memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode)
-            elif cfg.strategy == "knn":
-                memory = TokenStore(dtype)
-            if memory is not None and cfg.recent:
-                prefix = RawWindow(cfg.recent)
-            elif cfg.strategy == "recurrent":
-                prefix = RawWindow(cfg.window)
-            elif cfg.strategy == "sliding":
-                prefix = RawWindow(cfg.slots)
+        memory = prefix = sink = None
+        if with_memory and cfg.strategy == "camelot":
+            memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode)
+        elif with_memory and cfg.strategy == "knn":
+            memory = TokenStore(dtype)
+        raw_len = {"recurrent": cfg.window, "sliding": cfg.slots}.get(cfg.strategy, cfg.recent)
+        if raw_len and cfg.strategy != "window":
+            prefix = RawWindow(raw_len)
+        if cfg.sink and cfg.strategy != "window":
+            sink = SinkTokens(cfg.sink)
         return LayerRuntime(
-            layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory,
-            prefix=prefix, sink=SinkTokens(cfg.sink) if cfg.sink and with_memory and cfg.strategy != "window" else None,
-            search=make_backend(cfg.search), top_k=cfg.top_k,
+            layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory, prefix=prefix,
+            sink=sink,             search=make_backend(cfg.search), top_k=cfg.top_k,
             distance=cfg.distance, count_bias=cfg.count_bias, placement=cfg.placement,
             max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 

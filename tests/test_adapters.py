@@ -106,7 +106,9 @@ def test_memory_is_written_with_kv_head_shapes_and_read(family, wrapped):
     ids = _doc(48, batch=2)
     cm.feed(ids[:, :32], progress=False)
     hkv = adapter.num_kv_heads(model)
-    for rt in cm.runtimes:
+    with_mem = [rt for rt in cm.runtimes if rt.memory is not None]
+    assert [rt.layer_idx for rt in with_mem] == adapter.default_memory_layers(model)
+    for rt in with_mem:
         counts = rt.memory.counts
         assert counts.shape[:2] == (2, hkv)  # per batch row and KV head: GQA/MQA not expanded
         assert torch.equal(counts.sum(-1), torch.full((2, hkv), 32, dtype=counts.dtype))  # 32 tokens merged
