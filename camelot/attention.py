@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
-from camelot.rope import RopeSpec, place_keys, place_queries_for_memory, unrotate_keys
+from camelot.rope import RopeSpec, cos_sin, place_keys, place_queries_for_memory, unrotate_keys
 from camelot.search import SearchBackend
 
 ATTN_NAME = "camelot"
@@ -71,7 +71,7 @@ class LayerRuntime:
     local_k: torch.Tensor | None = None  # rotated at positions [0, local_len), model dtype
     local_v: torch.Tensor | None = None
     last_read: LastRead | None = None
-    extra: dict = field(default_factory=dict)
+    _cs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def local_len(self) -> int:
@@ -79,7 +79,7 @@ class LayerRuntime:
 
     def reset(self) -> None:
         self.local_k = self.local_v = None
-        self.last_read = None
+        self.last_read = self._cs = None
         if self.memory is not None:
             self.memory.reset()
         if self.prefix is not None:
@@ -183,6 +183,15 @@ class LayerRuntime:
             s = s + _alibi(ali, k_pos)
         return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
 
+    def _fixed_cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin at the fixed memory distance, built once: every read needs them, and on a GPU
+        building them means a host-to-device copy."""
+        if self.rope is None:
+            return None
+        if self._cs is None or self._cs[0].device != device:
+            self._cs = cos_sin(self.rope, torch.tensor(self.distance), device)
+        return self._cs
+
     def _memory_positions(self, device: torch.device) -> torch.Tensor:
         """Where memory keys sit for position biases (ALiBi): [S] or [B, Hkv, S], negative."""
         if self.placement == "recency":
@@ -205,7 +214,8 @@ class LayerRuntime:
             keys = place_keys(self.rope, keys, self._memory_positions(keys.device))
             qm = query.float().reshape(b, hkv, g * m, d)
         else:
-            qm = place_queries_for_memory(self.rope, query, self.distance).reshape(b, hkv, g * m, d)
+            qm = place_queries_for_memory(self.rope, query, self.distance, self._fixed_cos_sin(query.device))
+            qm = qm.reshape(b, hkv, g * m, d)
         bias = torch.log(counts.clamp(min=1).float()) if self.count_bias else None
         if getattr(self.search, "dense", False):
             # Exact search already scores every slot: keep those scores, mask all but the top-k,

@@ -89,7 +89,8 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                    help="raw tokens kept before the segment; they reach memory as they leave this tail")
     p.add_argument("--sink", type=int, default=d["sink"], help="first tokens kept raw for good (attention sinks)")
     p.add_argument("--threshold", type=float, default=d["threshold"], help="merge threshold (cosine similarity)")
-    p.add_argument("--top-k", type=_top_k, default=d["top_k"], help="memory slots read per query ('all': every slot)")
+    p.add_argument("--top-k", type=parse_top_k, default=d["top_k"],
+                   help="memory slots read per query ('all': every slot)")
     p.add_argument("--count-bias", action=argparse.BooleanOptionalAction, default=d["count_bias"],
                    help="log(count) bias on slot logits")
     p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
@@ -111,7 +112,8 @@ def memory_config(args: argparse.Namespace, **fixed):
         raise UserError(str(e)) from None
 
 
-def _top_k(text: str) -> int | None:
+def parse_top_k(text: str) -> int | None:
+    """--top-k: an integer, or 'all' (None: every slot)."""
     if str(text).strip().lower() == "all":
         return None
     try:

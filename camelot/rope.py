@@ -85,16 +85,19 @@ def place_keys(spec: RopeSpec | None, raw: torch.Tensor, positions: torch.Tensor
     return out * spec.scaling if spec.scaling != 1.0 else out
 
 
-def place_queries_for_memory(spec: RopeSpec | None, query: torch.Tensor, distance: int) -> torch.Tensor:
+def place_queries_for_memory(spec: RopeSpec | None, query: torch.Tensor, distance: int,
+                             cos_sin_at_distance: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Turn rotated queries into vectors whose dot product with a *position-free* key equals the
     query's score against that key placed `distance` positions before position 0.
 
     q_p . (s R(-d) k) = (s R(d) q_p) . k, so the memory never needs rotating: one rotation
-    of the (smaller) query block per layer replaces a rotation of every slot.
+    of the (smaller) query block per layer replaces a rotation of every slot. A caller that
+    reads every step passes `cos_sin_at_distance` (cos_sin(spec, distance)) computed once.
     """
     if spec is None:
         return query.float()
-    pos = torch.tensor(distance, device=query.device)
-    cos, sin = cos_sin(spec, pos, query.device)
+    if cos_sin_at_distance is None:
+        cos_sin_at_distance = cos_sin(spec, torch.tensor(distance), query.device)
+    cos, sin = cos_sin_at_distance
     out = rotate(query, cos, sin, interleaved=spec.interleaved)
     return out * spec.scaling if spec.scaling != 1.0 else out

@@ -258,8 +258,11 @@ def _check_file(path: str | Path) -> Path:
     if not path.is_file():
         raise SnapshotError(f"{path}: not a file")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        head = f.read(9)
+    # A safetensors file opens with its header length (8 bytes, little-endian) and then "{"; a
+    # length whose low byte is 0x80 would otherwise look like a pickle's opcode.
+    safetensors_shaped = len(head) == 9 and head[8:9] == b"{"
+    if not safetensors_shaped and any(head.startswith(m) for m in _PICKLE_MAGIC):
         raise SnapshotError(f"{path}: holds pickle data (torch.save / pickle); camelot loads only safetensors "
                             "snapshots and never unpickles a file")
     if len(head) < 8:
@@ -305,6 +308,10 @@ def _check_compatible(path, meta: dict[str, str], cm: CamelotModel) -> None:
         raise SnapshotError(f"{path}: has memory on layers {layers}, this wrapper on {mine_layers}")
     if cfg.strategy == "camelot" and saved.get("slots") != cfg.slots:
         raise SnapshotError(f"{path}: has {saved.get('slots')} slots per head, this wrapper {cfg.slots}")
+    for name, strategies in (("recent", ("camelot", "knn")), ("sink", ("camelot", "knn", "recurrent", "sliding"))):
+        if cfg.strategy in strategies and saved.get(name, 0) != getattr(cfg, name):  # part of what was read
+            raise SnapshotError(f"{path}: was saved with {name}={saved.get(name, 0)}, this wrapper has "
+                                f"{name}={getattr(cfg, name)}; wrap with the same {name}")
     open_len = _open_len(path, meta)
     if open_len >= cfg.window:
         raise SnapshotError(f"{path}: its open segment holds {open_len} tokens, more than fit this wrapper's "

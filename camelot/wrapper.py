@@ -140,7 +140,10 @@ class CamelotModel:
             raise ValueError(f"step got {m} tokens but the open segment has room for {room}")
         self._check_state_devices()
         pos = torch.arange(start, start + m, device=ids.device).expand(b, m)
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
+        # An explicit all-ones mask: without one, HF inspects position_ids for packed sequences,
+        # a device-to-host sync every segment. camelot's mask function ignores it anyway.
+        mask = torch.ones(b, m, dtype=torch.long, device=ids.device)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
         if start + m == self.config.window:
             self.flush()
         return out.logits

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from camelot.cli import UserError
+from camelot.cli import UserError, parse_top_k
 from camelot.config import CamelotConfig
 from camelot.search import BACKENDS, TorchExactSearch
 
@@ -366,8 +366,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared CPU)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every table in minutes")
     p.add_argument("--window", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--top-k", type=parse_top_k, default=CamelotConfig.top_k,
+                   help="slots read per query ('all': every one)")
     p.add_argument("--threshold", type=float, default=CamelotConfig.threshold)
+    p.add_argument("--recent", type=int, default=CamelotConfig.recent, help="raw tail tokens (camelot, knn)")
+    p.add_argument("--sink", type=int, default=CamelotConfig.sink, help="attention sink tokens")
+    p.add_argument("--count-bias", action=argparse.BooleanOptionalAction, default=CamelotConfig.count_bias)
     p.add_argument("--placement", default=CamelotConfig.placement, choices=("fixed", "recency"))
     p.add_argument("--slots", default="512,2048,8192", help="camelot slots per KV head to time")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"from {','.join(BACKENDS)}")
@@ -401,8 +405,8 @@ def run_cli(args: argparse.Namespace) -> int:
     growth = _names(args.growth_strategies, ("window", "camelot", "knn", "full", "recurrent"), "growth-strategies")
     skip = set(_names(args.skip, ("speed", "growth", "recall", "profile"), "skip")) if args.skip else set()
     try:
-        base = CamelotConfig(window=args.window, top_k=args.top_k, threshold=args.threshold,
-                             placement=args.placement, slots=max(slots))
+        base = CamelotConfig(window=args.window, top_k=args.top_k, threshold=args.threshold, recent=args.recent,
+                             sink=args.sink, count_bias=args.count_bias, placement=args.placement, slots=max(slots))
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.tokens < 3 * args.window:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from camelot.cli import UserError
+from camelot.cli import UserError, parse_top_k
 from camelot.config import STRATEGIES, CamelotConfig
 from camelot.progress import progress_bar
 
@@ -250,7 +250,7 @@ def parse_list(text: str, kind: type, name: str) -> tuple:
     for t in items:
         try:
             out.append(kind(t))
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             raise UserError(f"--{name}: {t!r} is not a valid {kind.__name__}") from None
     return tuple(out)
 
@@ -262,10 +262,6 @@ def parse_bool(text: str) -> bool:
     if t in ("off", "false", "no", "0"):
         return False
     raise ValueError(text)
-
-
-def parse_top_k(text: str) -> int | None:
-    return None if text.strip().lower() == "all" else int(text)
 
 
 def parse_distance(text: str) -> int | None:

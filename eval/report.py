@@ -166,14 +166,20 @@ def plot_sweep(results: list[RunResult], window: int, param: str, path: Path) ->
             groups.setdefault(f"{r.spec.strategy} {rest}".strip(), []).append((r.spec.params[param], r.ppl))
         else:
             flat.append(r)
+    # top_k may be None ("all"): such a sweep gets a categorical axis with "all" last
+    categorical = any(x is None for pts in groups.values() for x, _ in pts)
+    order = sorted({x for pts in groups.values() for x, _ in pts}, key=lambda x: (x is None, x or 0))
     for label, pts in groups.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        pts.sort(key=lambda p: order.index(p[0]))
+        xs = [order.index(p[0]) if categorical else p[0] for p in pts]
+        ax.plot(xs, [p[1] for p in pts], marker="o", label=label)
+    if categorical:
+        ax.set_xticks(range(len(order)), ["all" if x is None else str(x) for x in order])
     for r in flat:
         ax.axhline(r.ppl, linestyle="--", linewidth=1, color="gray" if r.spec.strategy != "full" else "black")
         ax.annotate(r.spec.label, (0.01, r.ppl), xycoords=("axes fraction", "data"), fontsize=7,
                     va="bottom")
-    if param == "slots":
+    if param == "slots" and not categorical:
         ax.set_xscale("log", base=2)
     _finish(plt, fig, ax, path, param, f"perplexity vs {param}, window {window}")
 

@@ -19,6 +19,14 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     return LlamaForCausalLM(cfg).eval()
 
 
+def bare(**kw):
+    """A CamelotConfig without the raw tail and sinks: every closed token goes straight to memory,
+    the setting that the memory-mechanics tests reason about on short documents."""
+    from camelot import CamelotConfig
+
+    return CamelotConfig(**{"recent": 0, "sink": 0, **kw})
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

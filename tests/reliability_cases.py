@@ -32,7 +32,7 @@ from camelot.snapshot import SnapshotError
 from tests.conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-LIVE = dict(window=16, slots=8, top_k=2, threshold=0.5)
+LIVE = dict(window=16, slots=8, top_k=2, threshold=0.5, recent=0, sink=0)
 FED = 40
 
 
@@ -286,7 +286,7 @@ def _rewrap_check(ctx: Ctx, r) -> str | None:
 
 def _huge_slots(ctx: Ctx):
     if "huge" not in ctx.extra:
-        ctx.extra["huge"] = camelot.wrap(tiny_llama(), CamelotConfig(window=16, slots=10**12, top_k=2))
+        ctx.extra["huge"] = camelot.wrap(tiny_llama(), CamelotConfig(window=16, slots=10**12, top_k=2, recent=0))
     return ctx.extra["huge"]
 
 
@@ -470,7 +470,7 @@ CASES: list[Case] = [
          Refused(MemoryError, "lower slots"), watch=_banks_allocated),
     Case("slots far beyond memory (CLI --slots 1000000000000)",
          lambda c: c.ppl(c.file("doc.txt", "hello world, " * 5), "--slots", "1000000000000", "--window", "16",
-                         "--strategies", "camelot"),
+                         "--recent", "0", "--strategies", "camelot"),
          CliRefused("lower slots", rc=3)),
     Case("soak with --tokens 0 (CLI)", lambda c: c.cli("soak", "--tokens", "0", "--model", str(c.ws.model_dir)),
          CliRefused("must be >= 1")),

@@ -16,6 +16,7 @@ from camelot.adapters.tiny import TINY_FAMILIES, TinyFamily
 
 import camelot
 from camelot import CamelotConfig
+from tests.conftest import bare
 
 FAMILY_IDS = [f.name for f in TINY_FAMILIES]
 
@@ -38,7 +39,7 @@ def wrapped(family):
     held = []
 
     def make(**cfg) -> camelot.CamelotModel:
-        cm = camelot.wrap(model, CamelotConfig(**cfg))
+        cm = camelot.wrap(model, bare(**cfg))
         held.append(cm)
         return cm
 

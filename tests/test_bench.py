@@ -21,6 +21,7 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     text.write_text(long_text[:600], encoding="utf-8")
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--top-k", "2",
+               "--recent", "0", "--sink", "0",
                "--tokens", "64", "--slots", "16,32", "--backends", "torch,faiss,faiss-ivf",
                "--lengths", "48,96", "--knn-max", "48", "--full-max", "96", "--no-progress", "--json", str(out)])
     assert rc == 0

@@ -22,7 +22,8 @@ def test_top_k_cannot_exceed_slots():
 
 def test_defaults_and_replace():
     cfg = CamelotConfig()
-    assert cfg.distance == cfg.window
+    assert cfg.distance == cfg.window + cfg.recent  # memory sits right before the raw tail
+    assert cfg.paper().distance == cfg.window and cfg.paper().top_k == 1
     other = cfg.replace(window=64, layers=[3, 1, 1])
     assert other.window == 64 and other.layers == [1, 3] and cfg.window == 128
     assert CamelotConfig(memory_distance=0).distance == 0

@@ -24,7 +24,7 @@ from tests.reliability_cases import doc, same_state
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_FAISS = bool(importlib.util.find_spec("faiss"))
-BASE = dict(window=16, slots=12, top_k=3, threshold=0.4)
+BASE = dict(window=16, slots=12, top_k=3, threshold=0.4, recent=0, sink=0)
 
 
 

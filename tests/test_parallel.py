@@ -18,7 +18,7 @@ from camelot.eval.perplexity import Sweep, evaluate, plan_runs
 
 import camelot
 from camelot.cli import UserError, main
-from tests.conftest import tiny_llama
+from tests.conftest import bare, tiny_llama
 
 
 def _docs(lengths: tuple[int, ...], vocab: int = 101) -> list[Document]:
@@ -109,7 +109,7 @@ def test_memory_is_created_on_the_device_of_the_incoming_keys():
     # keys arrive. On CPU we check the rule itself: state follows the key tensor's device and dtype
     # settings, never a global default device.
     model = tiny_llama()
-    cm = camelot.wrap(model, camelot.CamelotConfig(window=8, slots=8, memory_dtype="bfloat16"))
+    cm = camelot.wrap(model, bare(window=8, slots=8, memory_dtype="bfloat16"))
     try:
         cm.feed(torch.randint(0, 101, (1, 20)), progress=False)
         for rt in cm.runtimes:

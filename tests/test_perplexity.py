@@ -33,14 +33,14 @@ def _by_strategy(results) -> dict[str, list]:
 
 def test_plan_multiplies_only_memory_settings():
     sweep = Sweep(strategies=ALL, windows=(16, 32), slots=(32, 64), thresholds=(0.5, 0.9), top_ks=(1, 2),
-                  count_biases=(False, True))
+                  count_biases=(False, True), recents=(0, 8))
     runs = _by_strategy_specs(plan_runs(sweep))
     assert len(runs["window"]) == len(runs["recurrent"]) == 2  # once per window
-    assert len(runs["sliding"]) == 2 * 2  # windows x slots
-    assert len(runs["knn"]) == 2 * 2  # windows x top_k
-    assert len(runs["camelot"]) == 2 * 2 * 2 * 2 * 2  # windows x slots x threshold x top_k x bias
+    assert len(runs["sliding"]) == 2 * 4  # windows x budgets (slots + recent)
+    assert len(runs["knn"]) == 2 * 2 * 2  # windows x top_k x recent
+    assert len(runs["camelot"]) == 2 * 2 * 2 * 2 * 2 * 2  # windows x slots x recent x threshold x top_k x bias
     assert len(runs["full"]) == 1
-    assert {s.config.slots for s in runs["sliding"]} == {32, 64}
+    assert {s.config.slots for s in runs["sliding"]} == {32, 40, 64, 72}  # the budget camelot has
 
 
 def _by_strategy_specs(specs) -> dict[str, list]:
@@ -166,11 +166,13 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys, long_text):
     text.write_text(long_text[:400], encoding="utf-8")
     out = tmp_path / "out"
     rc = main(["ppl", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--slots", "16,32",
-               "--threshold", "0.5,0.9", "--top-k", "2", "--max-tokens", "300", "--bucket-size", "50",
+               "--threshold", "0.5,0.9", "--top-k", "2", "--count-bias", "off", "--max-tokens", "300",
+               "--bucket-size", "50",
                "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "| strategy |" in table and "| camelot | 16 | slots=32 threshold=0.9 top_k=2 count_bias=off |" in table
+    row = "| camelot | 16 | slots=32 recent=128 sink=4 threshold=0.9 top_k=2 count_bias=off |"
+    assert "| strategy |" in table and row in table
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]
     assert {r["strategy"] for r in runs} == set(ALL)

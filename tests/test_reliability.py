@@ -219,7 +219,8 @@ def test_soak_state_and_rss_stay_flat_once_the_memory_is_full():
 
     window, slots, every = 64, 128, 64 * 64
     src = torch.randint(0, 101, (7919,), generator=torch.Generator().manual_seed(0))
-    cm = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, top_k=4, threshold=0.99))
+    cm = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, top_k=4, threshold=0.99, recent=0,
+                                                  sink=0))
     reports = run_soak(cm, src, 12 * every, every, progress=False)
     full = 2 * 2 * slots  # layers x KV heads x slots
     assert [r.slots_used for r in reports] == [full] * len(reports)

@@ -51,7 +51,8 @@ def test_memory_behind_a_tail_sits_at_its_true_positions(strategy, extra):
     its true position: full attention, whatever the tail length."""
     model = tiny_llama(max_pos=256)
     ids = _distinct(90)
-    cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, placement="recency", strategy=strategy, **extra))
+    cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, sink=0, placement="recency", strategy=strategy,
+                                           **extra))
     out = cm.score(ids)
     assert not cm.runtimes[1].memory.empty
     assert cm.memory.telemetry()["merged"] == 0
