@@ -22,6 +22,8 @@ from camelot.rope import RopeSpec, cos_sin, place_keys, place_queries_for_memory
 from camelot.search import SearchBackend
 
 ATTN_NAME = "camelot"
+# The torch backend reads sparsely (gathered top-k values) where top_k * SPARSE_BELOW <= slots.
+SPARSE_BELOW = 16
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,15 @@ class LayerRuntime:
             if mem.values is None:  # sparse read: each query's own gathered slots
                 p_mem = probs[..., n_plain:]
                 out = out + (p_mem[..., None] * mem.gathered).sum(-2)
-            else:
-                p_mem = probs[..., n_plain - mem_cols : n_plain].gather(-1, mem.slots)
+            elif self.record_reads:  # dense read: each query's share of every slot it may read
+                p_mem = probs[..., n_plain - mem_cols : n_plain]
+                if mem.slots is not None:
+                    p_mem = p_mem.gather(-1, mem.slots)
             if self.record_reads:
-                self.last_read = LastRead(mem.slots, p_mem)
+                slots = mem.slots
+                if slots is None:
+                    slots = torch.arange(p_mem.shape[-1], device=dev).expand_as(p_mem)
+                self.last_read = LastRead(slots, p_mem)
         self.local_k, self.local_v = k_loc, v_loc
         return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
 
@@ -217,28 +224,28 @@ class LayerRuntime:
             qm = place_queries_for_memory(self.rope, query, self.distance, self._fixed_cos_sin(query.device))
             qm = qm.reshape(b, hkv, g * m, d)
         bias = torch.log(counts.clamp(min=1).float()) if self.count_bias else None
-        if getattr(self.search, "dense", False):
+        n_slots = keys.shape[2]
+        k = n_slots if self.top_k is None else min(self.top_k, n_slots)
+        if getattr(self.search, "dense", False) and k * SPARSE_BELOW > n_slots:
             # Exact search already scores every slot: keep those scores, mask all but the top-k,
-            # and let memory join the softmax like a prefix. No gathers, cost independent of k.
+            # and let memory join the softmax like a prefix (no gathers). Where k is a small share
+            # of the slots, the sparse read below is cheaper: softmax and values over k, not S.
             raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
-            n_slots = raw.shape[-1]
-            k = n_slots if self.top_k is None else min(self.top_k, n_slots)
-            read = valid[:, :, None, :]
-            if k < n_slots:
-                idx = raw.masked_fill(~read, float("-inf")).topk(k, dim=-1).indices
-                # exactly k per query, also where scores tie (as every top-k search backend does)
-                read = torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True) & read
-            else:  # every slot: no top-k at all
-                idx = torch.arange(n_slots, device=raw.device).expand(b, hkv, g * m, n_slots)
+            # validity and count bias as one additive [B, Hkv, 1, S] term, not a fill over every query
+            slot_bias = torch.where(valid, 0.0 if bias is None else bias, float("-inf"))[:, :, None, :]
             s = self._cap(raw * scaling, softcap)
-            if bias is not None:
-                s = s + bias[:, :, None, :]
-            s = s.masked_fill(~read, float("-inf")).view(b, hkv, g, m, -1)
+            idx = None
+            if k < n_slots:
+                idx = (raw + torch.where(valid, 0.0, float("-inf"))[:, :, None, :]).topk(k, dim=-1).indices
+                # exactly k per query, also where scores tie (as every top-k search backend does)
+                s = s.masked_fill(~torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True), float("-inf"))
+                idx = idx.reshape(b, hkv, g, m, k)
+            s = (s + slot_bias).view(b, hkv, g, m, -1)
             if ali is not None:  # ALiBi: slots are chosen by content, then biased by their distance
                 pos = self._memory_positions(s.device)
                 s = s + _alibi(ali, pos[:, :, None, None, :] if pos.dim() == 3 else pos)
-            return MemoryRead(s, idx.reshape(b, hkv, g, m, k), values=values)
-        scores, idx = self.search.topk(qm, keys, valid, self.top_k or keys.shape[2])  # [B, Hkv, G*m, k]
+            return MemoryRead(s, idx, values=values)
+        scores, idx = self.search.topk(qm, keys, valid, k)  # [B, Hkv, G*m, k]
         s = self._cap(scores * scaling, softcap)
         if bias is not None:
             s = s + bias.gather(2, idx.flatten(2)).view_as(idx)
@@ -259,7 +266,7 @@ class LayerRuntime:
 @dataclass
 class MemoryRead:
     logits: torch.Tensor  # [B, Hkv, G, m, S] (dense) or [B, Hkv, G, m, k] (sparse)
-    slots: torch.Tensor  # [B, Hkv, G, m, k] slots read by each query
+    slots: torch.Tensor | None  # [B, Hkv, G, m, k] slots read by each query; None: every slot (dense)
     values: torch.Tensor | None = None  # dense: [B, Hkv, S, Dv], shared by all queries
     gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv]
 

@@ -49,7 +49,7 @@ class CamelotConfig:
 
     window: int = 128
     slots: int = 2048
-    threshold: float = 0.9
+    threshold: float = 0.95
     top_k: int | None = None
     layers: list[int] | None = None
     strategy: str = "camelot"

@@ -141,7 +141,7 @@ def state_bytes(cm) -> int:
     """Bytes held by memory and prefix tensors of every layer."""
     total = 0
     for rt in cm.runtimes:
-        for holder in (rt.memory, rt.prefix):
+        for holder in (rt.memory, rt.prefix, rt.sink):
             for name in ("keys", "values", "counts", "ages", "valid"):
                 t = getattr(holder, name, None)
                 if isinstance(t, torch.Tensor):

@@ -43,7 +43,8 @@ class Sweep:
     windows: tuple[int, ...] = (128,)
     slots: tuple[int, ...] = (CamelotConfig.slots,)
     thresholds: tuple[float, ...] = (CamelotConfig.threshold,)
-    top_ks: tuple[int, ...] = (CamelotConfig.top_k,)
+    top_ks: tuple[int | None, ...] = (CamelotConfig.top_k,)
+    knn_top_ks: tuple[int | None, ...] = (32,)  # knn reads k of every stored token (Memorizing Transformer)
     count_biases: tuple[bool, ...] = (CamelotConfig.count_bias,)
     memory_distances: tuple[int | None, ...] = (None,)
     placements: tuple[str, ...] = (CamelotConfig.placement,)
@@ -112,7 +113,7 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
                 budgets = sorted({s + r for s in sweep.slots for r in sweep.recents})
                 grid = _product(slots=tuple(budgets), sink=sweep.sinks)
             elif strategy == "knn":
-                grid = _product(top_k=sweep.top_ks, recent=sweep.recents, sink=sweep.sinks,
+                grid = _product(top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
                                 layers=sweep.layers)
             else:
@@ -303,6 +304,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         slots=parse_list(args.slots, int, "slots"),
         thresholds=parse_list(args.threshold, float, "threshold"),
         top_ks=parse_list(args.top_k, parse_top_k, "top-k"),
+        knn_top_ks=parse_list(args.knn_top_k, parse_top_k, "knn-top-k"),
         recents=parse_list(args.recent, int, "recent"),
         sinks=parse_list(args.sink, int, "sink"),
         count_biases=parse_list(args.count_bias, parse_bool, "count-bias"),
@@ -327,6 +329,7 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     p.add_argument("--threshold", default=str(d.threshold), help="merge threshold(s), cosine similarity")
     p.add_argument("--top-k", default=_fmt_param(d.top_k, "top_k"),
                    help="memory slots read per query (camelot, knn); 'all' reads every slot")
+    p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
     p.add_argument("--recent", default=str(d.recent),
                    help="raw tokens kept before the segment; tokens reach memory as they leave this tail "
                    "(camelot, knn). sliding caches slots + recent tokens, the same budget")

@@ -43,12 +43,15 @@ class SparseExactSearch(TorchExactSearch):
     dense = False  # exercise the gather path that index-based backends (faiss) use
 
 
-@pytest.mark.parametrize("search", [TorchExactSearch(), SparseExactSearch()], ids=["dense", "sparse"])
-def test_top_k_reads_only_the_best_slots(search):
+@pytest.mark.parametrize("search, n", [(TorchExactSearch(), 10), (TorchExactSearch(), 64), (SparseExactSearch(), 10)],
+                         ids=["torch-dense", "torch-sparse", "index-sparse"])
+def test_top_k_reads_only_the_best_slots(search, n):
+    """top_k 3 of 10 slots: the torch backend masks a dense read; of 64 (3 * SPARSE_BELOW <= 64)
+    it gathers the 3 slots' values, like index backends always do. Same answer either way."""
     torch.manual_seed(1)
     d = 8
     mem = TokenStore(torch.float32)
-    k_raw, v_mem = torch.randn(1, 1, 10, d), torch.randn(1, 1, 10, d)
+    k_raw, v_mem = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
     mem.write(k_raw, v_mem)
     q = torch.randn(1, 1, 1, d)
     rt = LayerRuntime(0, None, mem, None, search, top_k=3, distance=0, count_bias=False, record_reads=True)

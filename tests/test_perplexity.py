@@ -33,7 +33,7 @@ def _by_strategy(results) -> dict[str, list]:
 
 def test_plan_multiplies_only_memory_settings():
     sweep = Sweep(strategies=ALL, windows=(16, 32), slots=(32, 64), thresholds=(0.5, 0.9), top_ks=(1, 2),
-                  count_biases=(False, True), recents=(0, 8))
+                  knn_top_ks=(1, 2), count_biases=(False, True), recents=(0, 8))
     runs = _by_strategy_specs(plan_runs(sweep))
     assert len(runs["window"]) == len(runs["recurrent"]) == 2  # once per window
     assert len(runs["sliding"]) == 2 * 4  # windows x budgets (slots + recent)
