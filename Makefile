@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/camelot ppl --model smollm2 --data builtin:state_union_1961_kennedy --window 128 \
-		--strategies window,sliding,camelot --out results/demo
+	$(BIN)/camelot ppl --model smollm2 --data builtin:state_union_1961_kennedy --window 128 --slots 384 \
+		--strategies window,sliding,camelot,full --out results/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15

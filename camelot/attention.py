@@ -65,7 +65,7 @@ class LayerRuntime:
     search: SearchBackend
     top_k: int | None  # None: every slot
     distance: int
-    count_bias: bool
+    count_bias: float  # factor of the log(count) bias; 0: off
     placement: str = "fixed"
     sink: SinkTokens | None = None
     max_distance: int | None = None  # farthest position a memory key may be placed at (recency)
@@ -223,7 +223,7 @@ class LayerRuntime:
         else:
             qm = place_queries_for_memory(self.rope, query, self.distance, self._fixed_cos_sin(query.device))
             qm = qm.reshape(b, hkv, g * m, d)
-        bias = torch.log(counts.clamp(min=1).float()) if self.count_bias else None
+        bias = self.count_bias * torch.log(counts.clamp(min=1).float()) if self.count_bias else None
         n_slots = keys.shape[2]
         k = n_slots if self.top_k is None else min(self.top_k, n_slots)
         if getattr(self.search, "dense", False) and k * SPARSE_BELOW > n_slots:

@@ -91,8 +91,8 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
     p.add_argument("--threshold", type=float, default=d["threshold"], help="merge threshold (cosine similarity)")
     p.add_argument("--top-k", type=parse_top_k, default=d["top_k"],
                    help="memory slots read per query ('all': every slot)")
-    p.add_argument("--count-bias", action=argparse.BooleanOptionalAction, default=d["count_bias"],
-                   help="log(count) bias on slot logits")
+    p.add_argument("--count-bias", type=parse_count_bias, default=d["count_bias"],
+                   help="factor of the log(count) bias on slot logits: a number, on (1) or off (0)")
     p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
                    help="where memory sits for rotary models (recency: each slot at its last write)")
     p.add_argument("--search", default=d["search"], help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
@@ -110,6 +110,18 @@ def memory_config(args: argparse.Namespace, **fixed):
         return CamelotConfig(**{**fields, **fixed})
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def parse_count_bias(text: str) -> float:
+    """--count-bias: on (1), off (0) or a factor."""
+    t = str(text).strip().lower()
+    named = {"on": 1.0, "true": 1.0, "yes": 1.0, "off": 0.0, "false": 0.0, "no": 0.0}
+    if t in named:
+        return named[t]
+    try:
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, on or off") from None
 
 
 def parse_top_k(text: str) -> int | None:

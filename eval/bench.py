@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from camelot.cli import UserError, parse_top_k
+from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import CamelotConfig
 from camelot.search import BACKENDS, TorchExactSearch
 
@@ -371,7 +371,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=CamelotConfig.threshold)
     p.add_argument("--recent", type=int, default=CamelotConfig.recent, help="raw tail tokens (camelot, knn)")
     p.add_argument("--sink", type=int, default=CamelotConfig.sink, help="attention sink tokens")
-    p.add_argument("--count-bias", action=argparse.BooleanOptionalAction, default=CamelotConfig.count_bias)
+    p.add_argument("--count-bias", type=parse_count_bias, default=CamelotConfig.count_bias,
+                   help="factor of the log(count) bias: a number, on or off")
     p.add_argument("--placement", default=CamelotConfig.placement, choices=("fixed", "recency"))
     p.add_argument("--slots", default="512,2048,8192", help="camelot slots per KV head to time")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"from {','.join(BACKENDS)}")

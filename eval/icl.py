@@ -437,7 +437,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "icl", help="in-context learning: accuracy vs number of demonstrations, with demonstrations in memory",
         description="Accuracy of a frozen LM on a classification task against the number of in-context "
         "demonstrations. The demonstrations that fit sit in the window; the rest are fed into memory "
-        "(camelot, knn) or dropped (window).")
+        "(camelot, knn) or dropped (window). Example: camelot icl --task mr --shots 0,4,16,64,256 --seeds 2",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="bundled short name (smollm2, gemma3-270m) or a local folder")
     p.add_argument("--task", default="mr", help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a .json/.py task file")
     p.add_argument("--data-dir", default=None, help="folder holding <task>/train.jsonl and <task>/test.jsonl "

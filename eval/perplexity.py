@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from camelot.cli import UserError, parse_top_k
+from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import STRATEGIES, CamelotConfig
 from camelot.progress import progress_bar
 
@@ -45,7 +45,7 @@ class Sweep:
     thresholds: tuple[float, ...] = (CamelotConfig.threshold,)
     top_ks: tuple[int | None, ...] = (CamelotConfig.top_k,)
     knn_top_ks: tuple[int | None, ...] = (32,)  # knn reads k of every stored token (Memorizing Transformer)
-    count_biases: tuple[bool, ...] = (CamelotConfig.count_bias,)
+    count_biases: tuple[float, ...] = (CamelotConfig.count_bias,)
     memory_distances: tuple[int | None, ...] = (None,)
     placements: tuple[str, ...] = (CamelotConfig.placement,)
     layers: tuple[list[int] | None, ...] = (None,)
@@ -155,7 +155,7 @@ def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
 
 
 def _fmt_param(v: Any, key: str = "") -> str:
-    if isinstance(v, bool):
+    if isinstance(v, bool) or (key == "count_bias" and v in (0, 1)):
         return "on" if v else "off"
     if v is None:
         return "all" if key == "top_k" else "default"
@@ -256,15 +256,6 @@ def parse_list(text: str, kind: type, name: str) -> tuple:
     return tuple(out)
 
 
-def parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("on", "true", "yes", "1"):
-        return True
-    if t in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(text)
-
-
 def parse_distance(text: str) -> int | None:
     return None if text.strip().lower() in ("default", "none") else int(text)
 
@@ -307,7 +298,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         knn_top_ks=parse_list(args.knn_top_k, parse_top_k, "knn-top-k"),
         recents=parse_list(args.recent, int, "recent"),
         sinks=parse_list(args.sink, int, "sink"),
-        count_biases=parse_list(args.count_bias, parse_bool, "count-bias"),
+        count_biases=parse_list(args.count_bias, parse_count_bias, "count-bias"),
         memory_distances=parse_list(args.memory_distance, parse_distance, "memory-distance"),
         placements=parse_list(args.placement, str, "placement"),
         layers=parse_layers(args.layers),
@@ -336,8 +327,9 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     p.add_argument("--sink", default=str(d.sink),
                    help="first tokens of the document kept raw for good, the attention sinks (recurrent, sliding, "
                    "knn, camelot)")
-    p.add_argument("--count-bias", default=_fmt_param(d.count_bias),
-                   help="log(count) bias on slot logits: on, off or on,off")
+    p.add_argument("--count-bias", default=_fmt_param(d.count_bias, "count_bias"),
+                   help="factor(s) of the log(count) bias on slot logits: numbers, on (1) or off (0); "
+                   "0,0.7,1 sweeps")
     p.add_argument("--memory-distance", default="default",
                    help="positions between memory and the segment start ('default' = one window)")
     p.add_argument("--placement", default=dflt["placement"],

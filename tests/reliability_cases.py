@@ -465,7 +465,7 @@ CASES: list[Case] = [
     Case("threshold outside [-1, 1] (CLI --threshold 2)",
          lambda c: c.ppl(c.file("doc.txt", "hello"), "--threshold", "2"), CliRefused("threshold must be in [-1, 1]")),
     Case("count_bias given as a string ('yes')", lambda c: CamelotConfig(count_bias="yes"),
-         Refused(ValueError, "count_bias must be True or False")),
+         Refused(ValueError, "count_bias must be a number in [0, 4]")),
     Case("slots far beyond memory (10**12: first segment write)", lambda c: _huge_slots(c).score(doc(40)),
          Refused(MemoryError, "lower slots"), watch=_banks_allocated),
     Case("slots far beyond memory (CLI --slots 1000000000000)",

@@ -81,6 +81,13 @@ def test_count_bias_makes_a_slot_weigh_like_its_merged_tokens():
     ref = _manual(q, torch.cat([k_loc, key.expand(1, 1, 3, d)], 2), torch.cat([v_loc, val.expand(1, 1, 3, d)], 2),
                   torch.ones(1, 4, dtype=torch.bool), 1.0)
     assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+    # a fractional factor: the slot weighs like 3 ** 0.5 tokens
+    rt.count_bias, rt.local_k, rt.local_v = 0.5, None, None  # a fresh open segment
+    out = rt.attend(q, k_loc, v_loc, 1.0, None, None)
+    w_mem = 3 ** 0.5 * torch.exp(q @ key.transpose(-1, -2))
+    w_loc = torch.exp(q @ k_loc.transpose(-1, -2))
+    ref = (w_loc * v_loc + w_mem * val) / (w_loc + w_mem)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
 
 
 def test_prefix_keys_sit_at_their_true_negative_positions():

@@ -248,7 +248,7 @@ def test_random_settings_into_camelot_config(kwargs):
     event("accepted")
     cfg.validate()  # an accepted config stays valid, and a round trip through a dict keeps it
     assert CamelotConfig(**cfg.to_dict()) == cfg
-    assert isinstance(cfg.count_bias, bool) and -1 <= cfg.threshold <= 1 and cfg.window >= 1 and cfg.slots >= 1
+    assert isinstance(cfg.count_bias, float) and -1 <= cfg.threshold <= 1 and cfg.window >= 1 and cfg.slots >= 1
 
 
 small_config = st.fixed_dictionaries({

@@ -94,8 +94,8 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert "| window | " in text and "300@10" in text and "full skipped" in text  # 1100 > 1024 positions
     data = json.loads((out / "passkey.json").read_text())
     runs = {r["label"]: r for r in data["runs"]}
-    assert set(runs) == {"window", "camelot slots=32 recent=128 sink=4 threshold=0.95 top_k=4 count_bias=on",
-                         "camelot slots=64 recent=128 sink=4 threshold=0.95 top_k=4 count_bias=on", "full"}
+    assert set(runs) == {"window", "camelot slots=32 recent=128 sink=4 threshold=0.95 top_k=4 count_bias=0.7",
+                         "camelot slots=64 recent=128 sink=4 threshold=0.95 top_k=4 count_bias=0.7", "full"}
     assert runs["full"]["skipped"] and not runs["full"]["trials"]
     trials = runs["window"]["trials"]
     assert len(trials) == 2 * 2 * 2 and all(set(t) >= {"key", "answer", "correct", "seconds"} for t in trials)
