@@ -25,13 +25,14 @@ NOTES = """\
 
 **Sliding-window layers.** gemma2/3 interleave sliding and full layers; mistral and
 starcoder2 configs may make every layer sliding. Inside a segment the sliding window is honoured
-exactly (local part and raw prefix; camelot's `window` is shorter than any trained sliding
-window, so it rarely binds). Memory: where sliding and full layers interleave, only the full
-layers should own memory (`adapter.default_memory_layers(model)`): sliding layers were trained
-never to see past their window, and on Gemma-3 270M memory in all 18 layers wrecks perplexity
-(855 vs 53 window-only) while memory in the 3 full layers brings it to 18.9 (figures below).
-Where every layer slides (mistral-style) all layers own memory, else there would be none.
-Pass `CamelotConfig(layers=...)` to choose otherwise.
+exactly, on the raw context too (the raw tail, the `recurrent` / `sliding` prefix and the sinks
+sit on every layer, each masked by the layer's own window as the original tokens would be).
+Consolidated memory: where sliding and full layers interleave, only the full layers own it by
+default (`CamelotConfig(layers=None)` means `adapter.default_memory_layers(model)`): sliding
+layers were trained never to see past their window, and on Gemma-3 270M memory in all 18 layers
+is far worse than memory in the 3 full layers (figures below). Where every layer slides
+(mistral-style) all layers own memory, else there would be none. Pass
+`CamelotConfig(layers=...)` to choose otherwise.
 
 **ALiBi (falcon-rw, bloom).** Keys carry no position and are stored as they come. A memory slot
 gets the ALiBi bias of the position it is placed at, exactly as a raw key there would:
