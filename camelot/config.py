@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from camelot.search import BACKENDS
+
 STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot")
-SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf", "faiss-hnsw")
 WRITE_MODES = ("segment", "token")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("fixed", "recency")
@@ -88,7 +89,7 @@ class CamelotConfig:
                 "read more slots than the memory has"
             )
         _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("search", self.search, SEARCH_BACKENDS)
+        _check_choice("search", self.search, BACKENDS)
         _check_choice("write_mode", self.write_mode, WRITE_MODES)
         _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)

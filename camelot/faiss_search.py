@@ -94,8 +94,11 @@ class FaissFlatSearch:
         scores = np.empty((b * h, m, k), np.float32)
         labels = np.empty((b * h, m, k), np.int64)
         for i in range(b * h):  # faiss searches one head's bank at a time
-            scores[i], labels[i] = faiss.knn(q[i], x[i], k, metric=faiss.METRIC_INNER_PRODUCT)
+            scores[i], labels[i] = self._knn(q[i], x[i], k)
         return _results(scores, labels, (b, h, m, k), queries.device)
+
+    def _knn(self, q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 class FaissGpuFlatSearch(FaissFlatSearch):
@@ -108,19 +111,8 @@ class FaissGpuFlatSearch(FaissFlatSearch):
         super().__init__()
         self.res = faiss.StandardGpuResources()
 
-    def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-             k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, m, d = queries.shape
-        n = keys.shape[2]
-        k = min(k, n)
-        q = _augment(_to_numpy(queries).reshape(b * h, m, d), np.ones((b * h, m), np.float32))
-        kv = _to_numpy(valid).reshape(b * h, n)
-        x = _augment(_to_numpy(keys).reshape(b * h, n, d), np.where(kv, 0.0, _INVALID))
-        scores = np.empty((b * h, m, k), np.float32)
-        labels = np.empty((b * h, m, k), np.int64)
-        for i in range(b * h):
-            scores[i], labels[i] = faiss.knn_gpu(self.res, q[i], x[i], k, metric=faiss.METRIC_INNER_PRODUCT)
-        return _results(scores, labels, (b, h, m, k), queries.device)
+    def _knn(self, q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn_gpu(self.res, q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 class _HeadIndex:

@@ -392,30 +392,28 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
             except (ValueError, RuntimeError) as e:
                 raise SnapshotError(f"{path}: layer {i} memory: {e}") from None
 
+    def take_raw(name: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = take(f"{name}.keys", 4, True), take(f"{name}.values", 4, True)
+        check_kv(name, k, v)
+        if k.shape[2] > length:
+            raise SnapshotError(f"{path}: layer {i} {name} holds {k.shape[2]} tokens, this wrapper keeps {length}")
+        return k.to(dev), v.to(dev)
+
     pre = None
     if rt.prefix is not None:
         pre = RawWindow(rt.prefix.length)
         if f"layer{i}.prefix.keys" in tensors:
-            pk, pv = take("prefix.keys", 4, True), take("prefix.values", 4, True)
-            check_kv("prefix", pk, pv)
-            if pk.shape[2] > pre.length:
-                raise SnapshotError(f"{path}: layer {i} prefix holds {pk.shape[2]} tokens, this wrapper keeps "
-                                    f"{pre.length}")
+            pre.keys, pre.values = take_raw("prefix", pre.length)
             finite = take("prefix.finite", 3, False)
-            if finite.shape != pk.shape[:3] or int(finite.max()) > 1:
+            if finite.shape != pre.keys.shape[:3] or int(finite.max()) > 1:
                 raise SnapshotError(f"{path}: layer {i} prefix.finite {tuple(finite.shape)} does not fit its keys")
-            pre.keys, pre.values, pre.finite = pk.to(dev), pv.to(dev), finite.to(dev, torch.bool)
+            pre.finite = finite.to(dev, torch.bool)
 
     sink = None
     if rt.sink is not None:
         sink = SinkTokens(rt.sink.length)
         if f"layer{i}.sink.keys" in tensors:
-            sk, sv = take("sink.keys", 4, True), take("sink.values", 4, True)
-            check_kv("sink", sk, sv)
-            if sk.shape[2] > sink.length:
-                raise SnapshotError(f"{path}: layer {i} holds {sk.shape[2]} sink tokens, this wrapper keeps "
-                                    f"{sink.length}")
-            sink.keys, sink.values = sk.to(dev), sv.to(dev)
+            sink.keys, sink.values = take_raw("sink", sink.length)
     return open_k, open_v, mem, pre, sink, used
 
 
