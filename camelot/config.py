@@ -83,6 +83,9 @@ class CamelotConfig:
             raise ValueError(
                 f"threshold must be in [-1, 1] (a cosine similarity), got {self.threshold}"
             )
+        if self.top_k is None and self.search != "torch" and self.strategy in ("camelot", "knn"):
+            raise ValueError(f"top_k=None (read every slot) needs search='torch'; the {self.search} backend "
+                             "returns a top-k: give top_k (e.g. 8)")
         if self.strategy == "camelot" and self.top_k is not None and self.top_k > self.slots:
             raise ValueError(
                 f"top_k ({self.top_k}) must not exceed slots ({self.slots}): a query cannot "
