@@ -31,8 +31,8 @@ class CamelotConfig:
     threshold: cosine similarity at or above which a token merges into its nearest slot.
     top_k: memory slots each query reads (1 is the paper's mode); None reads every slot (the
         exact dense read scores every slot anyway, so this costs no more than a small top_k).
-    layers: indices of the layers that own memory (None: the adapter's choice, which is every layer
-        except where sliding-window and full layers interleave (gemma2/3): there only the full ones).
+    layers: indices of the layers that own memory; "all"; or None, the adapter's choice: every layer
+        except where sliding-window and full layers interleave (gemma2/3), there only the full ones.
     strategy: camelot (consolidated slots), knn (keep every token), window (no memory),
         recurrent (previous segment's raw KV), sliding (raw KV of the last `slots` tokens).
     search: nearest-slot backend for reads.
@@ -55,7 +55,7 @@ class CamelotConfig:
     slots: int = 2048
     threshold: float = 0.95
     top_k: int | None = None
-    layers: list[int] | None = None
+    layers: list[int] | str | None = None
     strategy: str = "camelot"
     search: str = "torch"
     count_bias: float = 0.7
@@ -104,9 +104,9 @@ class CamelotConfig:
         self.count_bias = float(self.count_bias)
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
-        if self.layers is not None:
+        if self.layers is not None and self.layers != "all":
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
-                raise ValueError(f"layers must be None or a non-empty list of ints, got {self.layers!r}")
+                raise ValueError(f"layers must be None, 'all' or a non-empty list of ints, got {self.layers!r}")
             for i in self.layers:
                 _check_int("layers[]", i, low=0)
             self.layers = sorted(set(int(i) for i in self.layers))

@@ -60,7 +60,10 @@ class CamelotModel:
         modules = adapter.attention_modules(model)
         n_layers = len(modules)
         # No layers named: the adapter's choice (gemma2/3: only the full-attention layers).
-        layers = set(adapter.default_memory_layers(model) if config.layers is None else config.layers)
+        if config.layers is None:
+            layers = set(adapter.default_memory_layers(model))
+        else:
+            layers = set(range(n_layers)) if config.layers == "all" else set(config.layers)
         bad = sorted(i for i in layers if i >= n_layers)
         if bad:
             raise ValueError(

@@ -260,13 +260,17 @@ def parse_distance(text: str) -> int | None:
     return None if text.strip().lower() in ("default", "none") else int(text)
 
 
-def parse_layers(text: str) -> tuple[list[int] | None, ...]:
-    """"all/0-14/15,20-29" -> (None, [0..14], [15, 20..29]): '/' separates sweep values."""
-    out: list[list[int] | None] = []
+def parse_layers(text: str) -> tuple[list[int] | str | None, ...]:
+    """"default/all/0-14/15,20-29" -> (None, "all", [0..14], [15, 20..29]): '/' separates sweep
+    values; default is the adapter's choice (gemma2/3: the full-attention layers)."""
+    out: list[list[int] | str | None] = []
     for chunk in text.split("/"):
         chunk = chunk.strip()
-        if chunk.lower() in ("all", ""):
+        if chunk.lower() in ("default", ""):
             out.append(None)
+            continue
+        if chunk.lower() == "all":
+            out.append("all")
             continue
         layers: list[int] = []
         try:
@@ -335,8 +339,9 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     p.add_argument("--placement", default=dflt["placement"],
                    help="where memory sits for rotary models: recency (each slot at its last write) or fixed "
                    "(all at --memory-distance, the paper); fixed,recency sweeps")
-    p.add_argument("--layers", default="all",
-                   help="layers with memory, e.g. all or 0-14 or 10-29; '/' sweeps: all/15-29")
+    p.add_argument("--layers", default="default",
+                   help="layers with memory: default (the adapter's choice: all, or gemma2/3's full-attention "
+                   "layers), all, or a list like 0-14,20; '/' sweeps: default/all")
     p.add_argument("--search", default=d.search, help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
     p.add_argument("--write-mode", default=d.write_mode, help="segment (fast) or token (sequential)")
 

@@ -161,6 +161,11 @@ def test_sliding_layers_and_default_memory_layers():
         adapter = get_adapter(model)
         assert adapter.sliding_layers(model) == sliding, name
         assert adapter.default_memory_layers(model) == memory, name
+        for layers, owners in ((None, memory), ("all", [0, 1, 2][: len(adapter.attention_modules(model))])):
+            cm = camelot.wrap(model, CamelotConfig(window=8, layers=layers))
+            assert [rt.layer_idx for rt in cm.runtimes if rt.memory is not None] == owners, (name, layers)
+            assert all(rt.prefix is not None and rt.sink is not None for rt in cm.runtimes)  # raw context: all
+            cm.unwrap()
 
 
 @pytest.mark.parametrize("placement", ["fixed", "recency"])

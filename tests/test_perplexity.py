@@ -55,7 +55,7 @@ def test_plan_rejects_bad_settings_before_running():
         plan_runs(Sweep(strategies=("camelot",), slots=(2,), top_ks=(4,)))
     with pytest.raises(UserError, match="unknown strategy"):
         plan_runs(Sweep(strategies=("window", "magic")))
-    assert parse_layers("all/0-2,5") == (None, [0, 1, 2, 5])
+    assert parse_layers("default/all/0-2,5") == (None, "all", [0, 1, 2, 5])
     with pytest.raises(UserError, match="layer list"):
         parse_layers("a-b")
 
