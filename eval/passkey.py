@@ -149,7 +149,8 @@ class PasskeyResult:
     spec: RunSpec
     trials: list[Trial] = field(default_factory=list)
     seconds: float = 0.0
-    skipped: str | None = None
+    skipped: str | None = None  # the whole run
+    note: str | None = None  # some cases were not run (full: lengths beyond the model's positions)
 
     def accuracy(self, length: int | None = None, depth: int | None = None) -> float | None:
         sel = [t.correct for t in self.trials
@@ -266,24 +267,31 @@ def evaluate(model, hay: Haystack, cases: list[Case], specs: list[RunSpec], max_
     import camelot
 
     max_pos = get_adapter(model).max_positions(model)
-    longest = max(c.length for c in cases)
     results = [PasskeyResult(s) for s in specs]
+    runs_cases = []
     for r in results:
-        if r.spec.strategy == "full" and max_pos is not None and longest > max_pos:
-            r.skipped = f"length {longest} exceeds the model's {max_pos} positions"
-    total = sum(len(cases) for r in results if not r.skipped)
+        mine = cases
+        if r.spec.strategy == "full" and max_pos is not None:
+            mine = [c for c in cases if c.length <= max_pos]
+            too_long = sorted({c.length for c in cases if c.length > max_pos})
+            if too_long:
+                r.note = f"lengths {', '.join(map(format_length, too_long))} exceed the model's {max_pos} positions"
+            if not mine:
+                r.skipped = r.note
+        runs_cases.append(mine)
+    total = sum(len(c) for r, c in zip(results, runs_cases) if not r.skipped)
     bar = progress_bar(range(total), desc="passkey (runs x cases)", enabled=progress, unit="case")
     tick = (lambda: next(bar, None)) if progress else None
-    for r in results:
+    for r, mine in zip(results, runs_cases):
         if r.skipped:
             continue
         t0 = time.perf_counter()
         if r.spec.config is None:
-            r.trials = run_full(model, hay, cases, max_new_tokens, on_case=tick)
+            r.trials = run_full(model, hay, mine, max_new_tokens, on_case=tick)
         else:
             cm = camelot.wrap(model, r.spec.config)
             try:
-                r.trials = run_camelot(cm, hay, cases, max_new_tokens, on_case=tick)
+                r.trials = run_camelot(cm, hay, mine, max_new_tokens, on_case=tick)
             finally:
                 cm.unwrap()
         r.seconds = time.perf_counter() - t0
@@ -333,7 +341,7 @@ def to_json(results: list[PasskeyResult], config: dict[str, Any], lengths: list[
         "config": config,
         "runs": [{"label": r.spec.label, "strategy": r.spec.strategy, "window": r.spec.window,
                   "params": r.spec.params, "config": r.spec.config.to_dict() if r.spec.config else None,
-                  "skipped": r.skipped, "seconds": r.seconds, "accuracy": r.accuracy(),
+                  "skipped": r.skipped, "note": r.note, "seconds": r.seconds, "accuracy": r.accuracy(),
                   "by_length": {str(n): r.accuracy(n) for n in lengths},
                   "by_length_depth": {f"{n}@{d}": r.accuracy(n, d) for n in lengths for d in depths},
                   "trials": [asdict(t) for t in r.trials]} for r in results],
@@ -398,5 +406,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for r in results:
         if r.skipped:
             print(f"\nnote: {r.spec.label} skipped: {r.skipped}")
+        elif r.note:
+            print(f"\nnote: {r.spec.label}: {r.note} (not run; 'all' covers the lengths run)")
     print(f"\n{len(cases)} cases per run (chance is ~0%); wrote {path}")
     return 0
