@@ -348,7 +348,12 @@ def summarize(rows: Sequence[RunRow]) -> list[dict[str, Any]]:
 
 
 def _pct(m: float, ci: float) -> str:
-    return f"{100 * m:.1f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.1f}")
+    """Accuracy % with its 95% interval over seeds, clipped to [0, 100] (accuracy cannot leave it,
+    whatever a t-interval over two seeds says)."""
+    if math.isnan(ci):
+        return f"{100 * m:.1f}"
+    lo, hi = max(0.0, m - ci), min(1.0, m + ci)
+    return f"{100 * m:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
 def markdown_table(summary: Sequence[dict[str, Any]], strategies: Sequence[str], title: str) -> str:
@@ -394,7 +399,9 @@ def plot(summary: Sequence[dict[str, Any]], strategies: Sequence[str], path: Pat
         fit += [r["demos_in_window"] for r in summary if r["strategy"] == s and r["shots"] > 0]
         if pts:
             x, y, e = zip(*pts)
-            ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o", capsize=3, label=s)
+            below = [100 * (v - max(0.0, v - c)) for v, c in zip(y, e)]  # the interval clipped to [0, 100]
+            above = [100 * (min(1.0, v + c) - v) for v, c in zip(y, e)]
+            ax.errorbar(x, [100 * v for v in y], yerr=[below, above], marker="o", capsize=3, label=s)
     zero = [r for r in summary if r["strategy"] == "zero-shot"]
     if zero:
         ax.axhline(100 * zero[0]["accuracy"], color="gray", linestyle="--", label="zero-shot")
