@@ -6,9 +6,6 @@ and the real Gemma-3 270M (gemma3_text) wraps and beats window-only on a long te
 
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 import torch
 from camelot.adapters import UnsupportedModelError, get_adapter, supported_model_types
@@ -263,22 +260,20 @@ def test_gemma3_270m_identity_with_empty_memory(gemma3, long_text):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CAMELOT_LONG_TESTS"),
-                    reason="~100 s on a busy 2-core machine; set CAMELOT_LONG_TESTS=1 to run it")
 def test_gemma3_270m_camelot_beats_window_on_a_long_text(gemma3, long_text):
-    """Issue 3's acceptance check: 4096 tokens of Genesis, window 128, recency placement."""
+    """Issue 3's acceptance check with real weights: 4096 tokens of Genesis, window 128, default
+    settings (memory on the 3 full-attention layers): camelot far below window-only, and the
+    default layers no worse than memory on all 18 (docs/compatibility.md has the figures)."""
     model, tok = gemma3
     ids = tok(long_text, return_tensors="pt").input_ids[:, :4096]
     assert ids.shape[1] == 4096
+    assert get_adapter(model).default_memory_layers(model) == [5, 11, 17]
     ppl = {}
-    t0 = time.perf_counter()
-    layers = get_adapter(model).default_memory_layers(model)  # the 3 full-attention layers
-    assert layers == [5, 11, 17]
-    for strategy in ("window", "camelot"):
-        cm = camelot.wrap(model, CamelotConfig(window=128, strategy=strategy, placement="recency", layers=layers))
+    for name, cfg in (("window", dict(strategy="window")), ("camelot", {}), ("all layers", dict(layers="all"))):
+        cm = camelot.wrap(model, CamelotConfig(window=128, slots=384, **cfg))
         try:
-            ppl[strategy] = cm.score(ids).perplexity
+            ppl[name] = cm.score(ids).perplexity
         finally:
             cm.unwrap()
-    print(f"gemma3-270m genesis[:4096] window 128: {ppl} in {time.perf_counter() - t0:.0f} s")
-    assert ppl["camelot"] < 0.95 * ppl["window"], ppl
+    assert ppl["camelot"] < 0.5 * ppl["window"], ppl
+    assert ppl["camelot"] <= ppl["all layers"], ppl
