@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from camelot.search import BACKENDS
+
 # module path -> nothing else; each module registers its own subcommand(s)
 SUBCOMMAND_MODULES = (
     "camelot.eval.perplexity",
@@ -95,7 +97,7 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                    help="factor of the log(count) bias on slot logits: a number, on (1) or off (0)")
     p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
                    help="where memory sits for rotary models (recency: each slot at its last write)")
-    p.add_argument("--search", default=d["search"], help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
+    p.add_argument("--search", default=d["search"], help=f"search backend ({', '.join(BACKENDS)})")
 
 
 def memory_config(args: argparse.Namespace, **fixed):

@@ -32,16 +32,45 @@ class TorchExactSearch:
         return scores.topk(min(k, scores.shape[-1]), dim=-1)
 
 
-# torch: exact, batched over heads (default). faiss: exact flat (CPU). faiss-gpu: exact flat on a GPU
-# (CPU with a warning where faiss has no GPU support). faiss-ivf / faiss-hnsw: approximate indexes
-# kept in step with slot updates. Measured in docs/speed.md.
-BACKENDS = ("torch", "faiss", "faiss-gpu", "faiss-ivf", "faiss-hnsw")
+class TorchBf16Search:
+    """Candidates by bfloat16 scores, exact fp32 scores for the chosen: approximate (the choice
+    can differ from exact search among near-ties), recall measured by `camelot bench`. Where
+    the CPU has bfloat16 dot products (AVX512-BF16, AMX) or on a GPU, scoring a large bank this
+    way is several times cheaper than in fp32 (docs/speed.md)."""
+
+    name = "torch-bf16"
+    dense = False  # always a sparse top-k read: the attention must see exact logits
+
+    def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, m, d = queries.shape
+        n = keys.shape[2]
+        unused = torch.where(valid, 0.0, float("-inf")).to(torch.bfloat16).view(b * h, 1, n)
+        # the validity term rides inside the matmul (baddbmm): a separate add over [M, N] in bf16 costs more
+        rough = torch.baddbmm(unused, queries.to(torch.bfloat16).view(b * h, m, d),
+                              keys.to(torch.bfloat16).view(b * h, n, d).transpose(-1, -2))
+        idx = rough.view(b, h, m, n).topk(min(k, n), dim=-1).indices  # [B, H, M, k]
+        kk = idx.shape[-1]
+        chosen = keys.gather(2, idx.reshape(b, h, m * kk, 1).expand(-1, -1, -1, d)).view(b, h, m, kk, d)
+        # elementwise, not a batch of M*k tiny matmuls (those are slower on CPU)
+        scores = (chosen.to(queries.dtype) * queries[..., None, :]).sum(-1)
+        scores = scores.masked_fill(~valid.gather(2, idx.flatten(2)).view_as(idx), float("-inf"))
+        return scores, idx
+
+
+# torch: exact, batched over heads (default). torch-bf16: bfloat16 candidates, exact scores of the
+# chosen (approximate; also picks each written token's nearest slot that way). faiss: exact flat
+# (CPU). faiss-gpu: exact flat on a GPU (CPU with a warning where faiss has no GPU support).
+# faiss-ivf / faiss-hnsw: approximate indexes kept in step with slot updates. Measured in docs/speed.md.
+BACKENDS = ("torch", "torch-bf16", "faiss", "faiss-gpu", "faiss-ivf", "faiss-hnsw")
 
 
 def make_backend(name: str) -> SearchBackend:
     """A fresh backend (one per attention layer: index backends keep per-layer state)."""
     if name == "torch":
         return TorchExactSearch()
+    if name == "torch-bf16":
+        return TorchBf16Search()
     from camelot.faiss_search import make_faiss_backend
 
     return make_faiss_backend(name)

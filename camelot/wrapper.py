@@ -86,7 +86,8 @@ class CamelotModel:
         dtype = _DTYPES[cfg.memory_dtype]
         memory = prefix = sink = None
         if with_memory and cfg.strategy == "camelot":
-            memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode)
+            search_dtype = torch.bfloat16 if cfg.search == "torch-bf16" else torch.float32
+            memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode, search_dtype)
         elif with_memory and cfg.strategy == "knn":
             memory = TokenStore(dtype)
         raw_len = {"recurrent": cfg.window, "sliding": cfg.slots}.get(cfg.strategy, cfg.recent)

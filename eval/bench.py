@@ -34,7 +34,7 @@ from camelot.config import CamelotConfig
 from camelot.search import BACKENDS, TorchExactSearch
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
-APPROXIMATE = ("faiss-ivf", "faiss-hnsw")
+APPROXIMATE = ("torch-bf16", "faiss-ivf", "faiss-hnsw")
 DEFAULT_BACKENDS = "torch,faiss,faiss-ivf,faiss-hnsw"
 
 

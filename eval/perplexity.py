@@ -27,6 +27,7 @@ import torch
 from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import STRATEGIES, CamelotConfig
 from camelot.progress import progress_bar
+from camelot.search import BACKENDS
 
 ALL_STRATEGIES = (*STRATEGIES, "full")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
@@ -342,7 +343,7 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     p.add_argument("--layers", default="default",
                    help="layers with memory: default (the adapter's choice: all, or gemma2/3's full-attention "
                    "layers), all, or a list like 0-14,20; '/' sweeps: default/all")
-    p.add_argument("--search", default=d.search, help="search backend (torch, faiss, faiss-ivf, faiss-hnsw)")
+    p.add_argument("--search", default=d.search, help=f"search backend ({', '.join(BACKENDS)})")
     p.add_argument("--write-mode", default=d.write_mode, help="segment (fast) or token (sequential)")
 
 

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import camelot
 from camelot import faiss_search
 from camelot.faiss_search import FaissFlatSearch, FaissIndexSearch, make_faiss_backend
 from camelot.search import TorchExactSearch, make_backend
@@ -158,3 +159,56 @@ def test_exhaustive_ivf_through_the_wrapper_matches_torch():
         fs.make_faiss_backend = orig
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert make_backend("faiss-ivf").name == "faiss-ivf"
+
+
+def test_bf16_candidates_get_exact_scores_and_high_recall():
+    b, h, m, n, d, k = 1, 3, 64, 512, 64, 8
+    keys = _clustered(b, h, n, d, seed=3)
+    q = _clustered(b, h, m, d, seed=4)
+    valid = torch.ones(b, h, n, dtype=torch.bool)
+    valid[0, 1, 100:] = False  # fewer valid slots in one head than elsewhere
+    valid[0, 2, k - 3:] = False  # and fewer than k in another
+    ref = TorchExactSearch().topk(q, keys, valid, k)
+    s, i = make_backend("torch-bf16").topk(q, keys, valid, k)
+    assert s.shape == i.shape == ref.indices.shape
+    fin = torch.isfinite(s)
+    assert torch.equal(fin, torch.isfinite(ref.values))  # never an invalid slot while valid ones remain
+    # the chosen slots' scores are the exact fp32 inner products, not their bf16 estimates
+    chosen = keys.gather(2, i.flatten(2)[..., None].expand(-1, -1, -1, d)).view(b, h, m, k, d)
+    exact = (chosen * q[..., None, :]).sum(-1)
+    torch.testing.assert_close(s[fin], exact[fin], rtol=1e-6, atol=1e-5)
+    assert _recall(i[:, :2], ref.indices[:, :2]) >= 0.9
+
+
+def test_bf16_nearest_slot_write_matches_fp32_where_neighbours_are_clear():
+    from camelot.memory import SlotBank
+
+    g = torch.Generator().manual_seed(5)
+    centres = torch.nn.functional.normalize(torch.randn(1, 2, 16, 32, generator=g), dim=-1)
+    banks = [SlotBank(24, 0.9), SlotBank(24, 0.9, search_dtype=torch.bfloat16)]
+    for bank in banks:  # one slot per centre, so every later token has one clear nearest slot
+        bank.write(centres, torch.zeros(1, 2, 16, 8))
+    for step in range(6):
+        pick = torch.randint(0, 16, (1, 2, 20), generator=g)
+        k = centres.gather(2, pick[..., None].expand(-1, -1, -1, 32)) + 0.01 * torch.randn(1, 2, 20, 32, generator=g)
+        if step == 3:
+            k[0, 0, 0] = torch.randn(32, generator=g)  # a novel token
+        v = torch.randn(1, 2, 20, 8, generator=g)
+        for bank in banks:
+            bank.write(k, v)
+    ref, got = banks[0].state_dict(), banks[1].state_dict()
+    assert int(ref["counts"].max()) > 1 and bool((ref["counts"] == 1).any())  # merges and new slots happened
+    for name in ("counts", "ages"):
+        assert torch.equal(got[name], ref[name])
+    torch.testing.assert_close(got["keys"], ref["keys"])
+    torch.testing.assert_close(got["values"], ref["values"])
+
+
+def test_bf16_search_through_the_wrapper_is_close_to_exact():
+    model = tiny_llama(vocab=VOCAB)
+    ref = _ppl(model, "torch", top_k=4)
+    got = _ppl(model, "torch-bf16", top_k=4)
+    assert (got - ref).abs().mean() < 0.05 * ref.abs().mean()
+    assert not torch.equal(ref, _ppl(model, "torch", strategy="window"))
+    with pytest.raises(ValueError, match="top_k=None"):
+        camelot.CamelotConfig(search="torch-bf16", top_k=None)

@@ -23,8 +23,11 @@ _FREE_PRIORITY = 1 << 60
 
 class SlotBank:
     def __init__(self, slots: int, threshold: float, dtype: torch.dtype = torch.float32,
-                 write_mode: str = "segment") -> None:
+                 write_mode: str = "segment", search_dtype: torch.dtype = torch.float32) -> None:
         self.slots = slots
+        # dtype of the nearest-slot scores: bfloat16 picks the nearest slot approximately (much
+        # cheaper where the hardware has bf16 dot products); the threshold test stays exact fp32.
+        self.search_dtype = search_dtype
         self.threshold = float(threshold)
         self.dtype = dtype
         self.write_mode = write_mode
@@ -110,31 +113,43 @@ class SlotBank:
         v = torch.where(finite[..., None], v, 0)
 
         used = self.counts[..., :s] > 0  # [B,H,S]
-        kn = torch.nn.functional.normalize(k.float(), dim=-1)
-        mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1)
-        sim = torch.matmul(kn, mn.transpose(-1, -2))  # [B,H,T,S]
-        sim = sim.masked_fill(~used[:, :, None, :], float("-inf"))
-        best_sim, best = sim.max(-1)  # [B,H,T]
+        kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
+        mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
+        # unused slots enter as an additive -inf inside the matmul, not as a fill over [T, S]
+        unused = torch.where(used, 0.0, float("-inf")).flatten(0, 1)[:, None, :]
+        sd = self.search_dtype
+        sim = torch.baddbmm(unused.to(sd), kn.to(sd), mn.to(sd).transpose(-1, -2))  # [B*H,T,S]
+        best_sim, best = sim.view(b, h, t, s).max(-1)  # [B,H,T]
+        if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
+            chosen = mn.view(b, h, s, -1).gather(2, best[..., None].expand(-1, -1, -1, mn.shape[-1]))
+            best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
         merge = finite & (best_sim >= self.threshold)
         novel = finite & ~merge
 
-        # --- consolidation: weighted running average, several tokens per slot at once
+        # --- consolidation: weighted running average, several tokens per slot at once. Computed
+        # per token (T rows) and scattered back, never over the whole bank: tokens merging into
+        # the same slot see the same sums and write the same row.
         tgt = torch.where(merge, best, s)  # non-merging tokens go to the scratch slot
-        n_add = torch.zeros_like(self.counts).scatter_add_(2, tgt, merge.long())
-        sum_k = torch.zeros_like(self.keys).scatter_add_(2, tgt[..., None].expand_as(k), k)
-        sum_v = torch.zeros_like(self.values).scatter_add_(2, tgt[..., None].expand_as(v), v)
+        same = (tgt[..., :, None] == tgt[..., None, :]) & merge[..., None, :]  # [B,H,T,T]
+        n_add = same.sum(-1)  # [B,H,T] tokens merging into each token's slot
         steps = torch.arange(t, device=dev).expand(b, h, t)
-        last_touch = torch.full_like(self.counts, -1).scatter_reduce_(
-            2, tgt, torch.where(merge, steps, -1), reduce="amax")
-        touched = n_add > 0
-        c_old = self.counts.to(self.dtype)[..., None]
-        c_new = (self.counts + n_add).to(self.dtype)[..., None]
-        denom = torch.where(touched[..., None], c_new, 1)
-        self.keys = torch.where(touched[..., None], (c_old * self.keys + sum_k) / denom, self.keys)
-        self.values = torch.where(touched[..., None], (c_old * self.values + sum_v) / denom, self.values)
-        self.counts = self.counts + n_add
+        last_touch = torch.where(same, steps[..., None, :], -1).amax(-1)  # latest step into that slot
+        same = same.to(self.dtype)
+        sum_k, sum_v = torch.matmul(same, k), torch.matmul(same, v)
+        c_old = self.counts.gather(2, tgt)
+        c_new = c_old + n_add
+        denom = c_new.clamp(min=1).to(self.dtype)[..., None]
+        c_old_f = c_old.to(self.dtype)[..., None]
+        k_idx = tgt[..., None].expand_as(k)
+        v_idx = tgt[..., None].expand_as(v)
+        self.keys.scatter_(2, k_idx, (c_old_f * self.keys.gather(2, k_idx) + sum_k) / denom)
+        self.values.scatter_(2, v_idx, (c_old_f * self.values.gather(2, v_idx) + sum_v) / denom)
+        self.counts.scatter_(2, tgt, c_new)
         # Ages: as if written token by token, a slot last touched at step i is t-1-i old.
-        self.ages = torch.where(touched, (t - 1) - last_touch, self.ages + t)
+        self.ages += t
+        self.ages.scatter_(2, tgt, (t - 1) - last_touch)
+        touched = torch.zeros_like(self.counts, dtype=torch.bool).scatter_(2, tgt, merge)
+        touched[..., s] = False
 
         # --- novelty: free slots first (lowest index), then the oldest untouched slot
         free = self.counts == 0
