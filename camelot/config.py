@@ -35,7 +35,10 @@ class CamelotConfig:
         except where sliding-window and full layers interleave (gemma2/3), there only the full ones.
     strategy: camelot (consolidated slots), knn (keep every token), window (no memory),
         recurrent (previous segment's raw KV), sliding (raw KV of the last `slots` tokens).
-    search: nearest-slot backend for reads.
+    search: nearest-slot backend: "torch" (exact, default), "torch-bf16" (bfloat16 candidates,
+        exact scores of the chosen; also picks each written token's nearest slot that way;
+        fastest at 2048+ slots where the CPU has bf16 dot products), "faiss", "faiss-gpu",
+        "faiss-ivf", "faiss-hnsw" (docs/speed.md).
     count_bias: add count_bias * log(count) to a slot's attention logit. 1 (True) treats a slot as
         `count` identical keys at one place; but merged tokens came from many distances, where
         rotary decay would have weighed the far ones down, so the full bias over-weighs much-merged
