@@ -223,7 +223,14 @@ class LayerRuntime:
         else:
             qm = place_queries_for_memory(self.rope, query, self.distance, self._fixed_cos_sin(query.device))
             qm = qm.reshape(b, hkv, g * m, d)
-        bias = self.count_bias * torch.log(counts.clamp(min=1).float()) if self.count_bias else None
+        bias = None
+        if self.count_bias:
+            # log(count / mean count of the head's used slots): slots weigh against each other by
+            # how many tokens they hold, but memory as a whole weighs like `slots` raw tokens. The
+            # absolute log(count) grows without bound in a long run and lets memory drown the
+            # window (soak: perplexity 16 -> 29 over 600k tokens; README "Long runs").
+            mean = counts.sum(-1, keepdim=True).float() / valid.sum(-1, keepdim=True).clamp(min=1)
+            bias = self.count_bias * (torch.log(counts.clamp(min=1).float()) - torch.log(mean.clamp(min=1)))
         n_slots = keys.shape[2]
         k = n_slots if self.top_k is None else min(self.top_k, n_slots)
         if getattr(self.search, "dense", False) and k * SPARSE_BELOW > n_slots:

@@ -39,12 +39,11 @@ class CamelotConfig:
         exact scores of the chosen; also picks each written token's nearest slot that way;
         fastest at 2048+ slots where the CPU has bf16 dot products), "faiss", "faiss-gpu",
         "faiss-ivf", "faiss-hnsw" (docs/speed.md).
-    count_bias: add count_bias * log(count) to a slot's attention logit. 1 (True) treats a slot as
-        `count` identical keys at one place. Off (0) by default: counts grow without bound with the
-        document, so any positive factor lets memory outweigh the window more and more as a
-        long run goes on (a 600k-token soak with 0.7 went from perplexity 16 to 29; counts x100
-        on a 8k-token state: 9.6 -> 21.2, while 0 stays at 9.3). On documents of a few thousand
-        tokens 0.7 measured up to 1% better (README ablation).
+    count_bias: add count_bias * log(count / mean count) to a slot's attention logit, the mean
+        over the head's used slots: a slot that merged many tokens weighs more than one that
+        merged few, while memory as a whole weighs like `slots` raw tokens however long the
+        document. (The paper's absolute log(count) grows without bound: a 600k-token soak with
+        it went from perplexity 16 to 29.) 0.7 is the measured best; 0 (False) is off.
     memory_distance: memory is presented `memory_distance` positions before the segment's first
         token (rotary models); None means right before the raw tail (window + recent).
     placement: where memory sits for rotary models. "fixed" (the paper): every slot at
@@ -63,7 +62,7 @@ class CamelotConfig:
     layers: list[int] | str | None = None
     strategy: str = "camelot"
     search: str = "torch"
-    count_bias: float = 0.0
+    count_bias: float = 0.7
     memory_distance: int | None = None
     placement: str = "fixed"
     write_mode: str = "segment"
