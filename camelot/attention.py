@@ -65,7 +65,7 @@ class LayerRuntime:
     search: SearchBackend
     top_k: int | None  # None: every slot
     distance: int
-    count_bias: float  # factor of the log(count) bias; 0: off
+    count_bias: float  # factor of the log(count / mean count) bias; 0: off
     placement: str = "fixed"
     sink: SinkTokens | None = None
     max_distance: int | None = None  # farthest position a memory key may be placed at (recency)

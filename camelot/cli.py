@@ -94,7 +94,7 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
     p.add_argument("--top-k", type=parse_top_k, default=d["top_k"],
                    help="memory slots read per query ('all': every slot)")
     p.add_argument("--count-bias", type=parse_count_bias, default=d["count_bias"],
-                   help="factor of the log(count) bias on slot logits: a number, on (1) or off (0)")
+                   help="factor of the log(count / mean count) bias on slot logits: a number, on (1) or off (0)")
     p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
                    help="where memory sits for rotary models (recency: each slot at its last write)")
     p.add_argument("--search", default=d["search"], help=f"search backend ({', '.join(BACKENDS)})")

@@ -377,7 +377,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recent", type=int, default=CamelotConfig.recent, help="raw tail tokens (camelot, knn)")
     p.add_argument("--sink", type=int, default=CamelotConfig.sink, help="attention sink tokens")
     p.add_argument("--count-bias", type=parse_count_bias, default=CamelotConfig.count_bias,
-                   help="factor of the log(count) bias: a number, on or off")
+                   help="factor of the log(count / mean count) bias: a number, on or off")
     p.add_argument("--placement", default=CamelotConfig.placement, choices=("fixed", "recency"))
     p.add_argument("--slots", default="512,2048,8192", help="camelot slots per KV head to time")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"from {','.join(BACKENDS)}")

@@ -333,7 +333,7 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
                    help="first tokens of the document kept raw for good, the attention sinks (recurrent, sliding, "
                    "knn, camelot)")
     p.add_argument("--count-bias", default=_fmt_param(d.count_bias, "count_bias"),
-                   help="factor(s) of the log(count) bias on slot logits: numbers, on (1) or off (0); "
+                   help="factor(s) of the log(count / mean count) bias on slot logits: numbers, on (1) or off (0); "
                    "0,0.7,1 sweeps")
     p.add_argument("--memory-distance", default="default",
                    help="positions between memory and the segment start ('default' = one window)")
