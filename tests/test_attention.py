@@ -65,7 +65,7 @@ def test_top_k_reads_only_the_best_slots(search, n):
     assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
 
 
-def test_count_bias_weighs_slots_by_their_count_relative_to_the_mean():
+def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_raw_tokens():
     from camelot.memory import SlotBank
 
     torch.manual_seed(4)
@@ -83,10 +83,10 @@ def test_count_bias_weighs_slots_by_their_count_relative_to_the_mean():
     def expected(b):
         w_loc = torch.exp(q @ k_loc.transpose(-1, -2))
         w1 = (3 / 2) ** b * torch.exp(q @ key.transpose(-1, -2))
-        w2 = (1 / 2) ** b * torch.exp(q @ other.transpose(-1, -2))
+        w2 = torch.exp(q @ other.transpose(-1, -2))  # below the mean: no penalty, weighs like one token
         return (w_loc * v_loc + w1 * val + w2 * val2) / (w_loc + w1 + w2)
 
-    for b in (1.0, 0.5, 0.0):  # factor 1: slot 1 weighs like 3/2 of an average slot, slot 2 like 1/2
+    for b in (1.0, 0.5, 0.0):  # factor 1: slot 1 weighs like 3/2 tokens (3 over a mean of 2)
         rt.count_bias, rt.local_k, rt.local_v = b, None, None  # a fresh open segment
         out = rt.attend(q, k_loc, v_loc, 1.0, None, None)
         assert torch.allclose(out.transpose(1, 2), expected(b), atol=1e-5)
