@@ -40,15 +40,15 @@ class TorchBf16Search:
 
     name = "torch-bf16"
     dense = False  # always a sparse top-k read: the attention must see exact logits
+    score_dtype = torch.bfloat16  # the slot bank picks each written token's nearest slot in it too
 
     def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
              k: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, m, d = queries.shape
-        n = keys.shape[2]
-        unused = torch.where(valid, 0.0, float("-inf")).to(torch.bfloat16).view(b * h, 1, n)
+        n, sd = keys.shape[2], self.score_dtype
         # the validity term rides inside the matmul (baddbmm): a separate add over [M, N] in bf16 costs more
-        rough = torch.baddbmm(unused, queries.to(torch.bfloat16).view(b * h, m, d),
-                              keys.to(torch.bfloat16).view(b * h, n, d).transpose(-1, -2))
+        unused = torch.where(valid, 0.0, float("-inf")).to(sd).view(b * h, 1, n)
+        rough = torch.baddbmm(unused, queries.to(sd).view(b * h, m, d), keys.to(sd).view(b * h, n, d).transpose(-1, -2))
         idx = rough.view(b, h, m, n).topk(min(k, n), dim=-1).indices  # [B, H, M, k]
         kk = idx.shape[-1]
         chosen = keys.gather(2, idx.reshape(b, h, m * kk, 1).expand(-1, -1, -1, d)).view(b, h, m, kk, d)

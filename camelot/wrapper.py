@@ -85,9 +85,11 @@ class CamelotModel:
         cfg = self.config
         dtype = _DTYPES[cfg.memory_dtype]
         memory = prefix = sink = None
+        search = make_backend(cfg.search)
         if with_memory and cfg.strategy == "camelot":
-            search_dtype = torch.bfloat16 if cfg.search == "torch-bf16" else torch.float32
-            memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode, search_dtype)
+            # the write's nearest-slot search scores like the read's backend does
+            memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode,
+                              getattr(search, "score_dtype", torch.float32))
         elif with_memory and cfg.strategy == "knn":
             memory = TokenStore(dtype)
         raw_len = {"recurrent": cfg.window, "sliding": cfg.slots}.get(cfg.strategy, cfg.recent)
@@ -97,7 +99,7 @@ class CamelotModel:
             sink = SinkTokens(cfg.sink)
         return LayerRuntime(
             layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory, prefix=prefix,
-            sink=sink,             search=make_backend(cfg.search), top_k=cfg.top_k,
+            sink=sink, search=search, top_k=cfg.top_k,
             distance=cfg.distance, count_bias=cfg.count_bias, placement=cfg.placement,
             max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 

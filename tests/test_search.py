@@ -210,5 +210,10 @@ def test_bf16_search_through_the_wrapper_is_close_to_exact():
     got = _ppl(model, "torch-bf16", top_k=4)
     assert (got - ref).abs().mean() < 0.05 * ref.abs().mean()
     assert not torch.equal(ref, _ppl(model, "torch", strategy="window"))
+    cm = camelot.wrap(model, camelot.CamelotConfig(window=16, slots=64, top_k=4, search="torch-bf16"))
+    try:  # the write's nearest-slot search follows the read backend
+        assert {rt.memory.search_dtype for rt in cm.runtimes if rt.memory is not None} == {torch.bfloat16}
+    finally:
+        cm.unwrap()
     with pytest.raises(ValueError, match="top_k=None"):
         camelot.CamelotConfig(search="torch-bf16", top_k=None)
