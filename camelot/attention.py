@@ -19,7 +19,9 @@ import torch
 
 from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
 from camelot.rope import RopeSpec, cos_sin, place_keys, place_queries_for_memory, unrotate_keys
+from camelot.rows import gather_rows
 from camelot.search import SearchBackend
+from camelot.topk import topk as rowwise_topk
 
 ATTN_NAME = "camelot"
 # The torch backend reads sparsely (gathered top-k values) where top_k * SPARSE_BELOW <= slots.
@@ -246,7 +248,7 @@ class LayerRuntime:
             s = self._cap(raw * scaling, softcap)
             idx = None
             if k < n_slots:
-                idx = (raw + torch.where(valid, 0.0, float("-inf"))[:, :, None, :]).topk(k, dim=-1).indices
+                idx = rowwise_topk(raw + torch.where(valid, 0.0, float("-inf"))[:, :, None, :], k)[1]
                 # exactly k per query, also where scores tie (as every top-k search backend does)
                 s = s.masked_fill(~torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True), float("-inf"))
                 idx = idx.reshape(b, hkv, g, m, k)
@@ -268,8 +270,7 @@ class LayerRuntime:
             elif pos.numel() > 1:  # one position per stored token, shared by all heads
                 pos = pos[idx].view(b, hkv, g, m, k)
             s = (s.view(b, hkv, g, m, k) + _alibi(ali, pos)).view_as(idx)
-        flat = idx.flatten(2)[..., None].expand(-1, -1, -1, values.shape[-1])
-        v = values.gather(2, flat).view(b, hkv, g, m, k, -1).float()
+        v = gather_rows(values, idx).view(b, hkv, g, m, k, -1).float()
         return MemoryRead(s.view(b, hkv, g, m, k), idx.view(b, hkv, g, m, k), gathered=v)
 
 

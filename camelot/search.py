@@ -7,6 +7,9 @@ from typing import Protocol
 
 import torch
 
+from camelot.rows import gather_rows
+from camelot.topk import topk as rowwise_topk
+
 
 class SearchBackend(Protocol):
     name: str
@@ -29,7 +32,7 @@ class TorchExactSearch:
              k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.matmul(queries, keys.to(queries.dtype).transpose(-1, -2))
         scores = scores + torch.where(valid, 0.0, float("-inf"))[:, :, None, :]  # one add, not a fill per query
-        return scores.topk(min(k, scores.shape[-1]), dim=-1)
+        return rowwise_topk(scores, min(k, scores.shape[-1]))
 
 
 class TorchBf16Search:
@@ -49,9 +52,8 @@ class TorchBf16Search:
         # the validity term rides inside the matmul (baddbmm): a separate add over [M, N] in bf16 costs more
         unused = torch.where(valid, 0.0, float("-inf")).to(sd).view(b * h, 1, n)
         rough = torch.baddbmm(unused, queries.to(sd).view(b * h, m, d), keys.to(sd).view(b * h, n, d).transpose(-1, -2))
-        idx = rough.view(b, h, m, n).topk(min(k, n), dim=-1).indices  # [B, H, M, k]
-        kk = idx.shape[-1]
-        chosen = keys.gather(2, idx.reshape(b, h, m * kk, 1).expand(-1, -1, -1, d)).view(b, h, m, kk, d)
+        idx = rowwise_topk(rough.view(b, h, m, n), min(k, n))[1]  # [B, H, M, k]
+        chosen = gather_rows(keys, idx)  # [B, H, M, k, D]
         # elementwise, not a batch of M*k tiny matmuls (those are slower on CPU)
         scores = (chosen.to(queries.dtype) * queries[..., None, :]).sum(-1)
         scores = scores.masked_fill(~valid.gather(2, idx.flatten(2)).view_as(idx), float("-inf"))

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import torch
 
+from camelot.rows import copy_rows_, gather_rows
+from camelot.topk import topk as rowwise_topk
+
 # merged: joined a slot; new: took a free slot; evicted: replaced the oldest slot;
 # dropped: novel, but overtaken by later novel tokens of the same segment (more than the free
 # places); skipped: non-finite state, never written.
 TELEMETRY_FIELDS = ("merged", "new", "evicted", "dropped", "skipped")
-_FREE_PRIORITY = 1 << 60
+# Eviction order key: free slots first, then by age; ages beyond 2^40 tokens compare as equal.
+_FREE_PRIORITY = 1 << 40
 
 
 class SlotBank:
@@ -119,9 +123,9 @@ class SlotBank:
         unused = torch.where(used, 0.0, float("-inf")).flatten(0, 1)[:, None, :]
         sd = self.search_dtype
         sim = torch.baddbmm(unused.to(sd), kn.to(sd), mn.to(sd).transpose(-1, -2))  # [B*H,T,S]
-        best_sim, best = sim.view(b, h, t, s).max(-1)  # [B,H,T]
+        best_sim, best = (x[..., 0] for x in rowwise_topk(sim.view(b, h, t, s), 1))  # [B,H,T]
         if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
-            chosen = mn.view(b, h, s, -1).gather(2, best[..., None].expand(-1, -1, -1, mn.shape[-1]))
+            chosen = gather_rows(mn.view(b, h, s, -1), best)
             best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
         merge = finite & (best_sim >= self.threshold)
         novel = finite & ~merge
@@ -140,10 +144,8 @@ class SlotBank:
         c_new = c_old + n_add
         denom = c_new.clamp(min=1).to(self.dtype)[..., None]
         c_old_f = c_old.to(self.dtype)[..., None]
-        k_idx = tgt[..., None].expand_as(k)
-        v_idx = tgt[..., None].expand_as(v)
-        self.keys.scatter_(2, k_idx, (c_old_f * self.keys.gather(2, k_idx) + sum_k) / denom)
-        self.values.scatter_(2, v_idx, (c_old_f * self.values.gather(2, v_idx) + sum_v) / denom)
+        copy_rows_(self.keys, tgt, (c_old_f * gather_rows(self.keys, tgt) + sum_k) / denom)
+        copy_rows_(self.values, tgt, (c_old_f * gather_rows(self.values, tgt) + sum_v) / denom)
         self.counts.scatter_(2, tgt, c_new)
         # Ages: as if written token by token, a slot last touched at step i is t-1-i old.
         self.ages += t
@@ -153,10 +155,13 @@ class SlotBank:
 
         # --- novelty: free slots first (lowest index), then the oldest untouched slot
         free = self.counts == 0
-        priority = torch.where(free, _FREE_PRIORITY, self.ages)
+        priority = torch.where(free, _FREE_PRIORITY, self.ages.clamp(max=_FREE_PRIORITY - 1))
         priority = torch.where(touched, -1, priority)
         priority[..., s] = -2  # scratch slot is never a target
-        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices  # [B,H,S+1]
+        # Only the first T places can be taken: a top-T of a unique key (ties broken towards the
+        # lower slot, as a stable sort would) instead of sorting all S+1.
+        key = priority * (s + 1) + torch.arange(s, -1, -1, device=dev)
+        order = key.topk(min(t, s + 1), dim=-1).indices  # [B,H,min(T,S+1)]
         available = (priority[..., :s] >= 0).sum(-1, keepdim=True)  # [B,H,1]
         n_novel = novel.sum(-1, keepdim=True)
         # With more novel tokens than places, the earliest would be evicted by later ones
@@ -165,8 +170,8 @@ class SlotBank:
         place = novel & (rank >= 0)
         slot = torch.where(place, order.gather(2, rank.clamp(min=0)), s)  # [B,H,T]
         was_free = free.gather(2, slot) & place
-        self.keys.scatter_(2, slot[..., None].expand_as(k), k)
-        self.values.scatter_(2, slot[..., None].expand_as(v), v)
+        copy_rows_(self.keys, slot, k)
+        copy_rows_(self.values, slot, v)
         self.counts.scatter_(2, slot, torch.where(place, 1, 0))
         self.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
         self._clear_scratch()

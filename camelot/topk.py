@@ -1,0 +1,118 @@
+"""Row-wise top-k for the memory read: a small C kernel on CPU (camelot/csrc/topk.c), torch.topk
+everywhere else.
+
+Why a kernel: on CPU torch.topk costs ~2.5 us per row at 2048 slots whatever k and dtype, and a
+camelot segment selects for every query row of every layer (SmolLM2: 30 layers x 1152 rows), so
+selection alone was ~90 ms of a ~380 ms window-only segment. The kernel is exact (same values as
+torch.topk; among equal scores the lower index) and ~3x cheaper on real scores (docs/speed.md).
+
+The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
+`$CAMELOT_CACHE` (default `~/.cache/camelot`), in well under a second, and loaded with ctypes:
+no torch headers, no build step at install time. Where there is no compiler, or the build
+fails, or `CAMELOT_NATIVE_TOPK=0`, every call uses torch.topk (one warning says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "topk.c"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+MIN_SLOTS = 64  # below this torch.topk is as cheap and the kernel is not worth a call
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not: str | None = None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CAMELOT_CACHE", Path.home() / ".cache" / "camelot"))
+
+
+def _build() -> ctypes.CDLL:
+    src = SOURCE.read_bytes()
+    cc = os.environ.get("CC", "cc")
+    # -march=native: the binary belongs to this machine (and compiler), so both name it
+    key = hashlib.sha256(src + " ".join((cc, *FLAGS, platform.node(), platform.machine())).encode()).hexdigest()
+    out = _cache_dir() / f"topk-{key[:16]}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target and rename: a concurrent process never loads a half-written file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                raise OSError(f"{cc} failed: {res.stderr.strip()[:500]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("camelot_topk_f32", "camelot_topk_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    lib.camelot_topk_max_k.restype = ctypes.c_int
+    return lib
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None where it cannot be (reason: `why_not()`)."""
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("CAMELOT_NATIVE_TOPK", "1") == "0":
+            _why_not = "disabled by CAMELOT_NATIVE_TOPK=0"
+        else:
+            try:
+                _lib = _build()
+            except (OSError, subprocess.SubprocessError) as e:
+                _why_not = f"could not build camelot/csrc/topk.c ({e})"
+                warnings.warn(f"camelot: native top-k unavailable, using torch.topk: {_why_not}",
+                              RuntimeWarning, stacklevel=3)
+        _tried = True
+        return _lib
+
+
+def why_not() -> str | None:
+    """Why the native kernel is not in use (None: it is, or it was not needed yet)."""
+    return _why_not
+
+
+def _native_ok(scores: torch.Tensor, k: int) -> bool:
+    return (scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16)
+            and scores.shape[-1] >= MIN_SLOTS and 1 <= k <= 32 and k <= scores.shape[-1]
+            and not (scores.requires_grad and torch.is_grad_enabled()))
+
+
+def topk(scores: torch.Tensor, k: int) -> torch.return_types.topk:
+    """torch.topk(scores, k, dim=-1): (values in scores' dtype, int64 indices), largest first."""
+    if not _native_ok(scores, k):
+        return scores.topk(k, dim=-1)
+    lib = native_library()
+    if lib is None:
+        return scores.topk(k, dim=-1)
+    x = scores.detach().contiguous()
+    n = x.shape[-1]
+    rows = x.numel() // n
+    values = torch.empty(*x.shape[:-1], k, dtype=torch.float32)
+    idx = torch.empty(*x.shape[:-1], k, dtype=torch.long)
+    fn = lib.camelot_topk_f32 if x.dtype == torch.float32 else lib.camelot_topk_bf16
+    if fn(x.data_ptr(), rows, n, k, values.data_ptr(), idx.data_ptr()) != 0:
+        return scores.topk(k, dim=-1)
+    return torch.return_types.topk((values.to(scores.dtype), idx))
