@@ -158,7 +158,7 @@ class LayerRuntime:
         if mem is not None:
             if mem.values is None:  # sparse read: each query's own gathered slots
                 p_mem = probs[..., n_plain:]
-                out = out + (p_mem[..., None] * mem.gathered).sum(-2)
+                out = out + torch.matmul(p_mem[..., None, :], mem.gathered)[..., 0, :]  # [.., 1, k] @ [.., k, Dv]
             elif self.record_reads:  # dense read: each query's share of every slot it may read
                 p_mem = probs[..., n_plain - mem_cols : n_plain]
                 if mem.slots is not None:

@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
+from camelot import topk as native_topk
 from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import CamelotConfig
 from camelot.search import BACKENDS, TorchExactSearch
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
 APPROXIMATE = ("torch-bf16", "faiss-ivf", "faiss-hnsw")
-DEFAULT_BACKENDS = "torch,faiss,faiss-ivf,faiss-hnsw"
+DEFAULT_BACKENDS = "torch,torch-bf16,faiss,faiss-ivf,faiss-hnsw"
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -403,7 +404,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.quick:
         args.tokens, args.lengths, args.slots = 512, "1024,2048", "512,2048"
         if args.backends == DEFAULT_BACKENDS:
-            args.backends = "torch,faiss,faiss-ivf"
+            args.backends = "torch,torch-bf16,faiss-ivf"
     slots = _ints(args.slots, "slots")
     lengths = _ints(args.lengths, "lengths")
     backends = _names(args.backends, BACKENDS, "backends")
@@ -427,8 +428,10 @@ def run_cli(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "func"},
                               "torch_threads": torch.get_num_threads()}
+    selector = "native kernel" if native_topk.native_library() is not None else f"torch.topk ({native_topk.why_not()})"
+    report["top_k_selection"] = selector
     print(f"# camelot bench: {args.model}, window {args.window}, top_k {args.top_k}, placement {args.placement}, "
-          f"{torch.get_num_threads()} thread(s), {args.device}\n")
+          f"{torch.get_num_threads()} thread(s), {args.device}; CPU top-k: {selector}\n")
     if "speed" not in skip:
         rows = speed_rows(model, ids[:, : args.tokens], base, strategies, slots, backends, progress)
         report["speed"] = [asdict(r) for r in rows]

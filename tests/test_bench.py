@@ -29,6 +29,7 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     for head in ("## Speed", "## Growth", "## Search recall", "## Profile"):
         assert head in printed
     report = json.loads(out.read_text())
+    assert f"CPU top-k: {report['top_k_selection']}" in printed  # which selection the figures are from
     labels = [r["label"] for r in report["speed"]]
     assert labels[0] == "window" and labels[-1] == "window (again)"
     assert "camelot slots=32 faiss-ivf" in labels and "knn faiss" in labels and "recurrent" in labels
