@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,11 +30,13 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "topk.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
 MIN_SLOTS = 64  # below this torch.topk is as cheap and the kernel is not worth a call
+ROWS_PER_THREAD = 64  # fewer rows than this per thread: splitting costs more than it saves
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _why_not: str | None = None
+_pool: ThreadPoolExecutor | None = None
 
 
 def _cache_dir() -> Path:
@@ -94,6 +97,16 @@ def why_not() -> str | None:
     return _why_not
 
 
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="camelot-topk")
+        return _pool
+
+
 def _native_ok(scores: torch.Tensor, k: int) -> bool:
     return (scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16)
             and scores.shape[-1] >= MIN_SLOTS and 1 <= k <= 32 and k <= scores.shape[-1]
@@ -113,6 +126,13 @@ def topk(scores: torch.Tensor, k: int) -> torch.return_types.topk:
     values = torch.empty(*x.shape[:-1], k, dtype=torch.float32)
     idx = torch.empty(*x.shape[:-1], k, dtype=torch.long)
     fn = lib.camelot_topk_f32 if x.dtype == torch.float32 else lib.camelot_topk_bf16
-    if fn(x.data_ptr(), rows, n, k, values.data_ptr(), idx.data_ptr()) != 0:
+    # As many threads as torch uses (torch.topk would): ctypes calls release the GIL.
+    parts = max(1, min(torch.get_num_threads(), rows // ROWS_PER_THREAD))
+    step = -(-rows // parts)
+    xs, es = x.data_ptr(), x.element_size()
+    calls = [(xs + a * n * es, min(step, rows - a), n, k, values.data_ptr() + a * k * 4, idx.data_ptr() + a * k * 8)
+             for a in range(0, rows, step)]
+    codes = [fn(*calls[0])] if parts == 1 else list(_thread_pool(parts).map(lambda c: fn(*c), calls))
+    if any(codes):
         return scores.topk(k, dim=-1)
     return torch.return_types.topk((values.to(scores.dtype), idx))

@@ -124,3 +124,14 @@ def test_gather_and_copy_rows_on_bank_slices_match_gather_and_scatter():
     expanded = torch.randn(1, 1, 300, 8).expand(2, 3, 300, 8)  # aliasing rows: falls back to gather
     assert torch.equal(gather_rows(expanded, idx), expanded.gather(
         2, idx.reshape(2, 3, -1, 1).expand(-1, -1, -1, 8)).view(2, 3, 5, 4, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_split_over_threads_land_in_their_own_places(dtype):
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # 1001 rows: three uneven parts
+    try:
+        x = torch.randn(1001, 300, generator=torch.Generator().manual_seed(3)).to(dtype)
+        _check(x, 6)
+    finally:
+        torch.set_num_threads(before)
