@@ -182,3 +182,27 @@ def test_token_store_keeps_everything_and_grows():
         store.write(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4))
     keys, values, counts, valid = store.readable()
     assert keys.shape == (1, 2, 35, 4) and bool(valid.all())
+
+
+def test_eviction_order_by_top_t_equals_the_stable_sort_of_every_slot(monkeypatch):
+    """The write picks eviction targets by a top-T of a unique key; banks too large for that key
+    sort every slot. Both must pick the same slots (ties: free slots by index, equal ages)."""
+    import camelot.memory.bank as bank_mod
+
+    g = torch.Generator().manual_seed(7)
+    protos = torch.randn(40, D, generator=g, dtype=torch.float64)
+    segments = [protos[torch.randint(0, 40, (2, 3, 9), generator=g)] for _ in range(12)]
+    states = []
+    for limit in (bank_mod._UNIQUE_KEY_SLOTS, 0):
+        monkeypatch.setattr(bank_mod, "_UNIQUE_KEY_SLOTS", limit)
+        bank = SlotBank(16, 0.99, torch.float64)
+        bank.write(segments[0], segments[0])
+        state = bank.state_dict()
+        state["ages"][..., ::3] = 5  # equal ages: the tie rule decides
+        bank.load_state_dict(state)
+        for seg in segments[1:]:
+            bank.write(seg, seg * 2)
+        states.append(bank.state_dict())
+    for name in ("keys", "values", "counts", "ages", "telemetry"):
+        assert torch.equal(states[0][name], states[1][name]), name
+    assert states[0]["telemetry"][2] > 0  # evictions happened

@@ -23,6 +23,7 @@ from camelot.topk import topk as rowwise_topk
 TELEMETRY_FIELDS = ("merged", "new", "evicted", "dropped", "skipped")
 # Eviction order key: free slots first, then by age; ages beyond 2^40 tokens compare as equal.
 _FREE_PRIORITY = 1 << 40
+_UNIQUE_KEY_SLOTS = 1 << 22  # priority * (slots + 1) stays below 2^63 up to here
 
 
 class SlotBank:
@@ -160,8 +161,11 @@ class SlotBank:
         priority[..., s] = -2  # scratch slot is never a target
         # Only the first T places can be taken: a top-T of a unique key (ties broken towards the
         # lower slot, as a stable sort would) instead of sorting all S+1.
-        key = priority * (s + 1) + torch.arange(s, -1, -1, device=dev)
-        order = key.topk(min(t, s + 1), dim=-1).indices  # [B,H,min(T,S+1)]
+        if s < _UNIQUE_KEY_SLOTS:
+            key = priority * (s + 1) + torch.arange(s, -1, -1, device=dev)
+            order = key.topk(min(t, s + 1), dim=-1).indices  # [B,H,min(T,S+1)]
+        else:  # the key would overflow int64
+            order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
         available = (priority[..., :s] >= 0).sum(-1, keepdim=True)  # [B,H,1]
         n_novel = novel.sum(-1, keepdim=True)
         # With more novel tokens than places, the earliest would be evicted by later ones
