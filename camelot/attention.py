@@ -242,17 +242,24 @@ class LayerRuntime:
             # Exact search already scores every slot: keep those scores, mask all but the top-k,
             # and let memory join the softmax like a prefix (no gathers). Where k is a small share
             # of the slots, the sparse read below is cheaper: softmax and values over k, not S.
-            raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
             # validity and count bias as one additive [B, Hkv, 1, S] term, not a fill over every query
             slot_bias = torch.where(valid, 0.0 if bias is None else bias, float("-inf"))[:, :, None, :]
-            s = self._cap(raw * scaling, softcap)
             idx = None
-            if k < n_slots:
-                idx = rowwise_topk(raw + torch.where(valid, 0.0, float("-inf"))[:, :, None, :], k)[1]
-                # exactly k per query, also where scores tie (as every top-k search backend does)
-                s = s.masked_fill(~torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True), float("-inf"))
-                idx = idx.reshape(b, hkv, g, m, k)
-            s = (s + slot_bias).view(b, hkv, g, m, -1)
+            if k == n_slots and not softcap:
+                # every slot (the default read): scale on the queries, bias inside the matmul; two
+                # fewer passes over [G*m, S] scores
+                s = torch.baddbmm(slot_bias.flatten(0, 1), (qm * scaling).flatten(0, 1),
+                                  keys.to(qm.dtype).flatten(0, 1).transpose(-1, -2)).view(b, hkv, g, m, -1)
+            else:
+                raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
+                s = self._cap(raw * scaling, softcap)
+                if k < n_slots:
+                    idx = rowwise_topk(raw + torch.where(valid, 0.0, float("-inf"))[:, :, None, :], k)[1]
+                    # exactly k per query, also where scores tie (as every top-k search backend does)
+                    s = s.masked_fill(~torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True),
+                                      float("-inf"))
+                    idx = idx.reshape(b, hkv, g, m, k)
+                s = (s + slot_bias).view(b, hkv, g, m, -1)
             if ali is not None:  # ALiBi: slots are chosen by content, then biased by their distance
                 pos = self._memory_positions(s.device)
                 s = s + _alibi(ali, pos[:, :, None, None, :] if pos.dim() == 3 else pos)
