@@ -37,6 +37,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _why_not: str | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 
 
 def _cache_dir() -> Path:
@@ -68,6 +69,7 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
     lib.camelot_topk_max_k.restype = ctypes.c_int
+    lib.max_k = lib.camelot_topk_max_k()  # its lane count: k lanes bound the k-th score from below
     return lib
 
 
@@ -98,18 +100,18 @@ def why_not() -> str | None:
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_workers
     with _lock:
-        if _pool is None or _pool._max_workers < workers:
+        if _pool_workers < workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="camelot-topk")
+            _pool, _pool_workers = ThreadPoolExecutor(workers, thread_name_prefix="camelot-topk"), workers
         return _pool
 
 
 def _native_ok(scores: torch.Tensor, k: int) -> bool:
     return (scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16)
-            and scores.shape[-1] >= MIN_SLOTS and 1 <= k <= 32 and k <= scores.shape[-1]
+            and scores.shape[-1] >= MIN_SLOTS and 1 <= k <= scores.shape[-1] and scores.numel() > 0
             and not (scores.requires_grad and torch.is_grad_enabled()))
 
 
@@ -118,7 +120,7 @@ def topk(scores: torch.Tensor, k: int) -> torch.return_types.topk:
     if not _native_ok(scores, k):
         return scores.topk(k, dim=-1)
     lib = native_library()
-    if lib is None:
+    if lib is None or k > lib.max_k:
         return scores.topk(k, dim=-1)
     x = scores.detach().contiguous()
     n = x.shape[-1]

@@ -74,6 +74,8 @@ def test_what_the_kernel_does_not_take_goes_to_torch():
     assert torch.equal(native.topk(z, 40).values, z.topk(40, -1).values)  # k above the kernel's 32
     w = torch.randn(5, 500)[:, ::2]  # not contiguous
     _check(w, 5)
+    e = torch.randn(0, 3, 500)  # no rows
+    assert native.topk(e, 4).indices.shape == (0, 3, 4)
 
 
 @settings(max_examples=60, deadline=None)
