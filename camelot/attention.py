@@ -13,6 +13,7 @@ HF adds (a per-row constant does not change a softmax).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
 from camelot.rope import RopeSpec, cos_sin, place_keys, place_queries_for_memory, unrotate_keys
 from camelot.rows import gather_rows
-from camelot.search import SearchBackend
+from camelot.search import SearchBackend, top_indices
 from camelot.topk import topk as rowwise_topk
 
 ATTN_NAME = "camelot"
@@ -72,18 +73,26 @@ class LayerRuntime:
     sink: SinkTokens | None = None
     max_distance: int | None = None  # farthest position a memory key may be placed at (recency)
     record_reads: bool = False
+    retrieve: str = "query"  # sparse read: slots by each query head's logits, or by the token's key (paper)
     local_k: torch.Tensor | None = None  # rotated at positions [0, local_len), model dtype
     local_v: torch.Tensor | None = None
+    # position-free local keys where the read needed them (fp32), valid while local_k is `_raw_for`
+    # (checkpoints and snapshots set local_k directly)
+    local_raw: torch.Tensor | None = None
+    _raw_for: torch.Tensor | None = field(default=None, repr=False)
     last_read: LastRead | None = None
     _cs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _range_cs: dict = field(default_factory=dict, repr=False)
+    _bias: tuple | None = field(default=None, repr=False)  # ((memory, its version, factor), count bias)
 
     @property
     def local_len(self) -> int:
         return 0 if self.local_k is None else self.local_k.shape[2]
 
     def reset(self) -> None:
-        self.local_k = self.local_v = None
-        self.last_read = self._cs = None
+        self.local_k = self.local_v = self.local_raw = self._raw_for = None
+        self.last_read = self._cs = self._bias = None
+        self._range_cs.clear()
         if self.memory is not None:
             self.memory.reset()
         if self.prefix is not None:
@@ -98,8 +107,7 @@ class LayerRuntime:
         if self.local_k is None:
             return
         if self.memory is not None or self.prefix is not None or self.sink is not None:
-            pos = torch.arange(self.local_len, device=self.local_k.device)
-            raw = unrotate_keys(self.rope, self.local_k, pos)
+            raw = self._local_raw()
             v = self.local_v
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)
@@ -111,7 +119,13 @@ class LayerRuntime:
                 out = self.prefix.write(raw, v.float())
                 if self.memory is not None and out is not None:
                     self.memory.write(*out)
-        self.local_k = self.local_v = None
+        self.local_k = self.local_v = self.local_raw = self._raw_for = None
+
+    def _local_raw(self) -> torch.Tensor:
+        """The open segment's keys, position-free."""
+        if self.local_raw is not None and self._raw_for is self.local_k:
+            return self.local_raw
+        return self._unplaced(self.local_k, 0)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                softcap: float | None, sliding_window: int | None,
@@ -128,37 +142,56 @@ class LayerRuntime:
                              "call reset() before changing the batch size")
         k_loc = key if l0 == 0 else torch.cat([self.local_k, key], dim=2)
         v_loc = value if l0 == 0 else torch.cat([self.local_v, value], dim=2)
-        qg = query.float().reshape(b, hkv, g, m, d)
+        qg = query.float().reshape(b, hkv, g * m, d)  # a KV head's G query heads as rows of one matrix
         ali = None if alibi is None else (alibi, hkv, g)
 
-        q_pos = torch.arange(l0, l0 + m, device=dev)
-        logits = [self._local_logits(qg, k_loc, q_pos, scaling, softcap, sliding_window, ali)]
-        values = [v_loc]
+        mem = None
+        if self.memory is not None:
+            raw_key = None
+            if self.retrieve == "key":  # kept for the write at flush, which needs them position-free too
+                raw_key = self._unplaced(key, l0)
+                self.local_raw = raw_key if l0 == 0 else torch.cat([self._local_raw(), raw_key], dim=2)
+            mem = self._memory_read(query, scaling, softcap, ali, raw_key)
+        # The open segment, the raw tail and the sinks are plain keys at known positions: one
+        # matmul, one mask, one position bias over all of them.
+        keys, values, spans = [k_loc.float()], [v_loc], [(0, l0 + m)]  # spans: [start, end) positions
         p = 0 if self.prefix is None else self.prefix.size
         if p:
-            k_pos = torch.arange(-p, 0, device=dev)
-            logits.append(self._raw_logits(qg, self.prefix.keys, k_pos, q_pos, scaling, softcap, sliding_window, ali))
+            keys.append(self._placed(self.prefix.keys, -p, 0))
             values.append(self.prefix.values)
+            spans.append((-p, 0))
         if self.sink is not None and self.sink.size:  # right before the raw tail, as StreamingLLM places them
-            k_pos = torch.arange(-p - self.sink.size, -p, device=dev)
-            logits.append(self._raw_logits(qg, self.sink.keys, k_pos, q_pos, scaling, softcap, sliding_window,
-                                           ali))
+            ns = self.sink.size
+            keys.append(self._placed(self.sink.keys, -p - ns, -p))
             values.append(self.sink.values)
-        mem = self._memory_read(query, scaling, softcap, ali) if self.memory is not None else None
-        if mem is not None and mem.values is not None:  # dense read: memory joins like a prefix
-            logits.append(mem.logits)
+            spans.append((-p - ns, -p))
+        n_plain = sum(x.shape[2] for x in keys)
+        sparse = mem is not None and mem.values is None
+        if sparse:
+            # a sparse read's k logits go into k spare columns of the same matrix: no concatenation
+            # of logits (a pass over all of them) before the softmax
+            keys.append(keys[0].new_zeros(b, hkv, mem.logits.shape[-1], d))
+        plain_k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
+        logits = self._plain_logits(qg, g, plain_k, l0, tuple(spans), scaling, softcap, sliding_window, ali)
+        if sparse:
+            logits[..., n_plain:] = mem.logits
+        elif mem is not None:  # dense read: memory joins like a prefix
+            logits = torch.cat([logits, mem.logits], dim=-1)
             values.append(mem.values)
             mem_cols = mem.logits.shape[-1]
-        n_plain = sum(x.shape[-1] for x in logits)
-        if mem is not None and mem.values is None:
-            logits.append(mem.logits)
-        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
-        vals = torch.cat([v.float() for v in values], dim=2)  # [B, Hkv, N, Dv]
-        out = torch.matmul(probs[..., :n_plain], vals[:, :, None])  # [B, Hkv, G, m, Dv]
+            n_plain += mem_cols
+        probs = torch.softmax(logits, dim=-1)
+        vals = values[0].float() if len(values) == 1 else torch.cat([v.float() for v in values], dim=2)
+        # the G query heads' rows in one matrix per KV head: values are not expanded over G
+        rows = probs.view(b, hkv, g * m, -1)[..., :n_plain]
+        out = torch.matmul(rows, vals).view(b, hkv, g, m, -1)  # [B, Hkv, G, m, Dv]
         if mem is not None:
             if mem.values is None:  # sparse read: each query's own gathered slots
                 p_mem = probs[..., n_plain:]
-                out = out + torch.matmul(p_mem[..., None, :], mem.gathered)[..., 0, :]  # [.., 1, k] @ [.., k, Dv]
+                if mem.gathered.dim() == 5:  # one set per token, shared by the G query heads
+                    out = out + torch.einsum("bhgmk,bhmkd->bhgmd", p_mem, mem.gathered)
+                else:
+                    out = out + torch.matmul(p_mem[..., None, :], mem.gathered)[..., 0, :]  # [.., 1, k] @ [.., k, Dv]
             elif self.record_reads:  # dense read: each query's share of every slot it may read
                 p_mem = probs[..., n_plain - mem_cols : n_plain]
                 if mem.slots is not None:
@@ -169,6 +202,7 @@ class LayerRuntime:
                     slots = torch.arange(p_mem.shape[-1], device=dev).expand_as(p_mem)
                 self.last_read = LastRead(slots, p_mem)
         self.local_k, self.local_v = k_loc, v_loc
+        self._raw_for = k_loc if self.retrieve == "key" and self.memory is not None else None
         return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
 
     # ------------------------------------------------------------------ parts
@@ -176,21 +210,47 @@ class LayerRuntime:
     def _cap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
         return x if not softcap else torch.tanh(x / softcap) * softcap
 
-    def _local_logits(self, qg, k_loc, q_pos, scaling, softcap, sliding_window, ali=None):
-        s = torch.matmul(qg, k_loc.float()[:, :, None].transpose(-1, -2)) * scaling
+    def _plain_logits(self, qg, g, keys, l0, spans, scaling, softcap, sliding_window, ali=None):
+        """[B, Hkv, G, m, N] logits of queries at positions [l0, l0 + m) against the plain keys,
+        whose positions are the `spans` ([start, end) ranges, in order), and against any spare
+        columns past them (keys of zeros, never masked: the caller overwrites them)."""
+        b, hkv, gm, d = qg.shape  # one [G*m, D] @ [D, N] per KV head: keys are not expanded over G
+        m, n = gm // g, keys.shape[2]
+        if not softcap and ali is None:
+            # the causal / sliding mask as an additive 0 / -inf term inside the matmul: a boolean
+            # mask broadcast over every head is a slow pass of its own on CPU
+            bias = _mask_bias(l0, m, spans, n, sliding_window, g, qg.device)
+            s = torch.baddbmm(bias, qg.flatten(0, 1), keys.flatten(0, 1).transpose(-1, -2), alpha=scaling)
+            return s.view(b, hkv, g, m, n)
+        s = torch.matmul(qg, keys.transpose(-1, -2)).view(b, hkv, g, m, n) * scaling
         s = self._cap(s, softcap)
-        k_pos = torch.arange(k_loc.shape[2], device=qg.device)
+        k_pos = _span_positions(spans, n, qg.device)
         if ali is not None:
             s = s + _alibi(ali, k_pos)
-        return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
+        return s.masked_fill_(~_allowed_spans(l0, m, spans, n, sliding_window, qg.device), float("-inf"))
 
-    def _raw_logits(self, qg, keys, k_pos, q_pos, scaling, softcap, sliding_window, ali=None):
-        k_pre = place_keys(self.rope, keys, k_pos)
-        s = torch.matmul(qg, k_pre[:, :, None].transpose(-1, -2)) * scaling
-        s = self._cap(s, softcap)
-        if ali is not None:
-            s = s + _alibi(ali, k_pos)
-        return s.masked_fill(~_allowed(q_pos, k_pos, sliding_window), float("-inf"))
+    def _range_cos_sin(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions [start, end): the tail, the sinks and a whole segment sit at the
+        same positions segment after segment, so they are kept (a few ranges at most)."""
+        key = (start, end, device)
+        cs = self._range_cs.get(key)
+        if cs is None:
+            if len(self._range_cs) >= 8:  # only generation, one token at a time, asks for new ranges
+                self._range_cs.clear()
+            cs = self._range_cs[key] = cos_sin(self.rope, torch.arange(start, end), device)
+        return cs
+
+    def _placed(self, raw: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Raw keys [B, H, end - start, D] placed at positions [start, end)."""
+        if self.rope is None:
+            return raw.float()
+        return place_keys(self.rope, raw, None, self._range_cos_sin(start, end, raw.device))
+
+    def _unplaced(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotated keys at positions [start, start + T) -> position-free keys (fp32)."""
+        if self.rope is None:
+            return keys.float()
+        return unrotate_keys(self.rope, keys, None, self._range_cos_sin(start, start + keys.shape[2], keys.device))
 
     def _fixed_cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos/sin at the fixed memory distance, built once: every read needs them, and on a GPU
@@ -210,7 +270,26 @@ class LayerRuntime:
             return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
         return torch.tensor([-self.distance], device=device)
 
-    def _memory_read(self, query, scaling, softcap, ali=None) -> MemoryRead | None:
+    def _count_bias(self, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] logit bias of each slot. Kept while the memory is unchanged: it depends
+        only on the counts, and a memory changes once per segment, not once per forward."""
+        key = (self.memory, self.memory.version, self.count_bias)
+        if self._bias is not None and all(a is b or a == b for a, b in zip(self._bias[0], key)):
+            return self._bias[1]
+        # max(0, log(count / mean count)) over the head's used slots: slots that merged more
+        # tokens than average weigh more, a slot of one token weighs like a raw token. Relative,
+        # because the paper's absolute log(count) grows without bound and in a long run lets
+        # memory drown the window (soak: perplexity 16 -> 29 over 600k tokens); never below 0,
+        # because a rare fact sits in a slot of count 1 and must not be pushed under the
+        # window (pass key at 4k: 100% vs 33% for the unclipped ratio).
+        # (as log(max(1, c / max(1, mean))): the same value in fewer passes over the slots; a
+        # free slot, c = 0, gets 0 like a slot of one token)
+        mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+        bias = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.count_bias)
+        self._bias = (key, bias)
+        return bias
+
+    def _memory_read(self, query, scaling, softcap, ali=None, raw_key=None) -> MemoryRead | None:
         state = self.memory.readable()
         if state is None:
             return None
@@ -225,20 +304,11 @@ class LayerRuntime:
         else:
             qm = place_queries_for_memory(self.rope, query, self.distance, self._fixed_cos_sin(query.device))
             qm = qm.reshape(b, hkv, g * m, d)
-        bias = None
-        if self.count_bias:
-            # max(0, log(count / mean count)) over the head's used slots: slots that merged more
-            # tokens than average weigh more, a slot of one token weighs like a raw token. Relative,
-            # because the paper's absolute log(count) grows without bound and in a long run lets
-            # memory drown the window (soak: perplexity 16 -> 29 over 600k tokens); never below 0,
-            # because a rare fact sits in a slot of count 1 and must not be pushed under the
-            # window (pass key at 4k: 100% vs 33% for the unclipped ratio).
-            mean = counts.sum(-1, keepdim=True).float() / valid.sum(-1, keepdim=True).clamp(min=1)
-            ratio = torch.log(counts.clamp(min=1).float()) - torch.log(mean.clamp(min=1))
-            bias = self.count_bias * ratio.clamp(min=0)
+        bias = self._count_bias(counts, valid) if self.count_bias else None
         n_slots = keys.shape[2]
         k = n_slots if self.top_k is None else min(self.top_k, n_slots)
-        if getattr(self.search, "dense", False) and k * SPARSE_BELOW > n_slots:
+        shared = self.retrieve != "query" and k < n_slots  # one set of slots per token and KV head
+        if not shared and getattr(self.search, "dense", False) and k * SPARSE_BELOW > n_slots:
             # Exact search already scores every slot: keep those scores, mask all but the top-k,
             # and let memory join the softmax like a prefix (no gathers). Where k is a small share
             # of the slots, the sparse read below is cheaper: softmax and values over k, not S.
@@ -256,7 +326,7 @@ class LayerRuntime:
                 if k < n_slots:
                     idx = rowwise_topk(raw + torch.where(valid, 0.0, float("-inf"))[:, :, None, :], k)[1]
                     # exactly k per query, also where scores tie (as every top-k search backend does)
-                    s = s.masked_fill(~torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True),
+                    s = s.masked_fill_(~torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, idx, True),
                                       float("-inf"))
                     idx = idx.reshape(b, hkv, g, m, k)
                 s = (s + slot_bias).view(b, hkv, g, m, -1)
@@ -264,21 +334,40 @@ class LayerRuntime:
                 pos = self._memory_positions(s.device)
                 s = s + _alibi(ali, pos[:, :, None, None, :] if pos.dim() == 3 else pos)
             return MemoryRead(s, idx, values=values)
-        scores, idx = self.search.topk(qm, keys, valid, k)  # [B, Hkv, G*m, k]
+        if shared:
+            if self.retrieve == "key":
+                # The paper's read: the slots nearest the token's own key, searched in the raw bank
+                # (positions do not change which slots are near a key).
+                idx = top_indices(self.search, raw_key.to(state[0].dtype), state[0], valid, k)  # [B, Hkv, m, k]
+            else:
+                # "group": the slots the KV head's G query heads weigh most together (sum of their
+                # logits), one search instead of G.
+                idx = top_indices(self.search, qm.view(b, hkv, g, m, d).sum(2), keys, valid, k)
+            k = idx.shape[-1]
+            chosen = gather_rows(keys, idx).to(qm.dtype)  # [B, Hkv, m, k, D]
+            # per token, its G query heads against its k slots: [G, D] @ [D, k] (not G*k dot products)
+            scores = torch.matmul(qm.view(b, hkv, g, m, d).transpose(2, 3), chosen.transpose(-1, -2))
+            found = valid.gather(2, idx.flatten(2)).view(b, hkv, m, 1, k)
+            scores = scores.masked_fill_(~found, float("-inf")).transpose(2, 3)  # [B, Hkv, G, m, k]
+            v = gather_rows(values, idx)  # [B, Hkv, m, k, Dv]: one set per token, for its G heads
+            idx = idx.view(b, hkv, 1, m, k)  # per-slot terms below broadcast over the G heads
+        else:
+            scores, idx = self.search.topk(qm, keys, valid, k)  # [B, Hkv, G*m, k]
+            k = idx.shape[-1]
+            scores, idx = scores.view(b, hkv, g, m, k), idx.view(b, hkv, g, m, k)
+            v = gather_rows(values, idx)  # [B, Hkv, G, m, k, Dv]
         s = self._cap(scores * scaling, softcap)
         if bias is not None:
             s = s + bias.gather(2, idx.flatten(2)).view_as(idx)
-        s = s.masked_fill(torch.isneginf(scores), float("-inf"))  # softcap must not revive empty slots
-        k = idx.shape[-1]
+        s = s.masked_fill_(torch.isneginf(scores), float("-inf"))  # softcap must not revive empty slots
         if ali is not None:
             pos = self._memory_positions(s.device)
             if pos.dim() == 3:  # per-slot positions: each query's own chosen slots
-                pos = pos.gather(2, idx.flatten(2)).view(b, hkv, g, m, k)
+                pos = pos.gather(2, idx.flatten(2)).view_as(idx)
             elif pos.numel() > 1:  # one position per stored token, shared by all heads
-                pos = pos[idx].view(b, hkv, g, m, k)
-            s = (s.view(b, hkv, g, m, k) + _alibi(ali, pos)).view_as(idx)
-        v = gather_rows(values, idx).view(b, hkv, g, m, k, -1).float()
-        return MemoryRead(s.view(b, hkv, g, m, k), idx.view(b, hkv, g, m, k), gathered=v)
+                pos = pos[idx]
+            s = s + _alibi(ali, pos)
+        return MemoryRead(s, idx.expand(b, hkv, g, m, k), gathered=v.float())
 
 
 @dataclass
@@ -286,7 +375,7 @@ class MemoryRead:
     logits: torch.Tensor  # [B, Hkv, G, m, S] (dense) or [B, Hkv, G, m, k] (sparse)
     slots: torch.Tensor | None  # [B, Hkv, G, m, k] slots read by each query; None: every slot (dense)
     values: torch.Tensor | None = None  # dense: [B, Hkv, S, Dv], shared by all queries
-    gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv]
+    gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv], or [B, Hkv, m, k, Dv] by key
 
 
 def _alibi(ali: tuple[Alibi, int, int], positions: torch.Tensor) -> torch.Tensor:
@@ -294,12 +383,34 @@ def _alibi(ali: tuple[Alibi, int, int], positions: torch.Tensor) -> torch.Tensor
     return alibi.bias(positions, hkv, g)
 
 
-def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    diff = q_pos[:, None] - k_pos[None, :]
+def _span_positions(spans: tuple[tuple[int, int], ...], n: int, device: torch.device) -> torch.Tensor:
+    """[n] key positions: the spans in order, then 0 for spare columns."""
+    pos = torch.cat([torch.arange(a, e) for a, e in spans]) if spans else torch.zeros(0, dtype=torch.long)
+    return torch.nn.functional.pad(pos, (0, n - pos.shape[0])).to(device)
+
+
+def _allowed_spans(l0: int, m: int, spans: tuple[tuple[int, int], ...], n: int, sliding_window: int | None,
+                   device: torch.device) -> torch.Tensor:
+    """[m, n] which keys each query at [l0, l0 + m) may see (causal, sliding window); spare
+    columns past the spans are allowed."""
+    k_pos = _span_positions(spans, n, "cpu")
+    diff = torch.arange(l0, l0 + m)[:, None] - k_pos[None, :]
     ok = diff >= 0
     if sliding_window:
         ok = ok & (diff < sliding_window)
-    return ok
+    ok[:, sum(e - a for a, e in spans):] = True
+    return ok.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_bias(l0: int, m: int, spans: tuple[tuple[int, int], ...], n: int, sliding_window: int | None, g: int,
+               device: torch.device) -> torch.Tensor:
+    """[1, G*m, n] float 0 / -inf: `_allowed_spans` as an additive term for the G*m query rows
+    of a KV head. The same for every layer and, segment after segment, for every segment: kept
+    (a few entries; generation, one token at a time, asks for new ones)."""
+    ok = _allowed_spans(l0, m, spans, n, sliding_window, "cpu")
+    bias = torch.zeros(m, n).masked_fill_(~ok, float("-inf"))
+    return bias.repeat(g, 1)[None].to(device)
 
 
 def camelot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -78,10 +78,10 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                     **defaults) -> None:
     """The options of one memory configuration, for commands that run a single one (`ask`,
     `icl`, `soak`); `defaults` overrides CamelotConfig's defaults by field name."""
-    from camelot.config import PLACEMENTS, STRATEGIES, CamelotConfig
+    from camelot.config import PLACEMENTS, RETRIEVALS, STRATEGIES, CamelotConfig
 
     d = {f: getattr(CamelotConfig, f) for f in ("strategy", "window", "slots", "recent", "sink", "threshold",
-                                                "top_k", "count_bias", "placement", "search")}
+                                                "top_k", "count_bias", "placement", "retrieve", "search")}
     d.update(defaults)
     if strategy:
         p.add_argument("--strategy", default=d["strategy"], choices=STRATEGIES, help="memory strategy")
@@ -97,6 +97,9 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                    help="factor of the log(count / mean count) bias on slot logits: a number, on (1) or off (0)")
     p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
                    help="where memory sits for rotary models (recency: each slot at its last write)")
+    p.add_argument("--retrieve", default=d["retrieve"], choices=RETRIEVALS,
+                   help="how a top-k read picks slots: each query head's highest logits, or the slots nearest "
+                   "the token's key (the paper's rule; one search per KV head, cheaper)")
     p.add_argument("--search", default=d["search"], help=f"search backend ({', '.join(BACKENDS)})")
 
 
@@ -105,7 +108,7 @@ def memory_config(args: argparse.Namespace, **fixed):
     from camelot.config import CamelotConfig
 
     fields = {f: getattr(args, f) for f in ("window", "slots", "recent", "sink", "threshold", "top_k", "count_bias",
-                                            "placement", "search") if hasattr(args, f)}
+                                            "placement", "retrieve", "search") if hasattr(args, f)}
     if hasattr(args, "strategy"):
         fields["strategy"] = args.strategy
     try:

@@ -11,6 +11,7 @@ STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot")
 WRITE_MODES = ("segment", "token")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("fixed", "recency")
+RETRIEVALS = ("query", "group", "key")
 
 
 @dataclass
@@ -51,6 +52,13 @@ class CamelotConfig:
         `memory_distance` positions before the segment. "recency": each slot at the position of
         its last write (age + 1 tokens before the segment), clamped to the model's range, so the
         model sees an order among slots like it sees one among raw tokens.
+    retrieve: how a top_k read picks each token's slots. "query": per query head, the k slots
+        with the highest attention logits (what its softmax would weigh most). "group": per KV
+        head, the k slots with the highest sum of its G query heads' logits, shared by them: one
+        search instead of G, the same perplexity as "query" where measured (README, "Speed and
+        memory"). "key": the paper's rule, the k slots whose keys are nearest the token's own key
+        (inner product, position-free), also one search per KV head; measurably worse on SmolLM2.
+        Ignored when every slot is read.
     write_mode: "segment" matches a whole segment against memory at once (fast path);
         "token" writes token by token (the paper's sequential semantics, slow).
     memory_dtype: storage dtype of slot keys and values.
@@ -66,6 +74,7 @@ class CamelotConfig:
     count_bias: float = 0.7
     memory_distance: int | None = None
     placement: str = "fixed"
+    retrieve: str = "query"
     write_mode: str = "segment"
     recent: int = 128
     sink: int = 4
@@ -100,6 +109,7 @@ class CamelotConfig:
         _check_choice("search", self.search, BACKENDS)
         _check_choice("write_mode", self.write_mode, WRITE_MODES)
         _check_choice("placement", self.placement, PLACEMENTS)
+        _check_choice("retrieve", self.retrieve, RETRIEVALS)
         _check_choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)
         if self.memory_distance is not None:
             _check_int("memory_distance", self.memory_distance, low=0)
@@ -122,8 +132,10 @@ class CamelotConfig:
 
     @classmethod
     def paper(cls, **changes: Any) -> CamelotConfig:
-        """The CAMELoT paper's setting: consolidated slots alone, top-1 read, fixed placement."""
-        return cls(**{"recent": 0, "sink": 0, "top_k": 1, "count_bias": False, "placement": "fixed", **changes})
+        """The CAMELoT paper's setting: consolidated slots alone, a top-1 read of the slot nearest
+        each token's key, fixed placement."""
+        return cls(**{"recent": 0, "sink": 0, "top_k": 1, "retrieve": "key", "count_bias": False,
+                      "placement": "fixed", **changes})
 
     def replace(self, **changes: Any) -> CamelotConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

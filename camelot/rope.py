@@ -64,11 +64,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-def unrotate_keys(spec: RopeSpec | None, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Post-RoPE keys [B, H, T, D] at `positions` [T] -> position-free keys (fp32)."""
+def unrotate_keys(spec: RopeSpec | None, keys: torch.Tensor, positions: torch.Tensor,
+                  cos_sin_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Post-RoPE keys [B, H, T, D] at `positions` [T] -> position-free keys (fp32).
+    `cos_sin_at`: cos_sin(spec, positions) already computed."""
     if spec is None:
         return keys.float()
-    cos, sin = cos_sin(spec, positions, keys.device)
+    cos, sin = cos_sin(spec, positions, keys.device) if cos_sin_at is None else cos_sin_at
     raw = rotate(keys, cos, sin, inverse=True, interleaved=spec.interleaved)
     if spec.scaling != 1.0:
         # HF scales cos and sin by `scaling`, so a rotated key carries that factor once.
@@ -76,11 +78,14 @@ def unrotate_keys(spec: RopeSpec | None, keys: torch.Tensor, positions: torch.Te
     return raw
 
 
-def place_keys(spec: RopeSpec | None, raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Position-free keys [B, H, T, D] -> keys as HF would have rotated them at `positions` [T]."""
+def place_keys(spec: RopeSpec | None, raw: torch.Tensor, positions: torch.Tensor,
+               cos_sin_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Position-free keys [B, H, T, D] -> keys as HF would have rotated them at `positions` [T].
+    `cos_sin_at`: cos_sin(spec, positions) already computed (a caller placing keys at the same
+    positions every segment keeps it)."""
     if spec is None:
         return raw.float()
-    cos, sin = cos_sin(spec, positions, raw.device)
+    cos, sin = cos_sin(spec, positions, raw.device) if cos_sin_at is None else cos_sin_at
     out = rotate(raw, cos, sin, interleaved=spec.interleaved)
     return out * spec.scaling if spec.scaling != 1.0 else out
 

@@ -45,19 +45,32 @@ class TorchBf16Search:
     dense = False  # always a sparse top-k read: the attention must see exact logits
     score_dtype = torch.bfloat16  # the slot bank picks each written token's nearest slot in it too
 
-    def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def indices(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+        """The chosen slots alone [B, H, M, k'], for callers that score them their own way."""
         b, h, m, d = queries.shape
         n, sd = keys.shape[2], self.score_dtype
         # the validity term rides inside the matmul (baddbmm): a separate add over [M, N] in bf16 costs more
         unused = torch.where(valid, 0.0, float("-inf")).to(sd).view(b * h, 1, n)
         rough = torch.baddbmm(unused, queries.to(sd).view(b * h, m, d), keys.to(sd).view(b * h, n, d).transpose(-1, -2))
-        idx = rowwise_topk(rough.view(b, h, m, n), min(k, n))[1]  # [B, H, M, k]
+        return rowwise_topk(rough.view(b, h, m, n), min(k, n))[1]
+
+    def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.indices(queries, keys, valid, k)  # [B, H, M, k]
         chosen = gather_rows(keys, idx)  # [B, H, M, k, D]
         # elementwise, not a batch of M*k tiny matmuls (those are slower on CPU)
         scores = (chosen.to(queries.dtype) * queries[..., None, :]).sum(-1)
         scores = scores.masked_fill(~valid.gather(2, idx.flatten(2)).view_as(idx), float("-inf"))
         return scores, idx
+
+
+def top_indices(search: SearchBackend, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                k: int) -> torch.Tensor:
+    """Only the slots a backend picks [B, H, M, k'] (it may skip scoring them exactly); picks past
+    the valid slots, where fewer than k are valid, are invalid slots: check `valid` at them."""
+    if hasattr(search, "indices"):
+        return search.indices(queries, keys, valid, k)
+    return search.topk(queries, keys, valid, k)[1]
 
 
 # torch: exact, batched over heads (default). torch-bf16: bfloat16 candidates, exact scores of the

@@ -261,12 +261,13 @@ def _check_file(path: str | Path) -> Path:
         head = f.read(9)
     # A safetensors file opens with its header length (8 bytes, little-endian) and then "{"; a
     # length whose low byte is 0x80 would otherwise look like a pickle's opcode.
+    # Too short first: a cut-off snapshot whose header length starts with 0x80 is not a pickle.
+    if len(head) < 8:
+        raise SnapshotError(f"{path}: truncated or empty ({len(head)} bytes), not a camelot snapshot")
     safetensors_shaped = len(head) == 9 and head[8:9] == b"{"
     if not safetensors_shaped and any(head.startswith(m) for m in _PICKLE_MAGIC):
         raise SnapshotError(f"{path}: holds pickle data (torch.save / pickle); camelot loads only safetensors "
                             "snapshots and never unpickles a file")
-    if len(head) < 8:
-        raise SnapshotError(f"{path}: truncated or empty ({len(head)} bytes), not a camelot snapshot")
     return path
 
 

@@ -101,6 +101,7 @@ class CamelotModel:
             layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory, prefix=prefix,
             sink=sink, search=search, top_k=cfg.top_k,
             distance=cfg.distance, count_bias=cfg.count_bias, placement=cfg.placement,
+            retrieve=cfg.retrieve,
             max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 
     # ------------------------------------------------------------------ lifecycle

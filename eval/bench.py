@@ -23,7 +23,7 @@ import json
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 
 from camelot import topk as native_topk
 from camelot.cli import UserError, parse_count_bias, parse_top_k
-from camelot.config import CamelotConfig
+from camelot.config import RETRIEVALS, CamelotConfig
 from camelot.search import BACKENDS, TorchExactSearch
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
@@ -110,6 +110,7 @@ class Row:
     peak_rss: int = 0
     state_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    seg_times: list[float] = field(default_factory=list)  # seconds of each segment, every round
 
     @property
     def tokens_per_second(self) -> float:
@@ -172,7 +173,7 @@ def run_wrapped(model, ids: torch.Tensor, cfg: CamelotConfig, label: str, prefil
                 times.append(time.perf_counter() - t0)
         row = Row(label, cfg.strategy, cfg.slots if cfg.strategy in ("camelot", "sliding") else None,
                   cfg.search if cfg.strategy in ("camelot", "knn") else None, ids.shape[1], len(spans),
-                  sum(times), statistics.median(times), rss.peak, state_bytes(cm))
+                  sum(times), statistics.median(times), rss.peak, state_bytes(cm), seg_times=times)
         if probe:
             probes = [rt.search for rt in cm.runtimes if isinstance(rt.search, RecallProbe)]
             found, total = sum(p.found for p in probes), sum(p.total for p in probes)
@@ -195,7 +196,7 @@ def run_full(model, ids: torch.Tensor) -> Row:
 
 # ---------------------------------------------------------------------------- tables
 def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[str], slots: list[int],
-               backends: list[str], progress: bool) -> list[Row]:
+               backends: list[str], progress: bool, retrieves: tuple[str, ...] = ("query",)) -> list[Row]:
     warm = ids[:, : 2 * base.window]  # first forwards pay one-off costs (allocator, kernels): not timed
     run_wrapped(model, warm, base.replace(strategy="window"), "warm-up", progress=False)
     run_wrapped(model, warm, base.replace(strategy="camelot", slots=min(slots)), "warm-up", progress=False)
@@ -207,10 +208,15 @@ def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[s
             rows.append(run_wrapped(model, ids, base.replace(strategy="knn", search=b), f"knn {b}",
                                     progress=progress))
     if "camelot" in strategies:
+        if base.top_k is None:  # every slot is read: nothing to pick
+            retrieves = ("query",)
         for s in slots:
             for b in backends:
-                cfg = base.replace(strategy="camelot", slots=s, search=b)
-                rows.append(run_wrapped(model, ids, cfg, f"camelot slots={s} {b}", prefill=True, progress=progress))
+                for r in retrieves:
+                    cfg = base.replace(strategy="camelot", slots=s, search=b, retrieve=r)
+                    label = f"camelot slots={s} {b}" + ("" if r == "query" else f" by {r}")
+                    rows.append(run_wrapped(model, ids, cfg, label, prefill=True, progress=progress))
+                    rows[-1].extra["retrieve"] = r
             if "torch" in backends and base.top_k is not None:  # the library default: read every slot
                 cfg = base.replace(strategy="camelot", slots=s, search="torch", top_k=None)
                 rows.append(run_wrapped(model, ids, cfg, f"camelot slots={s} torch all", prefill=True,
@@ -311,13 +317,33 @@ def _mib(b: int) -> str:
     return f"{b / 2**20:.0f}"
 
 
+def pool_rounds(rounds: list[list[Row]]) -> list[Row]:
+    """The rows of several interleaved rounds as one: segment times pooled (the median over all
+    of them), totals summed. Rounds interleave every configuration, so a drift of the machine's
+    speed during the run reaches all of them alike."""
+    pooled: dict[str, Row] = {}
+    for row in (r for rows in rounds for r in rows):
+        p = pooled.get(row.label)
+        if p is None:
+            pooled[row.label] = replace(row, seg_times=list(row.seg_times), extra=dict(row.extra))
+            continue
+        p.seg_times += row.seg_times
+        p.tokens, p.segments, p.seconds = p.tokens + row.tokens, p.segments + row.segments, p.seconds + row.seconds
+        p.peak_rss = max(p.peak_rss, row.peak_rss)
+        p.seg_median = statistics.median(p.seg_times)
+    return list(pooled.values())
+
+
 def speed_table(rows: list[Row]) -> str:
-    w = rows[0]
+    """Ratios against window-only measured first and again last: both runs' segments pooled."""
+    windows = [r for r in rows if r.strategy == "window"]
+    base = statistics.median([t for r in windows for t in r.seg_times] or [windows[0].seg_median])
+    base_tps = sum(r.tokens for r in windows) / sum(r.seconds for r in windows)
     out = ["| run | segments | time/segment (ms) | × window | tokens/s | × window | state MiB |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r.label} | {r.segments} | {1e3 * r.seg_median:.1f} | {r.seg_median / w.seg_median:.2f} | "
-                   f"{r.tokens_per_second:.0f} | {r.tokens_per_second / w.tokens_per_second:.2f} | "
+        out.append(f"| {r.label} | {r.segments} | {1e3 * r.seg_median:.1f} | {r.seg_median / base:.2f} | "
+                   f"{r.tokens_per_second:.0f} | {r.tokens_per_second / base_tps:.2f} | "
                    f"{_mib(r.state_bytes)} |")
     return "\n".join(out)
 
@@ -380,10 +406,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--count-bias", type=parse_count_bias, default=CamelotConfig.count_bias,
                    help="factor of the log(count / mean count) bias: a number, on or off")
     p.add_argument("--placement", default=CamelotConfig.placement, choices=("fixed", "recency"))
+    p.add_argument("--retrieve", default="query,group",
+                   help=f"how top-k reads pick slots, each timed ({','.join(RETRIEVALS)}): query = each query "
+                   "head's own top-k; group = one search per KV head for its query heads together; key = the "
+                   "paper's rule, the slots nearest the token's key")
     p.add_argument("--slots", default="512,2048,8192", help="camelot slots per KV head to time")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"from {','.join(BACKENDS)}")
     p.add_argument("--strategies", default="recurrent,knn,camelot", help="besides window, which to time")
     p.add_argument("--tokens", type=int, default=2048, help="document length of the speed and recall tables")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the speed table's runs this many times, interleaved, and pool their segments")
     p.add_argument("--lengths", default="4096,16384",
                    help="document lengths of the growth table (the issue's: 4096,16384,65536,262144)")
     p.add_argument("--growth-strategies", default="window,camelot,knn,full")
@@ -411,11 +443,14 @@ def run_cli(args: argparse.Namespace) -> int:
     strategies = _names(args.strategies, ("recurrent", "knn", "camelot"), "strategies")
     growth = _names(args.growth_strategies, ("window", "camelot", "knn", "full", "recurrent"), "growth-strategies")
     skip = set(_names(args.skip, ("speed", "growth", "recall", "profile"), "skip")) if args.skip else set()
+    retrieves = tuple(_names(args.retrieve, RETRIEVALS, "retrieve"))
     try:
         base = CamelotConfig(window=args.window, top_k=args.top_k, threshold=args.threshold, recent=args.recent,
                              sink=args.sink, count_bias=args.count_bias, placement=args.placement, slots=max(slots))
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     if args.tokens < 3 * args.window:
         raise UserError(f"--tokens must cover at least 3 windows ({3 * args.window}), got {args.tokens}")
     docs = load_documents(args.data)
@@ -433,9 +468,12 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"# camelot bench: {args.model}, window {args.window}, top_k {args.top_k}, placement {args.placement}, "
           f"{torch.get_num_threads()} thread(s), {args.device}; CPU top-k: {selector}\n")
     if "speed" not in skip:
-        rows = speed_rows(model, ids[:, : args.tokens], base, strategies, slots, backends, progress)
+        rows = pool_rounds([speed_rows(model, ids[:, : args.tokens], base, strategies, slots, backends, progress,
+                                       retrieves) for _ in range(args.rounds)])
         report["speed"] = [asdict(r) for r in rows]
-        print(f"## Speed ({args.tokens} tokens; camelot banks full)\n\n{speed_table(rows)}\n")
+        rounds = f", {args.rounds} interleaved rounds" if args.rounds > 1 else ""
+        print(f"## Speed ({args.tokens} tokens{rounds}; camelot banks full; × window: against the median "
+              f"segment of both window runs)\n\n{speed_table(rows)}\n")
     if "growth" not in skip:
         rows = growth_rows(model, ids, base.replace(slots=2048 if 2048 in slots else slots[0]), lengths, growth,
                            args.knn_max, args.full_max, progress)

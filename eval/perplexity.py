@@ -49,6 +49,7 @@ class Sweep:
     count_biases: tuple[float, ...] = (CamelotConfig.count_bias,)
     memory_distances: tuple[int | None, ...] = (None,)
     placements: tuple[str, ...] = (CamelotConfig.placement,)
+    retrieves: tuple[str, ...] = (CamelotConfig.retrieve,)
     layers: tuple[list[int] | None, ...] = (None,)
     recents: tuple[int, ...] = (CamelotConfig.recent,)
     sinks: tuple[int, ...] = (CamelotConfig.sink,)
@@ -116,12 +117,12 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
             elif strategy == "knn":
                 grid = _product(top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
-                                layers=sweep.layers)
+                                retrieve=sweep.retrieves, layers=sweep.layers)
             else:
                 grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
                                 top_k=sweep.top_ks, count_bias=sweep.count_biases,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
-                                layers=sweep.layers)
+                                retrieve=sweep.retrieves, layers=sweep.layers)
             for params in grid:
                 try:
                     cfg = CamelotConfig(window=w, strategy=strategy, **base, **params)
@@ -148,6 +149,8 @@ def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
         if k == "layers" and len(sweep.layers) == 1 and v is None:
             continue
         if k == "placement" and len(sweep.placements) == 1:
+            continue
+        if k == "retrieve" and len(sweep.retrieves) == 1:
             continue
         if k in ("recent", "sink") and v == 0 and len(getattr(sweep, k + "s")) == 1:
             continue
@@ -306,6 +309,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         count_biases=parse_list(args.count_bias, parse_count_bias, "count-bias"),
         memory_distances=parse_list(args.memory_distance, parse_distance, "memory-distance"),
         placements=parse_list(args.placement, str, "placement"),
+        retrieves=parse_list(args.retrieve, str, "retrieve"),
         layers=parse_layers(args.layers),
         search=args.search,
         write_mode=args.write_mode,
@@ -340,6 +344,9 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     p.add_argument("--placement", default=dflt["placement"],
                    help="where memory sits for rotary models: recency (each slot at its last write) or fixed "
                    "(all at --memory-distance, the paper); fixed,recency sweeps")
+    p.add_argument("--retrieve", default=d.retrieve,
+                   help="how a top-k read picks slots: query (each query head's highest logits) or key (the "
+                   "paper's rule: the slots nearest the token's key, one search per KV head); query,key sweeps")
     p.add_argument("--layers", default="default",
                    help="layers with memory: default (the adapter's choice: all, or gemma2/3's full-attention "
                    "layers), all, or a list like 0-14,20; '/' sweeps: default/all")

@@ -65,6 +65,99 @@ def test_top_k_reads_only_the_best_slots(search, n):
     assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
 
 
+def _bank_with(keys: torch.Tensor, values: torch.Tensor, used: int):
+    """A slot bank holding keys/values [1, H, S, D] whose first `used` slots are in use."""
+    from camelot.memory import SlotBank
+
+    h, s = keys.shape[1], keys.shape[2]
+    bank = SlotBank(s, 0.99)
+    counts = (torch.arange(s) < used).long().expand(1, h, s).contiguous()
+    bank.load_state_dict({"keys": keys, "values": values, "counts": counts, "ages": torch.zeros(1, h, s).long(),
+                          "telemetry": torch.zeros(5).long()})
+    return bank
+
+
+@pytest.mark.parametrize("retrieve", ["group", "key"])
+@pytest.mark.parametrize("search", ["torch", "sparse", "torch-bf16"])
+@pytest.mark.parametrize("used", [64, 2])
+def test_shared_reads_pick_per_kv_head_and_attend_exactly(retrieve, search, used):
+    """group / key: each token's k slots are chosen once per KV head (by the sum of its query
+    heads' logits, or by nearness to the token's own key) and all its query heads attend exactly
+    over local keys + those slots. With 2 used slots of 64 a pick past them must read nothing."""
+    from camelot.search import make_backend
+
+    torch.manual_seed(7)
+    spec, d, hkv, g, m, n, dist, top = _spec(), 8, 2, 3, 5, 64, 6, 4
+    # well separated scores, so that bfloat16 candidates pick the same slots as exact search
+    k_raw = torch.randn(1, hkv, n, d) * 3
+    v_mem = torch.randn(1, hkv, n, d)
+    backend = SparseExactSearch() if search == "sparse" else make_backend(search)
+    rt = LayerRuntime(0, spec, _bank_with(k_raw, v_mem, used), None, backend, top_k=top, distance=dist,
+                      count_bias=False, record_reads=True, retrieve=retrieve)
+    pos = torch.arange(m)
+    q_raw, kl_raw, v_loc = torch.randn(1, hkv * g, m, d), torch.randn(1, hkv, m, d), torch.randn(1, hkv, m, d)
+    q, k_loc = place_keys(spec, q_raw, pos), place_keys(spec, kl_raw, pos)
+    out = rt.attend(q, k_loc, v_loc, scaling=0.3, softcap=None, sliding_window=None).transpose(1, 2)
+    k_mem = place_keys(spec, k_raw, torch.full((n,), -dist))  # [1, Hkv, S, D]
+    for h in range(hkv):
+        qh = q[0, h * g : (h + 1) * g]  # [G, m, D]
+        if retrieve == "group":
+            score = qh.sum(0) @ k_mem[0, h].T  # [m, S]
+        else:
+            score = kl_raw[0, h] @ k_raw[0, h].T
+        score[:, used:] = float("-inf")
+        for t in range(m):
+            best = score[t].topk(min(top, used)).indices
+            read = rt.last_read.slots[0, h, :, t]  # [G, k]
+            assert all(set(read[j][rt.last_read.weights[0, h, j, t] > 0].tolist()) == set(best.tolist())
+                       for j in range(g))
+            k_all = torch.cat([k_loc[0, h, : t + 1], k_mem[0, h, best]])
+            v_all = torch.cat([v_loc[0, h, : t + 1], v_mem[0, h, best]])
+            ref = torch.softmax(qh[:, t] @ k_all.T * 0.3, -1) @ v_all  # [G, D]
+            assert torch.allclose(out[0, h * g : (h + 1) * g, t], ref, atol=1e-5)
+
+
+def test_group_read_of_a_model_without_grouped_heads_is_the_query_read():
+    torch.manual_seed(8)
+    spec, d, h, m, n = _spec(), 8, 2, 6, 80
+    bank = _bank_with(torch.randn(1, h, n, d), torch.randn(1, h, n, d), n)
+    q, k, v = torch.randn(1, h, m, d), torch.randn(1, h, m, d), torch.randn(1, h, m, d)
+    outs, reads = [], []
+    for retrieve in ("query", "group"):
+        rt = LayerRuntime(0, spec, bank, None, TorchExactSearch(), top_k=3, distance=4, count_bias=0.7,
+                          record_reads=True, retrieve=retrieve)
+        outs.append(rt.attend(q, k, v, 0.4, None, None))
+        reads.append(rt.last_read.slots.sort(-1).values)
+    assert torch.equal(reads[0], reads[1]) and torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_key_read_keeps_position_free_keys_for_the_write_and_drops_them_when_local_k_is_replaced():
+    """The key read un-rotates each new key once; flush writes those same keys to memory, unless
+    the open segment was replaced from outside (a checkpoint or snapshot restore)."""
+    from camelot.memory import SlotBank
+
+    torch.manual_seed(9)
+    spec, d = _spec(), 8
+    runtimes = {r: LayerRuntime(0, spec, SlotBank(32, 0.9), None, TorchExactSearch(), top_k=2, distance=3,
+                                count_bias=False, retrieve=r) for r in ("query", "key")}
+    k_raw, v = torch.randn(1, 1, 7, d), torch.randn(1, 1, 7, d)
+    k_rot = place_keys(spec, k_raw, torch.arange(7))
+    for rt in runtimes.values():
+        for a, e in ((0, 3), (3, 4), (4, 7)):  # an open segment filled in steps, as generation does
+            rt.attend(torch.randn(1, 1, e - a, d), k_rot[:, :, a:e], v[:, :, a:e], 0.5, None, None)
+        rt.flush()
+    banks = [rt.memory.state_dict() for rt in runtimes.values()]
+    assert torch.allclose(banks[0]["keys"], banks[1]["keys"], atol=1e-6)
+    assert torch.equal(banks[0]["counts"], banks[1]["counts"])
+    assert torch.allclose(banks[1]["keys"][0, 0, :7], k_raw[0, 0], atol=1e-5)  # threshold 0.9: all novel
+
+    rt = runtimes["key"]
+    rt.attend(torch.randn(1, 1, 2, d), k_rot[:, :, :2], v[:, :, :2], 0.5, None, None)
+    other = torch.randn(1, 1, 2, d)
+    rt.local_k = place_keys(spec, other, torch.arange(2))  # replaced: the cached raw keys are stale
+    assert torch.allclose(rt._local_raw(), other, atol=1e-5)
+
+
 def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_raw_tokens():
     from camelot.memory import SlotBank
 
@@ -90,6 +183,33 @@ def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_ra
         rt.count_bias, rt.local_k, rt.local_v = b, None, None  # a fresh open segment
         out = rt.attend(q, k_loc, v_loc, 1.0, None, None)
         assert torch.allclose(out.transpose(1, 2), expected(b), atol=1e-5)
+
+
+def test_count_bias_follows_every_change_of_the_memory():
+    """The bias is kept between reads of an unchanged memory: a write, a reset or a load must
+    each be seen by the next read."""
+    from camelot.memory import SlotBank
+
+    torch.manual_seed(5)
+    d = 8
+    bank = SlotBank(4, 0.99, torch.float32)
+    key, other = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    bank.write(key, torch.randn(1, 1, 1, d))
+    bank.write(torch.cat([key, other], 2), torch.randn(1, 1, 2, d))  # counts 2 and 1
+    rt = LayerRuntime(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0)
+    state = bank.state_dict()
+    state = {n: t.clone() for n, t in state.items()}
+
+    def bias_now():
+        rt.local_k = rt.local_v = None
+        rt.attend(torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), 1.0, None, None)
+        return rt._bias[1][0, 0, :2]
+
+    assert torch.allclose(bias_now(), torch.tensor([2 / 1.5, 1.0]).log().clamp(min=0))
+    bank.write(torch.cat([key] * 4, 2), torch.randn(1, 1, 4, d))  # counts 6 and 1, mean 3.5
+    assert torch.allclose(bias_now(), torch.tensor([6 / 3.5, 1.0]).log().clamp(min=0))
+    bank.load_state_dict(state)  # back to counts 2 and 1
+    assert torch.allclose(bias_now(), torch.tensor([2 / 1.5, 1.0]).log().clamp(min=0))
 
 
 def test_read_does_not_drift_as_counts_grow_with_the_document():

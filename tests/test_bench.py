@@ -22,7 +22,7 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--top-k", "2",
                "--recent", "0", "--sink", "0",
-               "--tokens", "64", "--slots", "16,32", "--backends", "torch,faiss,faiss-ivf",
+               "--tokens", "64", "--rounds", "2", "--slots", "16,32", "--backends", "torch,faiss,faiss-ivf",
                "--lengths", "48,96", "--knn-max", "48", "--full-max", "96", "--no-progress", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -33,7 +33,9 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     labels = [r["label"] for r in report["speed"]]
     assert labels[0] == "window" and labels[-1] == "window (again)"
     assert "camelot slots=32 faiss-ivf" in labels and "knn faiss" in labels and "recurrent" in labels
-    assert all(r["segments"] == 4 and r["tokens"] == 64 for r in report["speed"])
+    assert "camelot slots=32 torch by group" in labels and "camelot slots=32 faiss by group" in labels
+    # two interleaved rounds pooled: every row holds both rounds' segments
+    assert all(r["segments"] == 8 and r["tokens"] == 128 and len(r["seg_times"]) == 8 for r in report["speed"])
     # a full bank of 32 slots x kv heads x layers is what camelot holds, whatever the document
     held = {r["label"]: r["state_bytes"] for r in report["speed"]}
     # 2 layers x 2 KV heads x (slots + 1 scratch) x (16-dim fp32 key + value, int64 count + age)
@@ -49,6 +51,8 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
 def test_bench_rejects_bad_options(tiny_model_dir, capsys):  # noqa: F811
     rc = main(["bench", "--model", str(tiny_model_dir), "--backends", "torch,annoy"])
     assert rc == 2 and "annoy" in capsys.readouterr().err
+    rc = main(["bench", "--model", str(tiny_model_dir), "--rounds", "0"])
+    assert rc == 2 and "--rounds" in capsys.readouterr().err
     rc = main(["bench", "--model", str(tiny_model_dir), "--slots", "12x"])
     assert rc == 2 and "--slots" in capsys.readouterr().err
 

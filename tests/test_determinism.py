@@ -45,8 +45,10 @@ def full_state(cm) -> dict[str, Any]:
     for rt in cm.runtimes:
         _walk(rt, f"layer{rt.layer_idx}", out, set())
     # cumulative cost counters of the faiss index backends (updates, rebuilds): telemetry about the
-    # process, not memory content, and documented to accumulate across documents
-    return {k: v for k, v in out.items() if ".search.stats" not in k}
+    # process, not memory content, and documented to accumulate across documents; and a memory's
+    # change counter, which must keep growing across resets so that what readers derived from an
+    # earlier content (the count bias) is never taken for the new one's
+    return {k: v for k, v in out.items() if ".search.stats" not in k and not k.endswith(".memory.version")}
 
 
 def _walk(obj: Any, name: str, out: dict[str, Any], seen: set[int]) -> None:

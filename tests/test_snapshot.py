@@ -207,3 +207,6 @@ def test_a_header_length_that_looks_like_a_pickle_opcode_still_loads(fed, tmp_pa
     else:
         pytest.fail("no padding gave a header length with low byte 0x80")
     assert cm.memory.load(path)["user.pad"] == "x" * n
+    # cut short, the same file is truncated, not pickle
+    (tmp_path / "cut.camelot").write_bytes(path.read_bytes()[:5])
+    _refused(cm, tmp_path / "cut.camelot", "truncated or empty")

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from camelot import topk as native
-from camelot.rows import copy_rows_, gather_rows
+from camelot.rows import copy_rows_, finite_rows, gather_rows
 
 HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
 
@@ -137,3 +137,42 @@ def test_rows_split_over_threads_land_in_their_own_places(dtype):
         _check(x, 6)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_the_kernel_without_avx512_is_exact_too(tmp_path):
+    """Where the CPU has no AVX-512 the second pass takes its chunk masks from a plain loop: build
+    it that way here (a compiler wrapper adds -mno-avx512f) and check it against torch."""
+    cc = tmp_path / "cc-no-avx512"
+    cc.write_text(f'#!/bin/sh\nexec {shutil.which(os.environ.get("CC", "cc"))} "$@" -mno-avx512f\n')
+    cc.chmod(0o755)
+    code = ("import torch\n"
+            "from camelot import topk as t\n"
+            "assert t.native_library() is not None, t.why_not()\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "for dtype in (torch.float32, torch.bfloat16):\n"
+            "    for x in (torch.randn(40, 2049, generator=g), torch.randint(0, 3, (40, 700), generator=g).float()):\n"
+            "        x = x.to(dtype)\n"
+            "        x[3] = float('-inf'); x[4, 5:] = float('-inf')\n"
+            "        for k in (1, 8, 32):\n"
+            "            r, ref = t.topk(x, k), x.topk(k, -1)\n"
+            "            assert torch.equal(r.values, ref.values) and torch.equal(x.gather(-1, r.indices), r.values)\n"
+            "            assert (r.indices.sort(-1).values.diff(dim=-1) > 0).all()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CAMELOT_CACHE": str(tmp_path), "CC": str(cc)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert list(tmp_path.glob("*.so")), "the kernel was not built with the wrapper"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_rows_flags_every_nan_and_inf_and_nothing_else(dtype):
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    big = torch.finfo(dtype).max
+    k[0, 0, 1, 3], v[0, 1, 2, 7], k[1, 2, 3, 0] = float("nan"), float("inf"), -float("inf")
+    k[1, 0, 5], v[1, 0, 5] = big, -big  # huge but finite in both: must stay finite
+    v[0, 2, 6, 0], k[0, 2, 6, 1] = float("nan"), float("inf")
+    k, v = k.to(dtype), v.to(dtype)
+    ref = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)
+    assert torch.equal(finite_rows(k, v), ref) and int((~ref).sum()) == 4

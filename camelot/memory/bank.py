@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from camelot.rows import copy_rows_, gather_rows
+from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import topk as rowwise_topk
 
 # merged: joined a slot; new: took a free slot; evicted: replaced the oldest slot;
@@ -42,11 +42,13 @@ class SlotBank:
         self.ages: torch.Tensor | None = None  # [B, H, S+1] int64
         self.telemetry: torch.Tensor | None = None  # [5] int64, TELEMETRY_FIELDS
         self.empty = True  # host-side: no write has happened since reset
+        self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
         self.keys = self.values = self.counts = self.ages = self.telemetry = None
         self.empty = True
+        self.version += 1
 
     @property
     def allocated(self) -> bool:
@@ -107,15 +109,16 @@ class SlotBank:
         else:
             self._write_segment(k, v)
         self.empty = False
+        self.version += 1
 
     def _write_segment(self, k: torch.Tensor, v: torch.Tensor) -> None:
         b, h, t, _ = k.shape
         s = self.slots
         dev = k.device
-        finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # [B,H,T]
-        # Non-finite states are skipped, but zeroed so no NaN reaches arithmetic via 0 * NaN.
-        k = torch.where(finite[..., None], k, 0)
-        v = torch.where(finite[..., None], v, 0)
+        finite = finite_rows(k, v)  # [B,H,T]
+        # Non-finite states are skipped, but made finite so no NaN reaches arithmetic via 0 * NaN.
+        k = k.nan_to_num(0.0, 0.0, 0.0)
+        v = v.nan_to_num(0.0, 0.0, 0.0)
 
         used = self.counts[..., :s] > 0  # [B,H,S]
         kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
@@ -219,3 +222,4 @@ class SlotBank:
         self.ages[..., :s] = state["ages"].to(dev, torch.long)
         self.telemetry.copy_(state["telemetry"].to(dev, torch.long))
         self.empty = not bool((self.counts > 0).any())
+        self.version += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from camelot.memory.bank import TELEMETRY_FIELDS
+from camelot.rows import finite_rows
 
 
 class TokenStore:
@@ -13,6 +14,7 @@ class TokenStore:
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
+        self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
         self.reset()
 
     def reset(self) -> None:
@@ -22,6 +24,7 @@ class TokenStore:
         self.size = 0
         self.telemetry: torch.Tensor | None = None
         self.empty = True
+        self.version += 1
 
     @property
     def allocated(self) -> bool:
@@ -39,7 +42,7 @@ class TokenStore:
         if t == 0:
             return
         self.check_batch(b)
-        finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)
+        finite = finite_rows(k, v)
         k = torch.where(finite[..., None], k, 0).to(self.dtype)
         v = torch.where(finite[..., None], v, 0).to(self.dtype)
         need = self.size + t
@@ -60,6 +63,7 @@ class TokenStore:
         self.valid[:, :, self.size : need] = finite
         self.size = need
         self.empty = False
+        self.version += 1
         zero = torch.zeros((), dtype=torch.long, device=k.device)
         self.telemetry += torch.stack([zero, finite.sum(), zero, zero, (~finite).sum()])
 
@@ -92,6 +96,7 @@ class TokenStore:
         self.size = self.keys.shape[2]
         self.telemetry = state["telemetry"].to(dev, torch.long).clone()
         self.empty = self.size == 0
+        self.version += 1
 
 
 class RawWindow:
@@ -121,7 +126,7 @@ class RawWindow:
         """Append k/v [B, H, T, D]; returns the (keys, values) pushed out of the window, oldest
         first, or None. A pushed-out null token comes back as NaN, so a memory it moves on to
         skips it instead of storing a zero key."""
-        finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # [B, H, T]
+        finite = finite_rows(k, v)  # [B, H, T]
         k = torch.where(finite[..., None], k, 0)
         v = torch.where(finite[..., None], v, 0)
         bad = (~finite).sum()  # stays a tensor: no host sync per segment
@@ -167,7 +172,7 @@ class SinkTokens:
         take = min(self.length - self.size, k.shape[2])
         if take > 0:
             head_k, head_v = k[:, :, :take], v[:, :, :take]
-            finite = (torch.isfinite(head_k).all(-1) & torch.isfinite(head_v).all(-1))[..., None]
+            finite = finite_rows(head_k, head_v)[..., None]
             head_k, head_v = torch.where(finite, head_k, 0).float(), torch.where(finite, head_v, 0).float()
             if self.keys is not None:
                 head_k = torch.cat([self.keys, head_k], dim=2)
