@@ -98,8 +98,9 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
     p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
                    help="where memory sits for rotary models (recency: each slot at its last write)")
     p.add_argument("--retrieve", default=d["retrieve"], choices=RETRIEVALS,
-                   help="how a top-k read picks slots: each query head's highest logits, or the slots nearest "
-                   "the token's key (the paper's rule; one search per KV head, cheaper)")
+                   help="how a top-k read picks slots: query (each query head's highest logits), group (one "
+                   "top-k per KV head for its query heads together: cheaper) or key (the paper's rule: the slots "
+                   "nearest the token's key)")
     p.add_argument("--search", default=d["search"], help=f"search backend ({', '.join(BACKENDS)})")
 
 

@@ -345,8 +345,9 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
                    help="where memory sits for rotary models: recency (each slot at its last write) or fixed "
                    "(all at --memory-distance, the paper); fixed,recency sweeps")
     p.add_argument("--retrieve", default=d.retrieve,
-                   help="how a top-k read picks slots: query (each query head's highest logits) or key (the "
-                   "paper's rule: the slots nearest the token's key, one search per KV head); query,key sweeps")
+                   help="how a top-k read picks slots: query (each query head's highest logits), group (one "
+                   "top-k per KV head for its query heads together: cheaper) or key (the paper's rule: the slots "
+                   "nearest the token's key); query,group sweeps")
     p.add_argument("--layers", default="default",
                    help="layers with memory: default (the adapter's choice: all, or gemma2/3's full-attention "
                    "layers), all, or a list like 0-14,20; '/' sweeps: default/all")

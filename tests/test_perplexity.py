@@ -41,6 +41,10 @@ def test_plan_multiplies_only_memory_settings():
     assert len(runs["camelot"]) == 2 * 2 * 2 * 2 * 2 * 2  # windows x slots x recent x threshold x top_k x bias
     assert len(runs["full"]) == 1
     assert {s.config.slots for s in runs["sliding"]} == {32, 40, 64, 72}  # the budget camelot has
+    swept = _by_strategy_specs(plan_runs(Sweep(strategies=("window", "camelot"), top_ks=(2,),
+                                               retrieves=("query", "group"))))
+    assert [s.config.retrieve for s in swept["camelot"]] == ["query", "group"] and len(swept["window"]) == 1
+    assert [s.label.split()[-1] for s in swept["camelot"]] == ["retrieve=query", "retrieve=group"]
 
 
 def _by_strategy_specs(specs) -> dict[str, list]:
@@ -55,6 +59,8 @@ def test_plan_rejects_bad_settings_before_running():
         plan_runs(Sweep(strategies=("camelot",), slots=(2,), top_ks=(4,)))
     with pytest.raises(UserError, match="unknown strategy"):
         plan_runs(Sweep(strategies=("window", "magic")))
+    with pytest.raises(UserError, match="retrieve"):
+        plan_runs(Sweep(strategies=("camelot",), retrieves=("nearest",)))
     assert parse_layers("default/all/0-2,5") == (None, "all", [0, 1, 2, 5])
     with pytest.raises(UserError, match="layer list"):
         parse_layers("a-b")
