@@ -6,10 +6,12 @@ camelot segment selects for every query row of every layer (SmolLM2: 30 layers x
 selection alone was ~90 ms of a ~380 ms window-only segment. The kernel is exact (same values as
 torch.topk; among equal scores the lower index) and ~3x cheaper on real scores (docs/speed.md).
 
-The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
+The C sources are compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$CAMELOT_CACHE` (default `~/.cache/camelot`), in well under a second, and loaded with ctypes:
-no torch headers, no build step at install time. Where there is no compiler, or the build
-fails, or `CAMELOT_NATIVE_TOPK=0`, every call uses torch.topk (one warning says why).
+no torch headers, no build step at install time. The same library carries the bookkeeping of
+a slot-bank write (camelot/csrc/consolidate.c, used by camelot/memory/bank.py). Where there is
+no compiler, or the build fails, or `CAMELOT_NATIVE_TOPK=0`, every call uses torch.topk and
+every write its torch code (one warning says why).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "topk.c"
+# one library: the top-k kernel, and the bank write's bookkeeping (camelot/memory/bank.py)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("topk.c", "consolidate.c"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
 MIN_SLOTS = 64  # below this torch.topk is as cheap and the kernel is not worth a call
 ROWS_PER_THREAD = 64  # fewer rows than this per thread: splitting costs more than it saves
@@ -45,18 +48,19 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     cc = os.environ.get("CC", "cc")
     # -march=native: the binary belongs to this machine (and compiler), so both name it
     key = hashlib.sha256(src + " ".join((cc, *FLAGS, platform.node(), platform.machine())).encode()).hexdigest()
-    out = _cache_dir() / f"topk-{key[:16]}.so"
+    out = _cache_dir() / f"camelot-native-{key[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target and rename: a concurrent process never loads a half-written file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            res = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                 timeout=120)
             if res.returncode != 0:
                 raise OSError(f"{cc} failed: {res.stderr.strip()[:500]}")
             os.replace(tmp, out)
@@ -69,6 +73,9 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
     lib.camelot_topk_max_k.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.camelot_consolidate_f32.argtypes = [i64, i64, i64, i64, i64, ctypes.c_float] + [ptr] * 10
+    lib.camelot_consolidate_f32.restype = ctypes.c_int
     lib.max_k = lib.camelot_topk_max_k()  # its lane count: k lanes bound the k-th score from below
     return lib
 
@@ -87,8 +94,9 @@ def native_library() -> ctypes.CDLL | None:
             try:
                 _lib = _build()
             except (OSError, subprocess.SubprocessError) as e:
-                _why_not = f"could not build camelot/csrc/topk.c ({e})"
-                warnings.warn(f"camelot: native top-k unavailable, using torch.topk: {_why_not}",
+                _why_not = f"could not build camelot/csrc/*.c ({e})"
+                warnings.warn("camelot: native kernels unavailable (top-k, bank writes), using torch.topk and "
+                              f"torch code: {_why_not}",
                               RuntimeWarning, stacklevel=3)
         _tried = True
         return _lib

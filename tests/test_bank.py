@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -206,3 +207,58 @@ def test_eviction_order_by_top_t_equals_the_stable_sort_of_every_slot(monkeypatc
     for name in ("keys", "values", "counts", "ages", "telemetry"):
         assert torch.equal(states[0][name], states[1][name]), name
     assert states[0]["telemetry"][2] > 0  # evictions happened
+
+
+class _TorchBookkeeping(SlotBank):
+    """The reference: every write's bookkeeping in torch, never the C kernel."""
+
+    def _native_bookkeeping(self, *args) -> bool:
+        return False
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 2), heads=st.integers(1, 3), slots=st.integers(1, 12),
+       thr=st.sampled_from([-1.0, 0.0, 0.5, 0.9, 0.99, 1.0]), mode=st.sampled_from(["segment", "token"]),
+       bf16=st.booleans(), steps=st.integers(1, 5))
+def test_the_c_bookkeeping_of_a_write_matches_the_torch_one(seed, rows, heads, slots, thr, mode, bf16, steps):
+    """camelot/csrc/consolidate.c against the torch code it replaces on CPU float32 banks: the same
+    counts, ages and telemetry exactly, the same keys and values to float rounding (its sums run
+    in token order), through merges of several tokens into one slot, identical tokens, NaN / inf
+    tokens, evictions, dropped tokens and segments longer than the bank."""
+    from camelot import topk as native
+
+    if native.native_library() is None:
+        pytest.skip("no C compiler: the torch bookkeeping is the only one")
+    g = torch.Generator().manual_seed(seed)
+    sd = torch.bfloat16 if bf16 else torch.float32
+    protos = torch.randn(3, D, generator=g)
+    fast, ref = (cls(slots, thr, write_mode=mode, search_dtype=sd) for cls in (SlotBank, _TorchBookkeeping))
+    calls = []
+    real = SlotBank._native_bookkeeping
+
+    def counted(self, *args):
+        ok = real(self, *args)
+        calls.append(ok)
+        return ok
+
+    SlotBank._native_bookkeeping = counted
+    try:
+        for _ in range(steps):
+            t = int(torch.randint(1, 2 * slots + 4, (), generator=g))
+            k = protos[torch.randint(0, 3, (rows, heads, t), generator=g)] + 0.05 * torch.randn(rows, heads, t, D,
+                                                                                                 generator=g)
+            if t > 2:
+                k[..., 2, :] = k[..., 0, :]  # identical tokens
+            v = torch.randn(rows, heads, t, 3, generator=g)
+            bad = torch.rand(rows, heads, t, generator=g) < 0.1
+            k[..., 1] = torch.where(bad, float("nan"), k[..., 1])
+            v[..., 0] = torch.where(bad & (torch.rand(rows, heads, t, generator=g) < 0.5), float("inf"), v[..., 0])
+            fast.write(k, v)
+            ref.write(k, v)
+            for name in ("counts", "ages", "telemetry"):
+                assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+            for name in ("keys", "values"):
+                assert torch.allclose(getattr(fast, name), getattr(ref, name), atol=1e-6, rtol=1e-5), name
+    finally:
+        SlotBank._native_bookkeeping = real
+    assert calls and all(calls)  # the kernel did every write of `fast`

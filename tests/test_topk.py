@@ -99,6 +99,9 @@ def test_without_the_kernel_results_are_torch_topk(tmp_path, env):
             "with warnings.catch_warnings(record=True) as w:\n"
             "    r = t.topk(x, 5)\n"
             "assert torch.equal(r.values, x.topk(5, -1).values) and t.native_library() is None\n"
+            "from camelot.memory import SlotBank\n"  # a bank write does its bookkeeping in torch then
+            "b = SlotBank(4, 0.9); b.write(torch.eye(4)[None, None, :3], torch.randn(1, 1, 3, 2))\n"
+            "assert b.counts[0, 0].tolist() == [1, 1, 1, 0, 0] and b.telemetry.tolist() == [0, 3, 0, 0, 0]\n"
             "print(t.why_not()); print(len(w), *[str(m.message) for m in w])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "CAMELOT_CACHE": str(tmp_path), **env})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from camelot.rows import copy_rows_, finite_rows, gather_rows
+from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
 
 # merged: joined a slot; new: took a free slot; evicted: replaced the oldest slot;
@@ -131,6 +132,8 @@ class SlotBank:
         if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
             chosen = gather_rows(mn.view(b, h, s, -1), best)
             best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
+        if self._native_bookkeeping(k, v, best, best_sim, finite):
+            return
         merge = finite & (best_sim >= self.threshold)
         novel = finite & ~merge
 
@@ -187,6 +190,25 @@ class SlotBank:
             merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (novel & ~place).sum(),
             (~finite).sum(),
         ])
+
+    def _native_bookkeeping(self, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
+                            finite: torch.Tensor) -> bool:
+        """The rest of the write (merges, ages, novel tokens' places, telemetry) in the C kernel
+        (camelot/csrc/consolidate.c) for a float32 bank on CPU; False where it does not apply
+        (the torch code below then does it: the two are tested against each other)."""
+        if self.dtype != torch.float32 or k.device.type != "cpu" or k.requires_grad:
+            return False
+        lib = native_library()
+        state = (self.keys, self.values, self.counts, self.ages, self.telemetry)
+        if lib is None or not all(x.is_contiguous() for x in state):
+            return False
+        b, h, t, d = k.shape
+        inputs = (k.contiguous(), v.contiguous(), best.contiguous(), best_sim.float().contiguous(),
+                  finite.to(torch.uint8).contiguous())
+        rc = lib.camelot_consolidate_f32(b * h, t, self.slots, d, v.shape[-1], self.threshold,
+                                         *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
+                                         self.telemetry.data_ptr())
+        return rc == 0
 
     def _clear_scratch(self) -> None:
         s = self.slots
