@@ -73,7 +73,7 @@ class LayerRuntime:
     sink: SinkTokens | None = None
     max_distance: int | None = None  # farthest position a memory key may be placed at (recency)
     record_reads: bool = False
-    retrieve: str = "query"  # sparse read: slots by each query head's logits, or by the token's key (paper)
+    retrieve: str = "query"  # top-k read: per query head, per KV head ("group") or by the token's key (paper)
     local_k: torch.Tensor | None = None  # rotated at positions [0, local_len), model dtype
     local_v: torch.Tensor | None = None
     # position-free local keys where the read needed them (fp32), valid while local_k is `_raw_for`
@@ -383,12 +383,16 @@ def _alibi(ali: tuple[Alibi, int, int], positions: torch.Tensor) -> torch.Tensor
     return alibi.bias(positions, hkv, g)
 
 
+# The position tensors below depend only on the segment's geometry, the same for every layer and
+# segment after segment: kept (read-only), so a GPU does not get them copied over every forward.
+@functools.lru_cache(maxsize=16)
 def _span_positions(spans: tuple[tuple[int, int], ...], n: int, device: torch.device) -> torch.Tensor:
     """[n] key positions: the spans in order, then 0 for spare columns."""
     pos = torch.cat([torch.arange(a, e) for a, e in spans]) if spans else torch.zeros(0, dtype=torch.long)
     return torch.nn.functional.pad(pos, (0, n - pos.shape[0])).to(device)
 
 
+@functools.lru_cache(maxsize=16)
 def _allowed_spans(l0: int, m: int, spans: tuple[tuple[int, int], ...], n: int, sliding_window: int | None,
                    device: torch.device) -> torch.Tensor:
     """[m, n] which keys each query at [l0, l0 + m) may see (causal, sliding window); spare
@@ -406,8 +410,7 @@ def _allowed_spans(l0: int, m: int, spans: tuple[tuple[int, int], ...], n: int, 
 def _mask_bias(l0: int, m: int, spans: tuple[tuple[int, int], ...], n: int, sliding_window: int | None, g: int,
                device: torch.device) -> torch.Tensor:
     """[1, G*m, n] float 0 / -inf: `_allowed_spans` as an additive term for the G*m query rows
-    of a KV head. The same for every layer and, segment after segment, for every segment: kept
-    (a few entries; generation, one token at a time, asks for new ones)."""
+    of a KV head (a few entries kept; generation, one token at a time, asks for new ones)."""
     ok = _allowed_spans(l0, m, spans, n, sliding_window, "cpu")
     bias = torch.zeros(m, n).masked_fill_(~ok, float("-inf"))
     return bias.repeat(g, 1)[None].to(device)
