@@ -83,7 +83,7 @@ class LayerRuntime:
     last_read: LastRead | None = None
     _cs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _range_cs: dict = field(default_factory=dict, repr=False)
-    _bias: tuple | None = field(default=None, repr=False)  # ((memory, its version, factor), count bias)
+    _bias: tuple | None = field(default=None, repr=False)  # (memory, (its version, factor), count bias)
 
     @property
     def local_len(self) -> int:
@@ -273,9 +273,9 @@ class LayerRuntime:
     def _count_bias(self, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] logit bias of each slot. Kept while the memory is unchanged: it depends
         only on the counts, and a memory changes once per segment, not once per forward."""
-        key = (self.memory, self.memory.version, self.count_bias)
-        if self._bias is not None and all(a is b or a == b for a, b in zip(self._bias[0], key)):
-            return self._bias[1]
+        key = (self.memory.version, self.count_bias)
+        if self._bias is not None and self._bias[0] is self.memory and self._bias[1] == key:
+            return self._bias[2]
         # max(0, log(count / mean count)) over the head's used slots: slots that merged more
         # tokens than average weigh more, a slot of one token weighs like a raw token. Relative,
         # because the paper's absolute log(count) grows without bound and in a long run lets
@@ -286,7 +286,7 @@ class LayerRuntime:
         # free slot, c = 0, gets 0 like a slot of one token)
         mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
         bias = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.count_bias)
-        self._bias = (key, bias)
+        self._bias = (self.memory, key, bias)
         return bias
 
     def _memory_read(self, query, scaling, softcap, ali=None, raw_key=None) -> MemoryRead | None:
@@ -375,7 +375,7 @@ class MemoryRead:
     logits: torch.Tensor  # [B, Hkv, G, m, S] (dense) or [B, Hkv, G, m, k] (sparse)
     slots: torch.Tensor | None  # [B, Hkv, G, m, k] slots read by each query; None: every slot (dense)
     values: torch.Tensor | None = None  # dense: [B, Hkv, S, Dv], shared by all queries
-    gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv], or [B, Hkv, m, k, Dv] by key
+    gathered: torch.Tensor | None = None  # sparse: [B, Hkv, G, m, k, Dv]; [B, Hkv, m, k, Dv] when shared (group, key)
 
 
 def _alibi(ali: tuple[Alibi, int, int], positions: torch.Tensor) -> torch.Tensor:

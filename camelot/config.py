@@ -55,8 +55,8 @@ class CamelotConfig:
     retrieve: how a top_k read picks each token's slots. "query": per query head, the k slots
         with the highest attention logits (what its softmax would weigh most). "group": per KV
         head, the k slots with the highest sum of its G query heads' logits, shared by them: one
-        search instead of G, the same perplexity as "query" where measured (README, "Speed and
-        memory"). "key": the paper's rule, the k slots whose keys are nearest the token's own key
+        search instead of G, for 0-1.6% perplexity against "query" where measured (README, "Speed
+        and memory"). "key": the paper's rule, the k slots whose keys are nearest the token's own key
         (inner product, position-free), also one search per KV head; measurably worse on SmolLM2.
         Ignored when every slot is read.
     write_mode: "segment" matches a whole segment against memory at once (fast path);
