@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from camelot.layer_state import LayerState
 from camelot.memory import TELEMETRY_FIELDS, RawWindow, SinkTokens
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def log2_hist(x: torch.Tensor) -> list[list[int]]:
 class Checkpoint:
     """An in-process copy of the wrapper's whole state (see MemoryView.checkpoint)."""
 
-    layers: list[tuple[Any, Any, Any, Any, Any]]  # per runtime: open keys, open values, memory, prefix, sink
+    layers: list[LayerState]  # per runtime, a copy (the open segment's tensors shared: never written into)
 
 
 class MemoryView:
@@ -115,7 +116,7 @@ class MemoryView:
         self.cm = cm
 
     def _stores(self):
-        return [(rt.layer_idx, rt.memory) for rt in self.cm.runtimes if rt.memory is not None]
+        return [(rt.layer_idx, rt.state.memory) for rt in self.cm.runtimes if rt.state.memory is not None]
 
     # ------------------------------------------------------------------ stats
     def telemetry(self) -> dict[str, int]:
@@ -130,8 +131,8 @@ class MemoryView:
         """Per memory layer: slots used, count and age histograms, telemetry; plus the open segment
         and raw prefix sizes. Host syncs: not for hot loops."""
         layers = [{"layer": idx, **layer_stats(mem.state_dict())} for idx, mem in self._stores()]
-        prefix = [rt.prefix.size for rt in self.cm.runtimes if rt.prefix is not None]
-        sink = [rt.sink.size for rt in self.cm.runtimes if rt.sink is not None]
+        prefix = [rt.state.prefix.size for rt in self.cm.runtimes if rt.state.prefix is not None]
+        sink = [rt.state.sink.size for rt in self.cm.runtimes if rt.state.sink is not None]
         return {"strategy": self.cm.config.strategy, "open_tokens": self.cm.open_len,
                 "prefix_tokens": max(prefix) if prefix else 0, "sink_tokens": max(sink) if sink else 0,
                 "layers": layers, "telemetry": self.telemetry()}
@@ -140,17 +141,15 @@ class MemoryView:
     def checkpoint(self) -> Checkpoint:
         """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
         read several continuations of one shared prefix without re-reading it."""
-        return Checkpoint([(rt.local_k, rt.local_v, copy.deepcopy(rt.memory), copy.deepcopy(rt.prefix),
-                            copy.deepcopy(rt.sink)) for rt in self.cm.runtimes])
+        return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes])
 
     def restore(self, cp: Checkpoint) -> None:
         """Go back to a checkpoint; the checkpoint stays valid for further restores. (The open
         segment's tensors are shared: attention replaces them, never writes into them.)"""
         if len(cp.layers) != len(self.cm.runtimes):
             raise ValueError("checkpoint belongs to another wrapper")
-        for rt, (k, v, mem, pre, sink) in zip(self.cm.runtimes, cp.layers):
-            rt.local_k, rt.local_v = k, v
-            rt.memory, rt.prefix, rt.sink = copy.deepcopy(mem), copy.deepcopy(pre), copy.deepcopy(sink)
+        for rt, held in zip(self.cm.runtimes, cp.layers):
+            rt.state.load_state_dict(_copied(held))
             rt.last_read = None
 
     # ------------------------------------------------------------------ snapshots
@@ -161,17 +160,7 @@ class MemoryView:
 
         tensors: dict[str, torch.Tensor] = {}
         for rt in self.cm.runtimes:
-            i = rt.layer_idx
-            if rt.local_k is not None:
-                tensors[f"layer{i}.open.keys"], tensors[f"layer{i}.open.values"] = rt.local_k, rt.local_v
-            if rt.memory is not None:
-                for name, t in rt.memory.state_dict().items():
-                    tensors[f"layer{i}.memory.{name}"] = t
-            if rt.prefix is not None and rt.prefix.size:
-                tensors[f"layer{i}.prefix.keys"], tensors[f"layer{i}.prefix.values"] = rt.prefix.keys, rt.prefix.values
-                tensors[f"layer{i}.prefix.finite"] = rt.prefix.finite.to(torch.uint8)
-            if rt.sink is not None and rt.sink.size:
-                tensors[f"layer{i}.sink.keys"], tensors[f"layer{i}.sink.values"] = rt.sink.keys, rt.sink.values
+            tensors.update({f"layer{rt.layer_idx}.{n}": t for n, t in rt.state.state_dict().items()})
         # copies: state tensors are views into larger buffers (the bank's scratch slot, capacity)
         tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         meta = {
@@ -198,8 +187,13 @@ class MemoryView:
     def load(self, path: str | Path) -> dict[str, str]:
         """Replace the whole state with a snapshot's; returns the snapshot's metadata. Refused
         with SnapshotError, the live state untouched, if the file does not fit this wrapper."""
-        tensors, meta = read_snapshot(path)
+        from camelot.snapshot_checks import check_header, check_values
+
+        meta = read_metadata(path)
         _check_compatible(path, meta, self.cm)
+        check_header(Path(path), self.cm, _open_len(path, meta))  # before any tensor byte is read
+        tensors = _read_tensors(Path(path), meta)
+        check_values(Path(path), tensors, self.cm)
         new_state = [_build_layer(path, rt, tensors, meta, self.cm) for rt in self.cm.runtimes]
         left = set(tensors) - {k for *_, used in new_state for k in used}
         if left:
@@ -208,8 +202,19 @@ class MemoryView:
         if len(batches) > 1:
             raise SnapshotError(f"{path}: tensors disagree on the batch size ({sorted(batches)})")
         for rt, (k, v, mem, pre, sink, _) in zip(self.cm.runtimes, new_state):  # nothing below can fail
-            rt.local_k, rt.local_v, rt.memory, rt.prefix, rt.sink, rt.last_read = k, v, mem, pre, sink, None
+            new = LayerState(mem, pre, sink)
+            new.local_k, new.local_v = k, v
+            rt.state.load_state_dict(new)
+            rt.last_read = None
         return meta
+
+
+def _copied(state: LayerState) -> LayerState:
+    """A copy of a layer's state that shares the open segment's tensors (attention replaces
+    them, never writes into them) and owns its memory, prefix and sinks."""
+    new = LayerState(copy.deepcopy(state.memory), copy.deepcopy(state.prefix), copy.deepcopy(state.sink))
+    new.local_k, new.local_v = state.local_k, state.local_v
+    return new
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -239,16 +244,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a snapshot file, after checking that it is one and is intact."""
+    meta = read_metadata(path)
+    return _read_tensors(Path(path), meta), meta
+
+
+def _read_tensors(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    meta = read_metadata(path)
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise SnapshotError(_unreadable(Path(path), e)) from None
+        raise SnapshotError(_unreadable(path, e)) from None
     if meta.get("digest") != tensor_digest(tensors):
         raise SnapshotError(f"{path}: corrupted: its tensor bytes do not match the digest recorded when it was saved")
-    return tensors, meta
+    return tensors
 
 
 def _check_file(path: str | Path) -> Path:
@@ -279,6 +288,9 @@ def _check_format(path: Path, meta: dict[str, str]) -> None:
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"{path}: a safetensors file but not a camelot memory snapshot "
                             f"(format {meta.get('format')!r})")
+    from camelot.snapshot_checks import check_metadata
+
+    check_metadata(path, meta)
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
@@ -304,7 +316,7 @@ def _check_compatible(path, meta: dict[str, str], cm: CamelotModel) -> None:
     if saved.get("strategy") != cfg.strategy:
         raise SnapshotError(f"{path}: holds a {saved.get('strategy')!r} memory, this wrapper uses {cfg.strategy!r}")
     layers = _json(meta.get("memory_layers"))
-    mine_layers = [rt.layer_idx for rt in cm.runtimes if rt.memory is not None]
+    mine_layers = [rt.layer_idx for rt in cm.runtimes if rt.state.memory is not None]
     if layers != mine_layers:
         raise SnapshotError(f"{path}: has memory on layers {layers}, this wrapper on {mine_layers}")
     if cfg.strategy == "camelot" and saved.get("slots") != cfg.slots:
@@ -372,14 +384,14 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
         open_k, open_v = open_k.to(dev, dtype), open_v.to(dev, dtype)
 
     mem = None
-    if rt.memory is not None:
+    if rt.state.memory is not None:
         names = {k.split(".", 2)[2] for k in tensors if k.startswith(f"layer{i}.memory.")}
-        mem = copy.copy(rt.memory)  # same settings; load_state_dict rebinds every tensor it sets
+        mem = copy.copy(rt.state.memory)  # same settings; load_state_dict rebinds every tensor it sets
         mem.reset()
         if names:
             state = {"keys": take("memory.keys", 4, True), "values": take("memory.values", 4, True),
                      "counts": take("memory.counts", 3, False), "telemetry": take("memory.telemetry", 1, False)}
-            if "ages" in names or hasattr(rt.memory, "ages"):
+            if "ages" in names or hasattr(rt.state.memory, "ages"):
                 state["ages"] = take("memory.ages", 3, False)
             check_kv("memory", state["keys"], state["values"])
             for name in ("counts", "ages"):
@@ -401,8 +413,8 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
         return k.to(dev), v.to(dev)
 
     pre = None
-    if rt.prefix is not None:
-        pre = RawWindow(rt.prefix.length)
+    if rt.state.prefix is not None:
+        pre = RawWindow(rt.state.prefix.length)
         if f"layer{i}.prefix.keys" in tensors:
             pre.keys, pre.values = take_raw("prefix", pre.length)
             finite = take("prefix.finite", 3, False)
@@ -411,8 +423,8 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
             pre.finite = finite.to(dev, torch.bool)
 
     sink = None
-    if rt.sink is not None:
-        sink = SinkTokens(rt.sink.length)
+    if rt.state.sink is not None:
+        sink = SinkTokens(rt.state.sink.length)
         if f"layer{i}.sink.keys" in tensors:
             sink.keys, sink.values = take_raw("sink", sink.length)
     return open_k, open_v, mem, pre, sink, used

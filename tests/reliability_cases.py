@@ -154,7 +154,7 @@ def memory_state(cm) -> dict[str, Any]:
     """Every tensor and flag of camelot's state, cloned: memory banks, prefixes, open segment."""
     out: dict[str, Any] = {}
     for rt in cm.runtimes:
-        for part_name, part in (("memory", rt.memory), ("prefix", rt.prefix), ("sink", rt.sink)):
+        for part_name, part in (("memory", rt.state.memory), ("prefix", rt.state.prefix), ("sink", rt.state.sink)):
             if part is None:
                 continue
             for n in ("keys", "values", "counts", "ages", "valid", "finite", "telemetry", "size", "empty"):
@@ -291,7 +291,7 @@ def _huge_slots(ctx: Ctx):
 
 
 def _banks_allocated(ctx: Ctx) -> list[bool]:
-    return [rt.memory.allocated for rt in _huge_slots(ctx).runtimes]
+    return [rt.state.memory.allocated for rt in _huge_slots(ctx).runtimes]
 
 
 def _to_cuda_after_feed(ctx: Ctx) -> None:
@@ -364,15 +364,15 @@ def _poison(value: float, strategy: str = "camelot") -> Callable[[Ctx], Any]:
 
 def _skipped(cm) -> int:
     """Non-finite tokens kept out: memory telemetry, or the raw windows' null-token count."""
-    if any(rt.memory is not None for rt in cm.runtimes):
+    if any(rt.state.memory is not None for rt in cm.runtimes):
         return cm.memory.telemetry()["skipped"]
-    return sum(int(rt.prefix.skipped) for rt in cm.runtimes if rt.prefix is not None and rt.prefix.skipped is not None)
+    return sum(int(rt.state.prefix.skipped) for rt in cm.runtimes if rt.state.prefix is not None and rt.state.prefix.skipped is not None)
 
 
 def _poison_check(ctx: Ctx, out) -> str | None:
     cm = ctx.extra["poisoned"]
     for rt in cm.runtimes:
-        for part, name in ((rt.memory, "memory"), (rt.prefix, "prefix")):
+        for part, name in ((rt.state.memory, "memory"), (rt.state.prefix, "prefix")):
             st = {} if part is None else (part.state_dict() if hasattr(part, "state_dict") else
                                           {"keys": part.keys, "values": part.values})
             if st and not (torch.isfinite(st["keys"]).all() and torch.isfinite(st["values"]).all()):
@@ -394,7 +394,7 @@ def _poison_describe(ctx: Ctx, out) -> str:
     cm = ctx.extra["poisoned"]
     nll = out.token_nll[0]
     nan = (~torch.isfinite(nll)).nonzero()[:, 0].tolist()
-    where = "telemetry skipped" if any(rt.memory is not None for rt in cm.runtimes) else \
+    where = "telemetry skipped" if any(rt.state.memory is not None for rt in cm.runtimes) else \
         "prefix.skipped (kept as null tokens)"
     return (f"returned; {where}={_skipped(cm)} (the token x 2 KV heads at layer 1); state finite; NaN losses only "
             f"at predictions {nan[0]}..{nan[-1]} (the poisoned segment: a masked NaN value still meets a 0 weight "
@@ -609,3 +609,10 @@ def observe(case: Case, ws: Workspace) -> Observation:
                 obs.problems.append(why)
             obs.message = exp.describe(ctx, result)
     return obs
+
+
+# The hostile-user cases of issue 19 live in their own module (this one is long enough); they
+# use the helpers above, so they are imported last.
+from tests.reliability_hostile import HOSTILE_CASES  # noqa: E402
+
+CASES += HOSTILE_CASES

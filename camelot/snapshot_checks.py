@@ -1,0 +1,174 @@
+"""Checks a snapshot must pass before camelot reads or keeps any of it (see camelot/snapshot.py).
+
+In the order `MemoryView.load` runs them:
+
+1. `check_metadata`: the header's metadata values have the types camelot writes (`config` a
+   JSON object, `memory_layers` a list of layer indices, a positive `format_version`).
+2. `check_header`: every tensor's name, dtype and shape, read from the safetensors header only,
+   fits this wrapper (its layers, KV heads, head dim, slots, window, raw lengths; one batch size
+   >= 1), and all of them together fit in this machine's memory. A small (e.g. sparse) file
+   declaring a huge tensor is refused here, before a byte of tensor data is read or hashed.
+3. `check_values`: after reading, floats are finite in the dtype they will be kept in (1e300 is
+   finite in float64 but inf in float32), and counts, ages and telemetry lie in [0, MAX_COUNT].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from camelot.memory import TELEMETRY_FIELDS, SlotBank
+from camelot.snapshot import SnapshotError, architecture
+
+if TYPE_CHECKING:
+    from camelot.attention import LayerRuntime
+    from camelot.wrapper import CamelotModel
+
+# Counts, ages and telemetry are token counts: 2^40 (1.1e12 tokens) is far beyond any document,
+# and keeps sums over slots (2^22 slots at most) far below int64's 2^63.
+MAX_COUNT = 1 << 40
+_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\.(keys|values|counts|ages|telemetry|finite)")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
+                "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+# ---------------------------------------------------------------------------- 1. metadata
+def check_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Types of the metadata values camelot reads (a bit flip can make `config` a number)."""
+    version = meta.get("format_version", "")
+    if not version.isdigit() or int(version) < 1:  # "-1", "0", " 1", "1.0": none written by camelot
+        raise SnapshotError(f"{path}: bad format_version {version!r} (a positive integer)")
+    for key, kind, what in (("config", dict, "a JSON object"), ("memory_layers", list, "a JSON list")):
+        value = _json(meta.get(key))
+        if not isinstance(value, kind):
+            raise SnapshotError(f"{path}: bad {key} metadata {_short(meta.get(key))}: not {what}")
+    layers = _json(meta["memory_layers"])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise SnapshotError(f"{path}: bad memory_layers metadata {_short(meta['memory_layers'])}")
+
+
+# ---------------------------------------------------------------------------- 2. header
+def header_entries(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape), from the file's header alone (no tensor data read)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > 100 * 2**20:  # safetensors' own limit on a header
+            raise SnapshotError(f"{path}: header of {n} bytes, not a camelot snapshot")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SnapshotError(f"{path}: unreadable header: {e}") from None
+    if not isinstance(header, dict):
+        raise SnapshotError(f"{path}: header is not a JSON object")
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise SnapshotError(f"{path}: tensor {name!r} has a malformed header entry")
+        out[name] = (str(entry.get("dtype")), shape)
+    return out
+
+
+def check_header(path: Path, cm: CamelotModel, open_len: int) -> None:
+    """Every tensor the header declares fits this wrapper, and all of them fit in memory."""
+    arch = architecture(cm)
+    h, d = arch["num_kv_heads"], arch["head_dim"]
+    dv_max = max(d or 0, arch["hidden_size"] or 0)  # value head dim: head_dim in every adapter so far
+    runtimes = {rt.layer_idx: rt for rt in cm.runtimes}
+    batches, total = set(), 0
+    for name, (dtype, shape) in header_entries(path).items():
+        m = _NAME.fullmatch(name)
+        rt = runtimes.get(int(m[1])) if m else None
+        cap = _capacity(rt, m[2], cm.config.window, open_len) if rt is not None else None
+        if cap is None:
+            raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (not written by this camelot layout)")
+        field = m[3]
+        floating = field in ("keys", "values")
+        if dtype not in _DTYPE_BYTES or dtype.startswith(("F", "BF")) != floating:
+            raise SnapshotError(f"{path}: {name} has dtype {dtype}")
+        if field == "telemetry":
+            if shape != [len(TELEMETRY_FIELDS)]:
+                raise SnapshotError(f"{path}: {name} has shape {shape}, expected [{len(TELEMETRY_FIELDS)}]")
+        else:
+            last = [] if not floating else [d if field == "keys" else None]
+            if len(shape) != 3 + len(last) or shape[1] != h or shape[2] > cap or \
+                    (field == "keys" and shape[3] != d) or (field == "values" and not 1 <= shape[3] <= dv_max):
+                raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper takes [batch, {h} kv heads, "
+                                    f"<= {cap} tokens" + (f", {d}]" if floating else "]"))
+            batches.add(shape[0])
+        total += _DTYPE_BYTES[dtype] * _numel(shape)
+    if len(batches) > 1 or 0 in batches:
+        raise SnapshotError(f"{path}: bad batch size {sorted(batches)} (one size >= 1 for every tensor)")
+    ram = _physical_memory()
+    if ram is not None and total > ram:
+        raise SnapshotError(f"{path}: declares {total / 2**30:.1f} GiB of tensors, more than this machine's "
+                            f"{ram / 2**30:.1f} GiB of memory")
+
+
+def _capacity(rt: LayerRuntime, part: str, window: int, open_len: int) -> float | None:
+    """Most tokens per row this layer keeps in `part`; None where it keeps no such part."""
+    if part == "open":
+        return open_len
+    store = {"memory": rt.state.memory, "prefix": rt.state.prefix, "sink": rt.state.sink}[part]
+    if store is None:
+        return None
+    if part == "memory":
+        return store.slots if isinstance(store, SlotBank) else float("inf")  # a knn store grows with the text
+    return store.length
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+# ---------------------------------------------------------------------------- 3. values
+def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: CamelotModel) -> None:
+    """Floats finite in the dtype they will be kept in; counts, ages, telemetry in [0, MAX_COUNT]."""
+    layer_dtypes = {}
+    for module, rt in zip(cm.modules, cm.runtimes):
+        p = next(module.parameters(), None)
+        layer_dtypes[rt.layer_idx] = (p.dtype if p is not None else torch.float32,
+                                      getattr(rt.state.memory, "dtype", None))
+    for name, t in tensors.items():
+        m = _NAME.fullmatch(name)
+        if m is None or int(m[1]) not in layer_dtypes:
+            continue  # check_header refused these; the layer build reports any left
+        if t.is_floating_point():
+            model_dtype, memory_dtype = layer_dtypes[int(m[1])]
+            for dt in {model_dtype, memory_dtype if m[2] == "memory" else model_dtype} - {None}:
+                if t.numel() and not torch.isfinite(t.to(dt)).all():
+                    raise SnapshotError(f"{path}: {name} holds non-finite values in {dt} "
+                                        "(the dtype it is kept or read in)")
+        elif t.numel() and int(t.min()) < 0:
+            raise SnapshotError(f"{path}: {name} holds negative values")
+        elif t.numel() and int(t.max()) > MAX_COUNT:  # bounded: see MAX_COUNT
+            raise SnapshotError(f"{path}: {name} holds values above 2^40 (max {int(t.max())})")
+
+
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _short(text: str | None) -> str:
+    s = repr(text)
+    return s if len(s) <= 40 else s[:37] + "..."
