@@ -447,7 +447,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(camelot, knn) or dropped (window). Example: camelot icl --task mr --shots 0,4,16,64,256 --seeds 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="bundled short name (smollm2, gemma3-270m) or a local folder")
-    p.add_argument("--task", default="mr", help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a .json/.py task file")
+    p.add_argument("--task", default="mr",
+                   help=f"built-in task ({', '.join(BUILTIN_TASKS)}), a task folder (train.jsonl, test.jsonl with "
+                   "text/label, optional labels.txt; or a `datasets` folder) or a .json/.py task file")
     p.add_argument("--data-dir", default=None, help="folder holding <task>/train.jsonl and <task>/test.jsonl "
                    "(default: $CAMELOT_ICL_DATA or ../shared/data/icl)")
     p.add_argument("--shots", type=_int_list, default=[0, 4, 16, 64, 256, 1024], help="comma-separated shot counts")

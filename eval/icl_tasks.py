@@ -6,9 +6,13 @@ then `answer_template` filled with its label word, then `separator`. A test prom
 demonstrations followed by `input_template` alone; the model is then asked which label word
 (`answer_template` filled with each word) is most likely to come next.
 
-Built-in tasks: `mr` (movie-review polarity) and `subj` (subjectivity). Add your own with a
-JSON file (the fields of `IclTask`) or a Python file that defines `TASK` (an `IclTask` or such a
-dict); see docs/icl.md.
+Built-in tasks: `mr`, `sst2` (movie-review polarity), `subj` (subjectivity) and `trec` (six
+question types). Any folder is a task too: `train.jsonl` and `test.jsonl` with `text` and `label`
+fields, an optional `labels.txt` (one label per line: the label order and words; default: the
+labels of the training data, sorted) and an optional `task.json` (IclTask fields overriding the
+default template). A folder written by `datasets`' `save_to_disk`, or one `datasets.load_dataset`
+reads (train/test csv, parquet or json files), works the same; a ClassLabel column gives the label
+names. Or write a JSON file (the fields of `IclTask`) or a Python file that defines `TASK`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from camelot.eval.icl_folder import folder_task_fields, label_names, read_split
 
 DATA_ENV = "CAMELOT_ICL_DATA"
 
@@ -93,18 +99,33 @@ BUILTIN_TASKS: dict[str, IclTask] = {
         input_template="Input: {text}\nType:",
         description="subjective vs objective sentences (Pang & Lee subjectivity v1.0)",
     ),
+    "sst2": IclTask(
+        name="sst2",
+        label_words={"positive": "positive", "negative": "negative"},
+        input_template="Review: {text}\nSentiment:",
+        description="Stanford Sentiment Treebank, binary (GLUE SST-2)",
+    ),
+    "trec": IclTask(
+        name="trec",
+        label_words={lab: lab for lab in ("abbreviation", "description", "entity", "human", "location", "number")},
+        input_template="Question: {text}\nAnswer type:",
+        description="TREC question classification, 6 coarse classes; several label words span several tokens",
+    ),
 }
 
 
 # ---------------------------------------------------------------------------- task specs
 def load_task(spec: str) -> IclTask:
-    """A built-in task by name, or a task file (.json with IclTask's fields, or .py defining TASK)."""
+    """A built-in task by name, a task folder, or a task file (.json with IclTask's fields, or
+    .py defining TASK)."""
     if spec in BUILTIN_TASKS:
         return BUILTIN_TASKS[spec]
     path = Path(spec)
+    if path.is_dir():
+        return IclTask(**folder_task_fields(path))
     if path.suffix not in (".json", ".py"):
         raise ValueError(f"unknown task {spec!r}: built-in tasks are {', '.join(BUILTIN_TASKS)}; "
-                         "or give a .json / .py task file")
+                         "or give a task folder (train.jsonl, test.jsonl) or a .json / .py task file")
     if not path.is_file():
         raise FileNotFoundError(f"task file {spec} does not exist")
     if path.suffix == ".json":
@@ -166,22 +187,12 @@ class Example:
 def load_split(task: IclTask, data_dir: str | Path | None, split: str) -> list[Example]:
     """Read one split ("train" or "test") of a task through `datasets` (local JSON lines)."""
     folder = task_folder(task, data_dir)
-    fname = task.train_file if split == "train" else task.test_file
-    path = folder / fname
-    if not path.is_file():
-        raise FileNotFoundError(f"task {task.name!r}: {split} file {path} does not exist")
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
-    except Exception as e:  # datasets wraps parse errors in several exception types
-        raise ValueError(f"task {task.name!r}: cannot read {path} as JSON lines: {e}") from None
+    ds, path = read_split(task.name, folder, task.train_file if split == "train" else task.test_file, split)
     for col in (task.text_field, task.label_field):
         if col not in ds.column_names:
             raise ValueError(f"task {task.name!r}: {path} has no field {col!r} (fields: {ds.column_names})")
     texts = ds[task.text_field]
-    labels = [str(x) for x in ds[task.label_field]]
+    labels = label_names(ds, task.label_field)
     unknown = sorted(set(labels) - set(task.labels))
     if unknown:
         raise ValueError(f"task {task.name!r}: {path} has labels {unknown} that label_words does not map "
