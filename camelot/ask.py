@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from camelot.cli import UserError, add_memory_args, memory_config
+from camelot.cli_checks import check_save_path
 from camelot.generation import cut_at_stop
 
 DOC = "<<camelot:document>>"  # stands for the document in renderings; never tokenized
@@ -174,6 +175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-data-mb", type=float, default=256.0,
+                   help="refuse a --context-file larger than this (MiB): a guard against reading a huge file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_cli)
 
@@ -200,7 +203,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.context_file:
         from camelot.eval.data import load_documents
 
-        document = "\n\n".join(d.text for d in load_documents(args.context_file))
+        document = "\n\n".join(d.text for d in load_documents(args.context_file,
+                                                                max_bytes=int(args.max_data_mb * 2**20)))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = _load(args)
@@ -239,7 +243,12 @@ def _interactive(session: AskSession) -> None:
             if not path:
                 print("usage: /save PATH", file=sys.stderr)
                 continue
-            session.cm.memory.save(path, metadata=session.metadata())
+            try:  # a bad path must not end the session (and lose the document read)
+                check_save_path(path, "/save")
+                session.cm.memory.save(path, metadata=session.metadata())
+            except (OSError, ValueError) as e:
+                print(f"not saved: {' '.join(str(e).split())}", file=sys.stderr)
+                continue
             print(f"saved memory to {path}", file=sys.stderr)
             continue
         if line == "/stats":

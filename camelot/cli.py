@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from camelot.cli_checks import check_common_args
 from camelot.search import BACKENDS
 
 # module path -> nothing else; each module registers its own subcommand(s)
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_common_args(args)  # --device, --threads, --out, --save: before any slow work
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
         print(f"camelot {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,7 @@ class Checkpoint:
     """An in-process copy of the wrapper's whole state (see MemoryView.checkpoint)."""
 
     layers: list[LayerState]  # per runtime, a copy (the open segment's tensors shared: never written into)
+    owner: Any = None  # weakref to the wrapper that took it: restoring into another one is refused
 
 
 class MemoryView:
@@ -141,13 +143,14 @@ class MemoryView:
     def checkpoint(self) -> Checkpoint:
         """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
         read several continuations of one shared prefix without re-reading it."""
-        return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes])
+        return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes], weakref.ref(self.cm))
 
     def restore(self, cp: Checkpoint) -> None:
         """Go back to a checkpoint; the checkpoint stays valid for further restores. (The open
         segment's tensors are shared: attention replaces them, never writes into them.)"""
-        if len(cp.layers) != len(self.cm.runtimes):
-            raise ValueError("checkpoint belongs to another wrapper")
+        if len(cp.layers) != len(self.cm.runtimes) or (cp.owner is not None and cp.owner() is not self.cm):
+            raise ValueError("checkpoint belongs to another wrapper (another model, or another wrap of it); "
+                             "restore it with the wrapper that took it")
         for rt, held in zip(self.cm.runtimes, cp.layers):
             rt.state.load_state_dict(_copied(held))
             rt.last_read = None
@@ -179,9 +182,14 @@ class MemoryView:
                 raise TypeError("snapshot metadata must map str to str")
             meta[USER_PREFIX + k] = v
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; save the memory to a file path")
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)  # a crash mid-write never leaves a half file under the real name
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(path)  # a crash mid-write never leaves a half file under the real name
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full, no such folder) leaves nothing either
         return path
 
     def load(self, path: str | Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ segments of `window` tokens, with each memory layer reading and consolidating it
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,9 @@ from camelot.adapters import get_adapter
 from camelot.adapters.base import Adapter, param_device
 from camelot.attention import LayerRuntime
 from camelot.config import CamelotConfig
+from camelot.guards import check_step_ids
 from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
+from camelot.ownership import check_owner, exclusive
 from camelot.progress import progress_bar
 from camelot.search import make_backend
 
@@ -50,6 +53,7 @@ class CamelotModel:
     """A frozen HF causal LM with a consolidated associative memory beside it."""
 
     def __init__(self, model: nn.Module, config: CamelotConfig, adapter: Adapter) -> None:
+        self._lock, self._unwrapped = threading.RLock(), False  # camelot/ownership.py
         self.model = model
         self.config = config
         self.adapter = adapter
@@ -105,11 +109,13 @@ class CamelotModel:
             max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 
     # ------------------------------------------------------------------ lifecycle
+    @exclusive
     def reset(self) -> None:
         """Forget everything: memory, prefixes and the open segment."""
         for rt in self.runtimes:
             rt.reset()
 
+    @exclusive
     def unwrap(self) -> nn.Module:
         """Detach camelot and give the model back as it was."""
         for m in self.modules:
@@ -118,6 +124,7 @@ class CamelotModel:
         self.model.set_attn_implementation(self._previous_impl)
         if getattr(self.model, "_camelot_wrapper", None) is self:
             del self.model._camelot_wrapper
+        self._unwrapped = True  # every later call raises (camelot/ownership.py)
         return self.model
 
     @property
@@ -133,19 +140,22 @@ class CamelotModel:
     def memory(self):
         from camelot.snapshot import MemoryView
 
+        check_owner(self)
         return MemoryView(self)
 
     # ------------------------------------------------------------------ core step
+    @exclusive
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Run ids [B, m] (m <= room left in the open segment); returns logits [B, m, V].
         When the segment fills up it is closed and written to memory."""
+        self._check_state_devices()
+        check_step_ids(ids, self.model.get_input_embeddings().num_embeddings)
         b, m = ids.shape
         start = self.open_len
         room = self.config.window - start
         if m > room:
             raise ValueError(f"step got {m} tokens but the open segment has room for {room}")
-        self._check_state_devices()
         pos = torch.arange(start, start + m, device=ids.device).expand(b, m)
         # An explicit all-ones mask: without one, HF inspects position_ids for packed sequences,
         # a device-to-host sync every segment. camelot's mask function ignores it anyway.
@@ -169,6 +179,7 @@ class CamelotModel:
                     f"layer {rt.layer_idx}: camelot memory is on {held} but the model's layer is now on {p.device}; "
                     "move the model back, or call reset() (the memory is lost) to use the new device")
 
+    @exclusive
     def flush(self) -> None:
         """Close the open segment now (write it to memory)."""
         for rt in self.runtimes:
@@ -186,6 +197,7 @@ class CamelotModel:
             room = self.config.window
 
     # ------------------------------------------------------------------ public API
+    @exclusive
     @torch.no_grad()
     def score(self, ids: torch.Tensor | list[int], keep_memory: bool = False,
               progress: bool = False, desc: str = "score") -> ScoreOutput:
@@ -212,6 +224,7 @@ class CamelotModel:
             nll[:, a : tgt_end - 1] = -lp.cpu()
         return ScoreOutput(nll, time.perf_counter() - t0, len(spans))
 
+    @exclusive
     @torch.no_grad()
     def feed(self, ids: torch.Tensor | list[int], progress: bool = True) -> int:
         """Stream a document into memory (constant memory however long). The tail that does not
@@ -223,6 +236,7 @@ class CamelotModel:
             self.step(ids[:, a:e])
         return ids.shape[1]
 
+    @exclusive
     @torch.no_grad()
     def generate(self, ids: torch.Tensor | list[int], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
@@ -284,7 +298,7 @@ def wrap(model: nn.Module, config: CamelotConfig | None = None, **overrides) -> 
         raise ValueError("this model is already wrapped by camelot; call .unwrap() on the old wrapper first")
     if config is None:
         config = CamelotConfig(**overrides)
-    elif overrides:
+    else:  # a checked copy: fields set after construction (cfg.window = 0) are validated here
         config = config.replace(**overrides)
     adapter = get_adapter(model)
     adapter.check(model)

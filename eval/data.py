@@ -11,11 +11,18 @@ Plain text is read with Python rather than `datasets`: a strict UTF-8 read is wh
 binary or mis-encoded file fail with a message naming the file, and it skips the Arrow cache
 that `datasets` would write for a single file. Row formats go through `datasets`.
 
+Text files are read in bounded chunks: a file that is not a regular file (a device such as
+/dev/zero, a FIFO), that holds a NUL byte, or that is larger than `max_bytes` (default
+`MAX_DATA_BYTES`, 256 MiB, about 60M tokens; `--max-data-mb` raises it) is refused before more
+than one chunk past the limit is read. Row files are held to the same size limit.
+
 Every failure the user can fix is raised as `camelot.cli.UserError` (one line, no traceback).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +33,8 @@ from camelot.cli import UserError
 
 BUILTIN_PREFIX = "builtin:"
 ROW_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_DATA_BYTES = 256 * 2**20  # per file and per folder of .txt files; see the module docstring
+_CHUNK = 2**20
 
 
 @dataclass
@@ -48,10 +57,13 @@ def builtin_names() -> list[str]:
 
 
 def load_documents(spec: str, text_field: str = "text", split: str | None = None,
-                   max_docs: int | None = None) -> list[Document]:
-    """Read the documents a data spec names (see the module docstring), at most `max_docs`."""
+                   max_docs: int | None = None, max_bytes: int = MAX_DATA_BYTES) -> list[Document]:
+    """Read the documents a data spec names (see the module docstring), at most `max_docs`,
+    refusing files (and folders of .txt files) of more than `max_bytes`."""
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs must be >= 1, got {max_docs}")
+    if max_bytes < 1:
+        raise UserError(f"--max-data-mb must be > 0, got {max_bytes / 2**20:g}")
     if spec.startswith(BUILTIN_PREFIX):
         docs = [_builtin(spec[len(BUILTIN_PREFIX):])]
     else:
@@ -61,11 +73,12 @@ def load_documents(spec: str, text_field: str = "text", split: str | None = None
                             f"file, a saved datasets folder, or builtin:{'|'.join(builtin_names())})")
         if path.is_dir():
             docs = _dataset_folder(path, text_field, split, max_docs) if _is_saved_dataset(path) \
-                else _text_folder(path, max_docs)
+                else _text_folder(path, max_docs, max_bytes)
         elif path.suffix.lower() in ROW_SUFFIXES:
+            _check_size(path, max_bytes)
             docs = _row_file(path, ROW_SUFFIXES[path.suffix.lower()], text_field, max_docs)
         else:
-            docs = [Document(path.name, _read_text(path))]
+            docs = [Document(path.name, _read_text(path, max_bytes))]
     docs = docs[:max_docs] if max_docs else docs
     for d in docs:
         if not d.text.strip():
@@ -95,21 +108,46 @@ def _builtin(name: str) -> Document:
     return Document(BUILTIN_PREFIX + name, text)
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+def _check_size(path: Path, max_bytes: int) -> int:
+    """The size of a regular file within the limit; anything else is refused before reading."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO, a socket: may never end
+        raise UserError(f"{path} is not a regular file (a device, pipe or socket); give a text file")
+    if st.st_size > max_bytes:
+        raise UserError(f"{path} holds {st.st_size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} MiB "
+                        "limit on data; raise it with --max-data-mb")
+    return st.st_size
+
+
+def _read_text(path: Path, max_bytes: int = MAX_DATA_BYTES) -> str:
+    _check_size(path, max_bytes)
+    raw = bytearray()
+    with open(path, "rb") as f:  # chunks: a file that grows while read still stops at the limit
+        while chunk := f.read(_CHUNK):
+            if b"\x00" in chunk:
+                raise UserError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+            raw += chunk
+            if len(raw) > max_bytes:
+                raise UserError(f"{path} grew past the {max_bytes / 2**20:g} MiB limit on data while read; "
+                                "raise it with --max-data-mb")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def _text_folder(path: Path, max_docs: int | None) -> list[Document]:
-    paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+def _text_folder(path: Path, max_docs: int | None, max_bytes: int = MAX_DATA_BYTES) -> list[Document]:
+    paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")[:max_docs]
     if not paths:
         raise UserError(f"no .txt files in folder {path}")
-    return [Document(p.name, _read_text(p)) for p in paths[:max_docs]]
+    total = sum(_check_size(p, max_bytes) for p in paths)
+    if total > max_bytes:
+        raise UserError(f"{path} holds {total / 2**20:.1f} MiB of .txt files, more than the {max_bytes / 2**20:g} "
+                        "MiB limit on data; raise it with --max-data-mb (or use --max-docs)")
+    return [Document(p.name, _read_text(p, max_bytes)) for p in paths]
 
 
 def _is_saved_dataset(path: Path) -> bool:

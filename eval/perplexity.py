@@ -371,6 +371,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (default: test, or the only one)")
     add_sweep_args(p)
     p.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
+    p.add_argument("--max-data-mb", type=float, default=256.0,  # eval/data.py MAX_DATA_BYTES
+                   help="refuse data files (or a folder of .txt files) larger than this many MiB")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="keep the first T tokens of each document (0: all)")
     p.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET, help="tokens per position bucket in the plot")
@@ -393,7 +395,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.bucket_size < 1:
         raise UserError(f"--bucket-size must be >= 1, got {args.bucket_size}")
-    docs = load_documents(args.data, args.text_field, args.split, args.max_docs)
+    docs = load_documents(args.data, args.text_field, args.split, args.max_docs, int(args.max_data_mb * 2**20))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -161,7 +161,7 @@ def memory_state(cm) -> dict[str, Any]:
                 v = getattr(part, n, None)
                 out[f"{rt.layer_idx}.{part_name}.{n}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
         for n in ("local_k", "local_v"):
-            v = getattr(rt, n)
+            v = getattr(rt.state, n)
             out[f"{rt.layer_idx}.{n}"] = None if v is None else v.detach().clone()
     return out
 
@@ -302,19 +302,20 @@ def _to_cuda_after_feed(ctx: Ctx) -> None:
 def _short_doc(ctx: Ctx):
     ids = doc(10, seed=3)
     out = ctx.cm.score(ids)
+    telemetry = ctx.cm.memory.telemetry()  # before unwrap: the unwrapped wrapper refuses every call
     with torch.no_grad():
         ctx.cm.unwrap()
         ref = torch.nn.functional.cross_entropy(ctx.cm.model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
-    return out, ref
+    return out, ref, telemetry
 
 
 def _short_doc_check(ctx: Ctx, r) -> str | None:
-    out, ref = r
+    out, ref, telemetry = r
     if out.token_nll.shape != (1, 9):
         return f"shape {tuple(out.token_nll.shape)}"
     if not torch.allclose(out.token_nll[0], ref, atol=1e-5):
         return "losses differ from a plain forward"
-    if any(v for v in ctx.cm.memory.telemetry().values()):
+    if any(v for v in telemetry.values()):
         return "memory was written before a segment closed"
     return None
 
@@ -366,7 +367,8 @@ def _skipped(cm) -> int:
     """Non-finite tokens kept out: memory telemetry, or the raw windows' null-token count."""
     if any(rt.state.memory is not None for rt in cm.runtimes):
         return cm.memory.telemetry()["skipped"]
-    return sum(int(rt.state.prefix.skipped) for rt in cm.runtimes if rt.state.prefix is not None and rt.state.prefix.skipped is not None)
+    return sum(int(rt.state.prefix.skipped) for rt in cm.runtimes
+               if rt.state.prefix is not None and rt.state.prefix.skipped is not None)
 
 
 def _poison_check(ctx: Ctx, out) -> str | None:

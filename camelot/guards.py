@@ -1,0 +1,45 @@
+"""Input checks of the low-level API (`cm.step`, `generate`'s pad token), raised before any
+state changes: a bad id that reached the embedding would fail deep inside torch (on cuda: a
+device assert that poisons the whole process) after the open segment was already advanced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def check_step_ids(ids: Any, vocab: int) -> None:
+    """`cm.step` takes token ids [B, m]: an integer tensor, B >= 1 rows, m >= 1 ids in [0, vocab).
+    One host sync (min and max together)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"step takes a tensor of token ids [batch, m], got {type(ids).__name__}")
+    if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"token ids must be integers, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"step takes token ids [batch, m], got shape {tuple(ids.shape)} (use ids[None] for one row)")
+    if ids.shape[0] == 0:
+        raise ValueError(f"step got a batch of 0 rows (shape {tuple(ids.shape)})")
+    if ids.shape[1] == 0:
+        raise ValueError("empty input: step got no tokens")
+    if ids.device.type == "meta":
+        raise ValueError("token ids are on the meta device and hold no values")
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}); got range [{lo}, {hi}]")
+
+
+def check_pad_token(gc: Any, vocab: int) -> None:
+    """The pad id of a prepared GenerationConfig (given, or defaulted from eos) lies in the
+    vocabulary: finished rows step it into the model, so an id out of range would fail
+    mid-generation, after the prompt was read."""
+    pad = getattr(gc, "_pad_token_tensor", None)
+    if pad is None:
+        pad = getattr(gc, "pad_token_id", None)
+    if pad is None:
+        return
+    ids = torch.as_tensor(pad).flatten()
+    if ids.is_floating_point() or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
+        raise ValueError(f"generate: pad_token_id={gc.pad_token_id} is not a token id of this model "
+                         f"(vocabulary [0, {vocab}))")

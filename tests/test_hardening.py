@@ -1,0 +1,85 @@
+"""Hardening (issue 19) beyond the reliability table's cases (tests/reliability_hostile.py):
+the data size limit and its flag, snapshot size against RAM, a save that fails mid-write."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from camelot.eval.data import load_documents
+
+import camelot
+from camelot import CamelotConfig
+from camelot.cli import UserError
+from camelot.snapshot import SnapshotError
+from tests.conftest import tiny_llama
+
+LIVE = dict(window=16, slots=8, top_k=2, threshold=0.5, recent=0, sink=0)
+
+
+def _fed(strategy: str = "camelot"):
+    cm = camelot.wrap(tiny_llama(), CamelotConfig(**LIVE, strategy=strategy))
+    cm.feed(torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(0)), progress=False)
+    return cm
+
+
+def test_data_limit_refuses_early_and_the_flag_raises_it(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text("hello world\n" * 1000)  # 12 kB
+    with pytest.raises(UserError, match="limit on data"):
+        load_documents(str(path), max_bytes=10_000)
+    assert load_documents(str(path), max_bytes=20_000)[0].text.startswith("hello world")
+    (tmp_path / "b.txt").write_text("more text\n" * 1000)  # a folder is held to the limit as a whole
+    with pytest.raises(UserError, match="folder|limit on data"):
+        load_documents(str(tmp_path), max_bytes=15_000)
+    assert len(load_documents(str(tmp_path), max_bytes=30_000)) == 2
+
+
+def test_row_files_are_held_to_the_limit(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "hello world"}\n' * 500)
+    with pytest.raises(UserError, match="limit on data"):
+        load_documents(str(path), max_bytes=1000)
+
+
+def test_ppl_flag_raises_the_limit(tmp_path):
+    from camelot.cli import build_parser
+
+    args = build_parser().parse_args(["ppl", "--data", "x", "--max-data-mb", "1024"])
+    assert args.max_data_mb == 1024.0
+
+
+def test_a_snapshot_declaring_more_than_ram_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A knn store grows with the text, so its size is not bounded by the wrapper; the header's
+    total is held against the machine's memory before any byte is read."""
+    import camelot.snapshot_checks as checks
+
+    cm = _fed("knn")
+    path = cm.memory.save(tmp_path / "knn.camelot")
+    monkeypatch.setattr(checks, "_physical_memory", lambda: 1000)
+    monkeypatch.setattr("camelot.snapshot._read_tensors", lambda *a: pytest.fail("tensors read before the check"))
+    with pytest.raises(SnapshotError, match="more than this machine's"):
+        cm.memory.load(path)
+    monkeypatch.undo()
+    cm.memory.load(path)  # with the real memory size it loads
+
+
+def test_a_save_that_fails_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    cm = _fed()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        cm.memory.save(tmp_path / "mem.camelot")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_checkpoint_restores_into_its_own_wrapper_only():
+    cm, other = _fed(), _fed()
+    cp = cm.memory.checkpoint()
+    cm.memory.restore(cp)  # its own wrapper: fine
+    with pytest.raises(ValueError, match="another wrapper"):
+        other.memory.restore(cp)
