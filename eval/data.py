@@ -117,9 +117,13 @@ def _check_size(path: Path, max_bytes: int) -> int:
     if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO, a socket: may never end
         raise UserError(f"{path} is not a regular file (a device, pipe or socket); give a text file")
     if st.st_size > max_bytes:
-        raise UserError(f"{path} holds {st.st_size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} MiB "
-                        "limit on data; raise it with --max-data-mb")
+        raise UserError(f"{path} holds {_size(st.st_size)}, more than the {_size(max_bytes)} limit on data; "
+                        "raise it with --max-data-mb")
     return st.st_size
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _read_text(path: Path, max_bytes: int = MAX_DATA_BYTES) -> str:
@@ -131,7 +135,7 @@ def _read_text(path: Path, max_bytes: int = MAX_DATA_BYTES) -> str:
                 raise UserError(f"{path} looks like a binary file (it holds NUL bytes), not text")
             raw += chunk
             if len(raw) > max_bytes:
-                raise UserError(f"{path} grew past the {max_bytes / 2**20:g} MiB limit on data while read; "
+                raise UserError(f"{path} grew past the {_size(max_bytes)} limit on data while read; "
                                 "raise it with --max-data-mb")
     try:
         return raw.decode("utf-8")
@@ -145,8 +149,8 @@ def _text_folder(path: Path, max_docs: int | None, max_bytes: int = MAX_DATA_BYT
         raise UserError(f"no .txt files in folder {path}")
     total = sum(_check_size(p, max_bytes) for p in paths)
     if total > max_bytes:
-        raise UserError(f"{path} holds {total / 2**20:.1f} MiB of .txt files, more than the {max_bytes / 2**20:g} "
-                        "MiB limit on data; raise it with --max-data-mb (or use --max-docs)")
+        raise UserError(f"{path} holds {_size(total)} of .txt files, more than the {_size(max_bytes)} limit on "
+                        "data; raise it with --max-data-mb (or use --max-docs)")
     return [Document(p.name, _read_text(p, max_bytes)) for p in paths]
 
 

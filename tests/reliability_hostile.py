@@ -172,7 +172,7 @@ DATA_CASES = [
     Case("data is a 2 GiB sparse .txt (CLI)", lambda c: c.ppl(_sparse_txt(c)),
          CliRefused("raise it with --max-data-mb")),
     Case("text with a NUL byte past the first 64 KiB (CLI)", lambda c: c.ppl(_late_nul(c)), CliRefused("binary")),
-    Case("text larger than --max-data-mb (2.6 KB, limit 1 KB)", _big_under_limit, CliRefused("MiB limit on data")),
+    Case("text larger than --max-data-mb (2.6 KB, limit 1 KB)", _big_under_limit, CliRefused("limit on data")),
 ]
 
 
@@ -329,7 +329,7 @@ OWNERSHIP_CASES = [
          Refused(UnwrappedError, "was unwrapped"), setup=_rewrapped, watch=_new_state),
     Case("old.feed() after its model was wrapped anew", lambda c: c.cm.feed(doc(8), progress=False),
          Refused(UnwrappedError, "was unwrapped"), setup=_rewrapped, watch=_new_state),
-    Case("old.memory.load() / old.memory.stats() after unwrap", lambda c: c.cm.memory.stats(),
+    Case("old.memory.stats() after unwrap", lambda c: c.cm.memory.stats(),
          Refused(UnwrappedError, "was unwrapped"), setup=_rewrapped, watch=_new_state),
     Case("cfg.window = 0 set after construction, then wrap", _window_zero,
          Refused(ValueError, "window must be an integer >= 1"),
