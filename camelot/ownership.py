@@ -39,3 +39,13 @@ def exclusive(method: F) -> F:
             check_owner(self)
             return method(self, *args, **kwargs)
     return run  # type: ignore[return-value]
+
+
+def exclusive_view(method: F) -> F:
+    """`exclusive` for `cm.memory` (MemoryView) methods that read or replace the whole state."""
+    @functools.wraps(method)
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with self.cm._lock:
+            check_owner(self.cm)
+            return method(self, *args, **kwargs)
+    return run  # type: ignore[return-value]

@@ -24,6 +24,7 @@ import torch
 
 from camelot.layer_state import LayerState
 from camelot.memory import TELEMETRY_FIELDS, RawWindow, SinkTokens
+from camelot.ownership import exclusive_view
 
 if TYPE_CHECKING:
     from camelot.attention import LayerRuntime
@@ -140,11 +141,13 @@ class MemoryView:
                 "layers": layers, "telemetry": self.telemetry()}
 
     # ------------------------------------------------------------------ in-process checkpoints
+    @exclusive_view
     def checkpoint(self) -> Checkpoint:
         """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
         read several continuations of one shared prefix without re-reading it."""
         return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes], weakref.ref(self.cm))
 
+    @exclusive_view
     def restore(self, cp: Checkpoint) -> None:
         """Go back to a checkpoint; the checkpoint stays valid for further restores. (The open
         segment's tensors are shared: attention replaces them, never writes into them.)"""
@@ -156,6 +159,7 @@ class MemoryView:
             rt.last_read = None
 
     # ------------------------------------------------------------------ snapshots
+    @exclusive_view
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write the whole state to a safetensors file; the live state is not changed.
         `metadata` (str -> str) is stored under keys prefixed with 'user.'."""
@@ -192,6 +196,7 @@ class MemoryView:
             tmp.unlink(missing_ok=True)  # a failed write (disk full, no such folder) leaves nothing either
         return path
 
+    @exclusive_view
     def load(self, path: str | Path) -> dict[str, str]:
         """Replace the whole state with a snapshot's; returns the snapshot's metadata. Refused
         with SnapshotError, the live state untouched, if the file does not fit this wrapper."""

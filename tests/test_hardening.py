@@ -83,3 +83,24 @@ def test_checkpoint_restores_into_its_own_wrapper_only():
     cm.memory.restore(cp)  # its own wrapper: fine
     with pytest.raises(ValueError, match="another wrapper"):
         other.memory.restore(cp)
+
+
+@pytest.mark.parametrize("call", ["score", "feed", "reset", "checkpoint", "save", "load"])
+def test_calls_wait_for_the_wrapper_lock(call, tmp_path):
+    """Every state-changing call of a wrapper (and of its memory view) waits while another
+    thread holds the wrapper's lock: calls from two threads never interleave."""
+    import threading
+
+    cm = _fed()
+    snap = cm.memory.save(tmp_path / "s.camelot")
+    ids = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(1))
+    run = {"score": lambda: cm.score(ids), "feed": lambda: cm.feed(ids, progress=False), "reset": cm.reset,
+           "checkpoint": lambda: cm.memory.checkpoint(), "save": lambda: cm.memory.save(tmp_path / "t.camelot"),
+           "load": lambda: cm.memory.load(snap)}[call]
+    done = threading.Event()
+    with cm._lock:
+        t = threading.Thread(target=lambda: (run(), done.set()))
+        t.start()
+        assert not done.wait(0.3), f"{call} ran while another thread held the wrapper"
+    t.join(10)
+    assert done.is_set()
