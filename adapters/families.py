@@ -6,7 +6,6 @@ from __future__ import annotations
 from camelot.adapters.absolute import AbsoluteAdapter
 from camelot.adapters.base import Adapter
 from camelot.adapters.forward_hooks import BloomAdapter, FalconAdapter
-from camelot.adapters.registry import register_adapter
 from camelot.adapters.rotary import (
     GPTJAdapter,
     InterleavedRotaryAdapter,
@@ -19,6 +18,3 @@ FAMILY_ADAPTERS: tuple[Adapter, ...] = (
     RotaryAdapter(), NoPERotaryAdapter(), PartialRotaryAdapter(), InterleavedRotaryAdapter(), GPTJAdapter(),
     AbsoluteAdapter(), FalconAdapter(), BloomAdapter(),
 )
-
-for _adapter in FAMILY_ADAPTERS:
-    register_adapter(_adapter)

@@ -9,28 +9,14 @@ runtime is attached, so a model whose wrapper was unwrapped behaves exactly as b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
+from camelot.adapters.alibi import Alibi, alibi_slopes
 from camelot.adapters.base import Adapter
 from torch import nn
 
-from camelot.attention import Alibi
-
 _ORIGINAL = "_camelot_original_forward"
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """Per-head ALiBi slopes exactly as HF's `build_alibi_tensor` makes them (rounded to bf16)."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
-    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
-    if closest != num_heads:
-        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
-        n_rest = min(closest, num_heads - closest)
-        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * n_rest, 2, dtype=torch.int32))])
-    return slopes.bfloat16().float()
 
 
 class ForwardHookAdapter(Adapter):

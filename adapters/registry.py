@@ -40,4 +40,7 @@ def get_adapter(model: nn.Module) -> Adapter:
 def _load_builtin() -> None:
     if _REGISTRY:
         return
-    from camelot.adapters import families  # noqa: F401  (registers on import)
+    from camelot.adapters.families import FAMILY_ADAPTERS
+
+    for adapter in FAMILY_ADAPTERS:
+        register_adapter(adapter)

@@ -183,7 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     import camelot
-    from camelot.eval.perplexity import _load
+    from camelot.options import load_model_from_args
 
     if not args.question and not args.interactive:
         raise UserError("give a question, or -i for interactive mode")
@@ -201,13 +201,13 @@ def run_cli(args: argparse.Namespace) -> int:
                    args.repetition_penalty)
     document = None
     if args.context_file:
-        from camelot.eval.data import load_documents
+        from camelot.documents import load_documents
 
         document = "\n\n".join(d.text for d in load_documents(args.context_file,
                                                                 max_bytes=int(args.max_data_mb * 2**20)))
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = _load(args)
+    model, tok = load_model_from_args(args)
     cm = camelot.wrap(model, cfg)
     session = AskSession(cm, tok, chat=not args.no_chat_template, system=args.system, generation=generation)
     if args.load:

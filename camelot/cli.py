@@ -1,32 +1,36 @@
 """`camelot` command line: one subcommand per job, each defined next to the code it drives.
 
-A subcommand module exposes `register(subparsers)`, which adds its parser and sets
-`func(args) -> int` as the default. Errors meant for the user (bad files, bad settings) are
-printed as one line, not a traceback."""
+Subcommands register themselves in one place, the `camelot.commands` entry points of
+pyproject.toml (name = module): a module there exposes `register(subparsers)`, which adds its
+parser and sets `func(args) -> int` as the default. So the core names no evaluation module, and
+a plugin package can add a subcommand the same way. Errors meant for the user (bad files, bad
+settings) are printed as one line, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from camelot.cli_checks import check_common_args
-from camelot.search import BACKENDS
-
-# module path -> nothing else; each module registers its own subcommand(s)
-SUBCOMMAND_MODULES = (
-    "camelot.eval.perplexity",
-    "camelot.eval.icl",
-    "camelot.eval.passkey",
-    "camelot.eval.bench",
-    "camelot.eval.soak",
-    "camelot.ask",
-    "camelot.inspect_cli",
+from camelot.options import (  # noqa: F401  (re-exported: the subcommands' shared helpers)
+    UserError,
+    add_config_args,
+    config_from_args,
+    parse_count_bias,
+    parse_top_k,
 )
 
+COMMAND_GROUP = "camelot.commands"
+# the flags of one memory configuration (`ask`, `icl`, `soak`); the rest are for sweeps and experts
+MEMORY_FLAGS = ("strategy", "window", "slots", "recent", "sink", "threshold", "read_top_k", "count_bias",
+                "placement", "retrieve", "search")
 
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback."""
+
+def command_modules() -> list[str]:
+    """Modules that define subcommands, in their registered order."""
+    return [ep.value for ep in entry_points(group=COMMAND_GROUP)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "read documents far longer than the attention window, ask about them, benchmark.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    for name in command_modules():
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -80,63 +84,9 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                     **defaults) -> None:
     """The options of one memory configuration, for commands that run a single one (`ask`,
     `icl`, `soak`); `defaults` overrides CamelotConfig's defaults by field name."""
-    from camelot.config import PLACEMENTS, RETRIEVALS, STRATEGIES, CamelotConfig
-
-    d = {f: getattr(CamelotConfig, f) for f in ("strategy", "window", "slots", "recent", "sink", "threshold",
-                                                "top_k", "count_bias", "placement", "retrieve", "search")}
-    d.update(defaults)
-    if strategy:
-        p.add_argument("--strategy", default=d["strategy"], choices=STRATEGIES, help="memory strategy")
-    p.add_argument("--window", type=int, default=d["window"], help="segment length (local attention span)")
-    p.add_argument("--slots", type=int, default=d["slots"], help="consolidated memory slots per layer and KV head")
-    p.add_argument("--recent", type=int, default=d["recent"],
-                   help="raw tokens kept before the segment; they reach memory as they leave this tail")
-    p.add_argument("--sink", type=int, default=d["sink"], help="first tokens kept raw for good (attention sinks)")
-    p.add_argument("--threshold", type=float, default=d["threshold"], help="merge threshold (cosine similarity)")
-    p.add_argument("--top-k", type=parse_top_k, default=d["top_k"],
-                   help="memory slots read per query ('all': every slot)")
-    p.add_argument("--count-bias", type=parse_count_bias, default=d["count_bias"],
-                   help="factor of the log(count / mean count) bias on slot logits: a number, on (1) or off (0)")
-    p.add_argument("--placement", default=d["placement"], choices=PLACEMENTS,
-                   help="where memory sits for rotary models (recency: each slot at its last write)")
-    p.add_argument("--retrieve", default=d["retrieve"], choices=RETRIEVALS,
-                   help="how a top-k read picks slots: query (each query head's highest logits), group (one "
-                   "top-k per KV head for its query heads together: cheaper) or key (the paper's rule: the slots "
-                   "nearest the token's key)")
-    p.add_argument("--search", default=d["search"], help=f"search backend ({', '.join(BACKENDS)})")
+    add_config_args(p, only=MEMORY_FLAGS, skip=() if strategy else ("strategy",), **defaults)
 
 
 def memory_config(args: argparse.Namespace, **fixed):
     """The CamelotConfig that `add_memory_args` options describe; a bad value is a UserError."""
-    from camelot.config import CamelotConfig
-
-    fields = {f: getattr(args, f) for f in ("window", "slots", "recent", "sink", "threshold", "top_k", "count_bias",
-                                            "placement", "retrieve", "search") if hasattr(args, f)}
-    if hasattr(args, "strategy"):
-        fields["strategy"] = args.strategy
-    try:
-        return CamelotConfig(**{**fields, **fixed})
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def parse_count_bias(text: str) -> float:
-    """--count-bias: on (1), off (0) or a factor."""
-    t = str(text).strip().lower()
-    named = {"on": 1.0, "true": 1.0, "yes": 1.0, "off": 0.0, "false": 0.0, "no": 0.0}
-    if t in named:
-        return named[t]
-    try:
-        return float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number, on or off") from None
-
-
-def parse_top_k(text: str) -> int | None:
-    """--top-k: an integer, or 'all' (None: every slot)."""
-    if str(text).strip().lower() == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'all'") from None
+    return config_from_args(args, **fixed)

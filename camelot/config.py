@@ -1,130 +1,164 @@
-"""The one place where a camelot run is configured and validated."""
+"""The one place where a camelot run is configured and validated.
+
+Each field carries its help text and, through its `Literal` type, its allowed values; the CLI
+flags (`camelot.options`) and the docs are built from these fields, so an option is written
+once. Defaults are the best measured on SmolLM2 (README, "Perplexity"); `paper()` gives the
+paper's setting (no raw tail, no sinks, top-1 read of the slot nearest each token's key, no
+count bias).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
-from camelot.search import BACKENDS
+from camelot.backends import BACKENDS
 
-STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot")
-WRITE_MODES = ("segment", "token")
-MEMORY_DTYPES = ("float32", "bfloat16", "float16")
-PLACEMENTS = ("fixed", "recency")
-RETRIEVALS = ("query", "group", "key")
+Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
+WriteMode = Literal["segment", "token"]
+MemoryDtype = Literal["float32", "bfloat16", "float16"]
+Placement = Literal["fixed", "recency"]
+Retrieve = Literal["query", "group", "key"]
+
+STRATEGIES: tuple[str, ...] = ("window", "recurrent", "sliding", "knn", "infllm", "camelot")
+WRITE_MODES: tuple[str, ...] = get_args(WriteMode)
+MEMORY_DTYPES: tuple[str, ...] = get_args(MemoryDtype)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
+
+# old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
+RENAMED = {"top_k": "read_top_k"}
 
 
-@dataclass
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True,
+           sweep: bool = True) -> Any:
+    """A config field with its help text. cli: it gets a flag; sweep: `camelot ppl` may sweep it
+    (comma-separated values)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "sweep": sweep})
+
+
+@dataclass(init=False)
 class CamelotConfig:
-    """How the memory beside a frozen model behaves.
+    """How the memory beside a frozen model behaves. Every field's help: `CamelotConfig.help(name)`
+    or `camelot ppl --help`."""
 
-    Defaults are the best measured on SmolLM2 (README, "Perplexity"); `paper()` gives the
-    paper's setting (no raw tail, no sinks, top-1 read, no count bias).
+    strategy: Strategy = option(
+        "camelot", "camelot (consolidated slots), knn (keep every token), window (no memory), recurrent "
+        "(previous segment's raw KV), sliding (raw KV of the last `slots` tokens), infllm (InfLLM's blocks: every "
+        "block kept, `slots` / `block_size` of them read per forward)", choices=STRATEGIES, sweep=False)
+    window: int = option(128, "tokens per segment (the local attention span)")
+    slots: int = option(
+        2048, "consolidated memory slots per layer and KV head (camelot); for `sliding`, the raw tokens it "
+        "caches (its whole budget)")
+    recent: int = option(
+        128, "raw tokens kept right before the segment (camelot, knn): a token reaches memory when it leaves "
+        "this tail, so the nearest context stays exact and only older context is consolidated")
+    sink: int = option(
+        4, "the document's first tokens, kept raw for good right before the raw tail (recurrent, sliding, "
+        "knn, camelot): StreamingLLM's attention sinks, where a model trained from position 0 parks attention")
+    threshold: float = option(0.95, "cosine similarity at or above which a token merges into its nearest slot")
+    read_top_k: int | None = option(
+        None, "memory slots each query reads (1 is the paper's mode); None ('all') reads every slot: the "
+        "exact dense read scores every slot anyway, so this costs no more than a small top-k")
+    retrieve: Retrieve = option(
+        "query", "how a top-k read picks slots. query: per query head, the k with the highest logits. group: "
+        "per KV head, the k with the highest sum of its G query heads' logits, shared by them (one search "
+        "instead of G; 0-1.6% perplexity against query where measured). key: the paper's rule, the k nearest "
+        "the token's own position-free key (worse on SmolLM2). Ignored when every slot is read",
+        choices=RETRIEVALS)
+    count_bias: float = option(
+        0.7, "add count_bias * max(0, log(count / mean count)) to a slot's logit: slots that merged more "
+        "tokens than average weigh more, a slot of one token weighs like a raw token (the paper's absolute "
+        "log(count) drifts in long runs: perplexity 16 -> 29 over 600k tokens). 0 (off) to 4")
+    placement: Placement = option(
+        "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
+        "positions before the segment. recency: each slot at its last write", choices=PLACEMENTS)
+    memory_distance: int | None = option(
+        None, "positions between memory and the segment's first token (rotary models); None: right "
+        "before the raw tail (window + recent)")
+    layers: list[int] | str | None = option(
+        None, "layers that own memory: a list of indices, 'all', or None, the adapter's choice (every layer, "
+        "or gemma2/3's full-attention layers only)")
+    search: str = option(
+        "torch", "nearest-slot backend: torch (exact, default), torch-bf16 (bfloat16 candidates, exact scores "
+        "of the chosen; fastest at 2048+ slots), faiss, faiss-gpu, faiss-ivf, faiss-hnsw (docs/speed.md)",
+        choices=BACKENDS, sweep=False)
+    write_mode: WriteMode = option(
+        "segment", "segment: a whole segment matched against memory at once (fast); token: token by token "
+        "(the paper's sequential semantics, slow)", choices=WRITE_MODES, sweep=False)
+    block_size: int = option(
+        128, "infllm: tokens per memory block; `slots` (a multiple of it) is what a read attends to: "
+        "slots / block_size blocks, chosen per KV head by their representatives")
+    repr_topk: int = option(4, "infllm: a block's representative is the mean of its repr_topk keys that received "
+                               "the most attention while in the local window")
+    memory_dtype: MemoryDtype = option("float32", "storage dtype of slot keys and values", choices=MEMORY_DTYPES,
+                                       sweep=False)
 
-    window: tokens per segment (the local attention span).
-    slots: consolidated memory slots per layer and KV head (camelot); cached raw tokens for `sliding`.
-    recent: raw tokens kept right before the segment (camelot, knn): a token reaches memory when it
-        leaves this tail, so the nearest context stays exact and only older context is consolidated.
-    sink: the document's first tokens, kept raw for good and placed right before the raw tail
-        (recurrent, sliding, knn, camelot): the attention sinks of StreamingLLM. A model trained on
-        sequences that start at position 0 parks attention there; without them raw-KV baselines
-        lose more than they gain.
-    threshold: cosine similarity at or above which a token merges into its nearest slot.
-    top_k: memory slots each query reads (1 is the paper's mode); None reads every slot (the
-        exact dense read scores every slot anyway, so this costs no more than a small top_k).
-    layers: indices of the layers that own memory; "all"; or None, the adapter's choice: every layer
-        except where sliding-window and full layers interleave (gemma2/3), there only the full ones.
-    strategy: camelot (consolidated slots), knn (keep every token), window (no memory),
-        recurrent (previous segment's raw KV), sliding (raw KV of the last `slots` tokens).
-    search: nearest-slot backend: "torch" (exact, default), "torch-bf16" (bfloat16 candidates,
-        exact scores of the chosen; also picks each written token's nearest slot that way;
-        fastest at 2048+ slots where the CPU has bf16 dot products), "faiss", "faiss-gpu",
-        "faiss-ivf", "faiss-hnsw" (docs/speed.md).
-    count_bias: add count_bias * max(0, log(count / mean count)) to a slot's attention logit, the
-        mean over the head's used slots: slots that merged more tokens than average weigh more,
-        a slot of one token weighs like a raw token. (The paper's absolute log(count) grows
-        without bound: a 600k-token soak with it went from perplexity 16 to 29; without the clip
-        at 0, a rare fact's count-1 slot sinks under the window: pass key at 4k 33% vs 100%.)
-        0.7 is the measured default; 0 (False) is off.
-    memory_distance: memory is presented `memory_distance` positions before the segment's first
-        token (rotary models); None means right before the raw tail (window + recent).
-    placement: where memory sits for rotary models. "fixed" (the paper): every slot at
-        `memory_distance` positions before the segment. "recency": each slot at the position of
-        its last write (age + 1 tokens before the segment), clamped to the model's range, so the
-        model sees an order among slots like it sees one among raw tokens.
-    retrieve: how a top_k read picks each token's slots. "query": per query head, the k slots
-        with the highest attention logits (what its softmax would weigh most). "group": per KV
-        head, the k slots with the highest sum of its G query heads' logits, shared by them: one
-        search instead of G, for 0-1.6% perplexity against "query" where measured (README, "Speed
-        and memory"). "key": the paper's rule, the k slots whose keys are nearest the token's own key
-        (inner product, position-free), also one search per KV head; measurably worse on SmolLM2.
-        Ignored when every slot is read.
-    write_mode: "segment" matches a whole segment against memory at once (fast path);
-        "token" writes token by token (the paper's sequential semantics, slow).
-    memory_dtype: storage dtype of slot keys and values.
-    """
-
-    window: int = 128
-    slots: int = 2048
-    threshold: float = 0.95
-    top_k: int | None = None
-    layers: list[int] | str | None = None
-    strategy: str = "camelot"
-    search: str = "torch"
-    count_bias: float = 0.7
-    memory_distance: int | None = None
-    placement: str = "fixed"
-    retrieve: str = "query"
-    write_mode: str = "segment"
-    recent: int = 128
-    sink: int = 4
-    memory_dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        for old, new in RENAMED.items():
+            if old in values:
+                warnings.warn(f"CamelotConfig({old}=...) is now {new}=...; the old name goes in camelot 0.2",
+                              FutureWarning, stacklevel=2)
+                if new in values:
+                    raise ValueError(f"give {new} or its old name {old}, not both")
+                values[new] = values.pop(old)
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"CamelotConfig got unknown option(s) {', '.join(unknown)}; options: "
+                            f"{', '.join(sorted(names))}")
+        for f in fields(self):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            object.__setattr__(self, f.name, values.get(f.name, default))
         self.validate()
 
+    def __getattr__(self, name: str) -> Any:  # only reached for names the instance lacks
+        if name in RENAMED:
+            warnings.warn(f"CamelotConfig.{name} is now .{RENAMED[name]}", FutureWarning, stacklevel=2)
+            return getattr(self, RENAMED[name])
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RENAMED:
+            warnings.warn(f"CamelotConfig.{name} is now .{RENAMED[name]}", FutureWarning, stacklevel=2)
+            name = RENAMED[name]
+        object.__setattr__(self, name, value)
+
     def validate(self) -> None:
+        """Raise ValueError for any setting camelot cannot run; normalises count_bias and layers."""
         _check_int("window", self.window, low=1)
         _check_int("slots", self.slots, low=1)
-        if self.top_k is not None:
-            _check_int("top_k", self.top_k, low=1)
+        if self.read_top_k is not None:
+            _check_int("read_top_k", self.read_top_k, low=1)
         _check_int("recent", self.recent, low=0)
         _check_int("sink", self.sink, low=0)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
         if not -1.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(
-                f"threshold must be in [-1, 1] (a cosine similarity), got {self.threshold}"
-            )
-        if self.top_k is None and self.search != "torch" and self.strategy in ("camelot", "knn"):
-            raise ValueError(f"top_k=None (read every slot) needs search='torch'; the {self.search} backend "
-                             "returns a top-k: give top_k (e.g. 8)")
-        if self.strategy == "camelot" and self.top_k is not None and self.top_k > self.slots:
-            raise ValueError(
-                f"top_k ({self.top_k}) must not exceed slots ({self.slots}): a query cannot "
-                "read more slots than the memory has"
-            )
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("search", self.search, BACKENDS)
-        _check_choice("write_mode", self.write_mode, WRITE_MODES)
-        _check_choice("placement", self.placement, PLACEMENTS)
-        _check_choice("retrieve", self.retrieve, RETRIEVALS)
-        _check_choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)
+            raise ValueError(f"threshold must be in [-1, 1] (a cosine similarity), got {self.threshold}")
+        for f in fields(self):
+            if f.metadata.get("choices"):
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        if self.read_top_k is None and self.search != "torch" and self.strategy in ("camelot", "knn"):
+            raise ValueError(f"read_top_k=None (read every slot) needs search='torch'; the {self.search} backend "
+                             "returns a top-k: give read_top_k (e.g. 8)")
+        if self.strategy == "camelot" and self.read_top_k is not None and self.read_top_k > self.slots:
+            raise ValueError(f"read_top_k ({self.read_top_k}) must not exceed slots ({self.slots}): a query cannot "
+                             "read more slots than the memory has")
         if self.memory_distance is not None:
             _check_int("memory_distance", self.memory_distance, low=0)
-        # A truthy string ("no") would silently switch the bias on: demand a real bool.
+        _check_infllm(self)
+        # A truthy string ("no") would silently switch the bias on: demand a real number or bool.
         if not isinstance(self.count_bias, (bool, int, float)) or not 0 <= self.count_bias <= 4:
             raise ValueError(f"count_bias must be a number in [0, 4] or True/False (1/0), got {self.count_bias!r}")
-        self.count_bias = float(self.count_bias)
-        if not isinstance(self.extra, dict):
-            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+        object.__setattr__(self, "count_bias", float(self.count_bias))
         if self.layers is not None and self.layers != "all":
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"layers must be None, 'all' or a non-empty list of ints, got {self.layers!r}")
             for i in self.layers:
                 _check_int("layers[]", i, low=0)
-            self.layers = sorted(set(int(i) for i in self.layers))
+            object.__setattr__(self, "layers", sorted(set(int(i) for i in self.layers)))
 
     @property
     def distance(self) -> int:
@@ -134,11 +168,19 @@ class CamelotConfig:
     def paper(cls, **changes: Any) -> CamelotConfig:
         """The CAMELoT paper's setting: consolidated slots alone, a top-1 read of the slot nearest
         each token's key, fixed placement."""
-        return cls(**{"recent": 0, "sink": 0, "top_k": 1, "retrieve": "key", "count_bias": False,
+        return cls(**{"recent": 0, "sink": 0, "read_top_k": 1, "retrieve": "key", "count_bias": False,
                       "placement": "fixed", **changes})
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of one option."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}[RENAMED.get(name, name)]
 
     def replace(self, **changes: Any) -> CamelotConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for old, new in RENAMED.items():
+            if old in changes:
+                values.pop(new)
         values.update(changes)
         return CamelotConfig(**values)
 
@@ -151,6 +193,20 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _check_infllm(cfg: CamelotConfig) -> None:
+    _check_int("block_size", cfg.block_size, low=1)
+    _check_int("repr_topk", cfg.repr_topk, low=1)
+    if cfg.strategy != "infllm":
+        return
+    if cfg.slots % cfg.block_size:
+        raise ValueError(f"infllm reads whole blocks: slots ({cfg.slots}) must be a multiple of block_size "
+                         f"({cfg.block_size}), e.g. {max(1, cfg.slots // cfg.block_size) * cfg.block_size}")
+    if cfg.repr_topk > cfg.block_size:
+        raise ValueError(f"repr_topk ({cfg.repr_topk}) must not exceed block_size ({cfg.block_size})")
+    if cfg.placement != "fixed":
+        raise ValueError("infllm places every memory key at one fixed distance: placement must be 'fixed'")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from camelot.search import SearchBase
+
 try:
     import faiss
 except ImportError as e:  # faiss is an optional dependency
@@ -73,12 +75,11 @@ def _results(scores: np.ndarray, labels: np.ndarray, shape: tuple, device: torch
     return s.to(device), i.to(device)
 
 
-class FaissFlatSearch:
+class FaissFlatSearch(SearchBase):
     """Exact inner-product search with faiss brute force, per (batch row, KV head). Stateless:
     a flat scan reads every key anyway, so there is nothing to keep in step."""
 
     name = "faiss"
-    dense = False
 
     def __init__(self) -> None:
         self.stats = IndexStats()
@@ -219,11 +220,9 @@ class _HNSWHead(_HeadIndex):
         return scores, labels
 
 
-class FaissIndexSearch:
+class FaissIndexSearch(SearchBase):
     """Approximate search with one IVF or HNSW index per (batch row, KV head), kept in step with
     the bank incrementally (see the module docstring)."""
-
-    dense = False
 
     def __init__(self, kind: str, nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32,
                  ef_search: int = 64, ef_construction: int = 64) -> None:

@@ -43,3 +43,28 @@ def check_pad_token(gc: Any, vocab: int) -> None:
     if ids.is_floating_point() or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
         raise ValueError(f"generate: pad_token_id={gc.pad_token_id} is not a token id of this model "
                          f"(vocabulary [0, {vocab}))")
+
+
+def as_batch(ids: Any, vocab: int, device: torch.device) -> torch.Tensor:
+    """A document's ids ([N] or [B, N], tensor or list) as a long [B, N] tensor on `device`."""
+    if isinstance(ids, (list, tuple)):
+        # No dtype here: floats must reach the integer check below, not be truncated silently.
+        ids = torch.tensor(ids)
+        if ids.numel() == 0:
+            ids = ids.long()
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"token ids must be a tensor or a list of ints, got {type(ids).__name__}")
+    if ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"token ids must be integers, got {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise ValueError(f"token ids must be [N] or [batch, N], got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("empty input: no tokens to read")
+    if ids.device.type == "meta":  # holds no values: range checks and copies would fail inside torch
+        raise ValueError("token ids are on the meta device and hold no values; give them on cpu or the "
+                         "model's device")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
+    return ids.to(device).long() if ids.device != device else ids.long()

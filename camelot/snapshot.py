@@ -13,7 +13,6 @@ memory is touched: the new state of every layer is built and checked aside, then
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import weakref
 from dataclasses import dataclass
@@ -25,47 +24,24 @@ import torch
 from camelot.layer_state import LayerState
 from camelot.memory import TELEMETRY_FIELDS, RawWindow, SinkTokens
 from camelot.ownership import exclusive_view
+from camelot.snapshot_format import (  # noqa: F401  (re-exported: the snapshot API in one place)
+    FORMAT,
+    FORMAT_VERSION,
+    USER_PREFIX,
+    SnapshotError,
+    _json,
+    _read_tensors,
+    _version,
+    architecture,
+    model_fingerprint,
+    read_metadata,
+    read_snapshot,
+    tensor_digest,
+)
 
 if TYPE_CHECKING:
     from camelot.attention import LayerRuntime
-    from camelot.wrapper import CamelotModel
-
-FORMAT = "camelot-memory"
-FORMAT_VERSION = 1
-USER_PREFIX = "user."  # metadata keys a caller adds (e.g. `camelot ask` records its prompt format)
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip archive
-
-
-class SnapshotError(ValueError):
-    """A snapshot that cannot be loaded into this model; the live memory is unchanged."""
-
-
-# ---------------------------------------------------------------------------- model identity
-def architecture(cm: CamelotModel) -> dict[str, Any]:
-    """The facts a snapshot must agree with to be readable by this model."""
-    cfg = cm.adapter.text_config(cm.model)
-    heads = getattr(cfg, "num_attention_heads", None)
-    head_dim = getattr(cm.modules[0], "head_dim", None) or getattr(cfg, "head_dim", None)
-    if head_dim is None and heads:
-        head_dim = cfg.hidden_size // heads
-    return {"model_type": cfg.model_type, "num_layers": len(cm.modules), "num_heads": heads,
-            "num_kv_heads": cm.adapter.num_kv_heads(cm.model), "head_dim": head_dim,
-            "hidden_size": getattr(cfg, "hidden_size", None), "vocab_size": getattr(cfg, "vocab_size", None)}
-
-
-def model_fingerprint(cm: CamelotModel) -> str:
-    """Architecture facts plus a digest of a few weight tensors: cheap, and different for
-    different checkpoints of the same architecture. Weights are hashed after rounding to bf16,
-    so an fp32 model and its bf16 copy share a fingerprint (the memory transfers between them)."""
-    h = hashlib.sha256(json.dumps(architecture(cm), sort_keys=True).encode())
-    emb = cm.model.get_input_embeddings().weight
-    parts = [emb[: min(64, emb.shape[0])]]
-    for m in cm.modules[:2]:
-        parts += [p.flatten()[:4096] for p in list(m.parameters())[:1]]
-    for p in parts:
-        h.update(p.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
-    return h.hexdigest()[:32]
-
+    from camelot.interfaces import Wrapper
 
 # ---------------------------------------------------------------------------- statistics
 def layer_stats(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -115,7 +91,7 @@ class Checkpoint:
 class MemoryView:
     """`cm.memory`: statistics, checkpoints and snapshots of a CamelotModel's state."""
 
-    def __init__(self, cm: CamelotModel) -> None:
+    def __init__(self, cm: Wrapper) -> None:
         self.cm = cm
 
     def _stores(self):
@@ -133,7 +109,8 @@ class MemoryView:
     def stats(self) -> dict[str, Any]:
         """Per memory layer: slots used, count and age histograms, telemetry; plus the open segment
         and raw prefix sizes. Host syncs: not for hot loops."""
-        layers = [{"layer": idx, **layer_stats(mem.state_dict())} for idx, mem in self._stores()]
+        layers = [{"layer": idx, **layer_stats(mem.state_dict()), **(mem.entries() if hasattr(mem, "entries") else {})}
+                  for idx, mem in self._stores()]
         prefix = [rt.state.prefix.size for rt in self.cm.runtimes if rt.state.prefix is not None]
         sink = [rt.state.sink.size for rt in self.cm.runtimes if rt.state.sink is not None]
         return {"strategy": self.cm.config.strategy, "open_tokens": self.cm.open_len,
@@ -158,6 +135,20 @@ class MemoryView:
             rt.state.load_state_dict(_copied(held))
             rt.last_read = None
 
+    def open_segment(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """A free handle on every layer's open segment (attention never edits those tensors in
+        place), for reading several continuations of one open segment without a full checkpoint;
+        the memory is not part of it."""
+        return [(rt.state.local_k, rt.state.local_v) for rt in self.cm.runtimes]
+
+    @exclusive_view
+    def restore_open_segment(self, handle: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+        """Put back the open segment that `open_segment()` returned."""
+        if len(handle) != len(self.cm.runtimes):
+            raise ValueError("open segment handle of another wrapper")
+        for rt, (k, v) in zip(self.cm.runtimes, handle):
+            rt.state.keep(k, v)
+
     # ------------------------------------------------------------------ snapshots
     @exclusive_view
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -165,6 +156,7 @@ class MemoryView:
         `metadata` (str -> str) is stored under keys prefixed with 'user.'."""
         from safetensors.torch import save_file
 
+        _check_file_layout(self.cm)
         tensors: dict[str, torch.Tensor] = {}
         for rt in self.cm.runtimes:
             tensors.update({f"layer{rt.layer_idx}.{n}": t for n, t in rt.state.state_dict().items()})
@@ -202,6 +194,7 @@ class MemoryView:
         with SnapshotError, the live state untouched, if the file does not fit this wrapper."""
         from camelot.snapshot_checks import check_header, check_values
 
+        _check_file_layout(self.cm)
         meta = read_metadata(path)
         _check_compatible(path, meta, self.cm)
         check_header(Path(path), self.cm, _open_len(path, meta))  # before any tensor byte is read
@@ -222,99 +215,24 @@ class MemoryView:
         return meta
 
 
+def _check_file_layout(cm: Wrapper) -> None:
+    if cm.config.strategy == "infllm":
+        raise SnapshotError("an infllm memory cannot be saved to or loaded from a file yet: its blocks, "
+                            "representatives, pending tokens and window scores have no snapshot layout; "
+                            "memory.checkpoint() / restore() work within a process")
+
+
 def _copied(state: LayerState) -> LayerState:
     """A copy of a layer's state that shares the open segment's tensors (attention replaces
     them, never writes into them) and owns its memory, prefix and sinks."""
     new = LayerState(copy.deepcopy(state.memory), copy.deepcopy(state.prefix), copy.deepcopy(state.sink))
     new.local_k, new.local_v = state.local_k, state.local_v
+    new.received_open, new.received_tail = state.received_open, state.received_tail  # never written in place
     return new
 
 
-# ---------------------------------------------------------------------------- reading files
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes: catches bit rot that leaves the file parseable."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """A snapshot's metadata, read from its header only (cheap; the tensors are not checked)."""
-    from safetensors import safe_open
-
-    path = _check_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types, OSError or ValueError
-        raise SnapshotError(_unreadable(path, e)) from None
-    _check_format(path, meta)
-    return meta
-
-
-def read_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a snapshot file, after checking that it is one and is intact."""
-    meta = read_metadata(path)
-    return _read_tensors(Path(path), meta), meta
-
-
-def _read_tensors(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise SnapshotError(_unreadable(path, e)) from None
-    if meta.get("digest") != tensor_digest(tensors):
-        raise SnapshotError(f"{path}: corrupted: its tensor bytes do not match the digest recorded when it was saved")
-    return tensors
-
-
-def _check_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise SnapshotError(f"{path}: no such snapshot file")
-    if not path.is_file():
-        raise SnapshotError(f"{path}: not a file")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # A safetensors file opens with its header length (8 bytes, little-endian) and then "{"; a
-    # length whose low byte is 0x80 would otherwise look like a pickle's opcode.
-    # Too short first: a cut-off snapshot whose header length starts with 0x80 is not a pickle.
-    if len(head) < 8:
-        raise SnapshotError(f"{path}: truncated or empty ({len(head)} bytes), not a camelot snapshot")
-    safetensors_shaped = len(head) == 9 and head[8:9] == b"{"
-    if not safetensors_shaped and any(head.startswith(m) for m in _PICKLE_MAGIC):
-        raise SnapshotError(f"{path}: holds pickle data (torch.save / pickle); camelot loads only safetensors "
-                            "snapshots and never unpickles a file")
-    return path
-
-
-def _unreadable(path: Path, e: Exception) -> str:
-    return f"{path}: not a readable camelot snapshot (truncated, corrupted or not safetensors): {e}"
-
-
-def _check_format(path: Path, meta: dict[str, str]) -> None:
-    if meta.get("format") != FORMAT:
-        raise SnapshotError(f"{path}: a safetensors file but not a camelot memory snapshot "
-                            f"(format {meta.get('format')!r})")
-    from camelot.snapshot_checks import check_metadata
-
-    check_metadata(path, meta)
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise SnapshotError(f"{path}: bad format_version {meta.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise SnapshotError(f"{path}: snapshot format {version} is newer than this camelot reads "
-                            f"({FORMAT_VERSION}); upgrade camelot")
-
-
 # ---------------------------------------------------------------------------- loading checks
-def _check_compatible(path, meta: dict[str, str], cm: CamelotModel) -> None:
+def _check_compatible(path, meta: dict[str, str], cm: Wrapper) -> None:
     mine = architecture(cm)
     theirs = {k: _json(meta.get(k)) for k in mine}
     diff = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine if theirs[k] != mine[k]]
@@ -356,7 +274,7 @@ def _open_len(path, meta: dict[str, str]) -> int:
 
 
 def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta: dict[str, str],
-                 cm: CamelotModel) -> tuple[Any, Any, Any, Any, Any, list[str]]:
+                 cm: Wrapper) -> tuple[Any, Any, Any, Any, Any, list[str]]:
     """The new (open keys, open values, memory, prefix, sink) of one layer, checked, on the layer's
     device; the live runtime is not touched. Also returns the tensor names it used."""
     i = rt.layer_idx
@@ -443,14 +361,3 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
     return open_k, open_v, mem, pre, sink, used
 
 
-def _json(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text is not None else None
-    except json.JSONDecodeError:
-        return text
-
-
-def _version() -> str:
-    from camelot import __version__
-
-    return __version__

@@ -18,16 +18,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from camelot.memory import TELEMETRY_FIELDS, SlotBank
-from camelot.snapshot import SnapshotError, architecture
+from camelot.snapshot_format import SnapshotError, architecture
 
 if TYPE_CHECKING:
     from camelot.attention import LayerRuntime
-    from camelot.wrapper import CamelotModel
+    from camelot.interfaces import Wrapper
 
 # Counts, ages and telemetry are token counts: 2^40 (1.1e12 tokens) is far beyond any document,
 # and keeps sums over slots (2^22 slots at most) far below int64's 2^63.
@@ -35,21 +35,6 @@ MAX_COUNT = 1 << 40
 _NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\.(keys|values|counts|ages|telemetry|finite)")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
                 "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-# ---------------------------------------------------------------------------- 1. metadata
-def check_metadata(path: Path, meta: dict[str, str]) -> None:
-    """Types of the metadata values camelot reads (a bit flip can make `config` a number)."""
-    version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) < 1:  # "-1", "0", " 1", "1.0": none written by camelot
-        raise SnapshotError(f"{path}: bad format_version {version!r} (a positive integer)")
-    for key, kind, what in (("config", dict, "a JSON object"), ("memory_layers", list, "a JSON list")):
-        value = _json(meta.get(key))
-        if not isinstance(value, kind):
-            raise SnapshotError(f"{path}: bad {key} metadata {_short(meta.get(key))}: not {what}")
-    layers = _json(meta["memory_layers"])
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-        raise SnapshotError(f"{path}: bad memory_layers metadata {_short(meta['memory_layers'])}")
 
 
 # ---------------------------------------------------------------------------- 2. header
@@ -76,7 +61,7 @@ def header_entries(path: Path) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
-def check_header(path: Path, cm: CamelotModel, open_len: int) -> None:
+def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
     """Every tensor the header declares fits this wrapper, and all of them fit in memory."""
     arch = architecture(cm)
     h, d = arch["num_kv_heads"], arch["head_dim"]
@@ -139,7 +124,7 @@ def _physical_memory() -> int | None:
 
 
 # ---------------------------------------------------------------------------- 3. values
-def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: CamelotModel) -> None:
+def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> None:
     """Floats finite in the dtype they will be kept in; counts, ages, telemetry in [0, MAX_COUNT]."""
     layer_dtypes = {}
     for module, rt in zip(cm.modules, cm.runtimes):
@@ -160,15 +145,3 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: CamelotModel)
             raise SnapshotError(f"{path}: {name} holds negative values")
         elif t.numel() and int(t.max()) > MAX_COUNT:  # bounded: see MAX_COUNT
             raise SnapshotError(f"{path}: {name} holds values above 2^40 (max {int(t.max())})")
-
-
-def _json(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text is not None else None
-    except json.JSONDecodeError:
-        return None
-
-
-def _short(text: str | None) -> str:
-    s = repr(text)
-    return s if len(s) <= 40 else s[:37] + "..."

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,15 +15,14 @@ from torch import nn
 from camelot import attention
 from camelot.adapters import get_adapter
 from camelot.adapters.base import Adapter, param_device
-from camelot.attention import LayerRuntime
 from camelot.config import CamelotConfig
-from camelot.guards import check_step_ids
-from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
+from camelot.guards import as_batch, check_step_ids
+from camelot.interfaces import SearchBackend, require
+from camelot.layers import build_runtime, memory_layers
+from camelot.masks import MaskCache
 from camelot.ownership import check_owner, exclusive
 from camelot.progress import progress_bar
-from camelot.search import make_backend
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from camelot.reads import ReadAttribution
 
 
 @dataclass
@@ -30,7 +30,6 @@ class ScoreOutput:
     token_nll: torch.Tensor  # [B, N-1]: NLL of token t+1 given tokens <= t
     seconds: float
     segments: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -62,18 +61,11 @@ class CamelotModel:
             raise ValueError(
                 f"window ({config.window}) exceeds the model's position range ({self.max_positions})")
         modules = adapter.attention_modules(model)
-        n_layers = len(modules)
-        # No layers named: the adapter's choice (gemma2/3: only the full-attention layers).
-        if config.layers is None:
-            layers = set(adapter.default_memory_layers(model))
-        else:
-            layers = set(range(n_layers)) if config.layers == "all" else set(config.layers)
-        bad = sorted(i for i in layers if i >= n_layers)
-        if bad:
-            raise ValueError(
-                f"layers {bad} do not exist: the model has {n_layers} attention layers (0..{n_layers - 1})")
+        layers = memory_layers(adapter, model, config, len(modules))
         self.modules = modules
-        self.runtimes = [self._runtime(model, m.layer_idx, m.layer_idx in layers) for m in modules]
+        self.masks = MaskCache()  # causal masks by segment geometry, shared by this wrapper's layers
+        self.runtimes = [build_runtime(adapter, model, config, m.layer_idx, m.layer_idx in layers, self.masks,
+                                       self.max_positions) for m in modules]
         attention.register()
         self._previous_impl = model.config._attn_implementation
         for m, rt in zip(modules, self.runtimes):
@@ -81,32 +73,6 @@ class CamelotModel:
         model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
         model._camelot_wrapper = self
-
-    def _runtime(self, model: nn.Module, layer_idx: int, with_memory: bool) -> LayerRuntime:
-        """One layer's state. Memory (slots or token store) only where `with_memory`; raw context
-        (the recent tail, the recurrent / sliding prefix, sinks) on every layer: it is exact,
-        and a sliding-window layer masks it by its own window as it would the original tokens."""
-        cfg = self.config
-        dtype = _DTYPES[cfg.memory_dtype]
-        memory = prefix = sink = None
-        search = make_backend(cfg.search)
-        if with_memory and cfg.strategy == "camelot":
-            # the write's nearest-slot search scores like the read's backend does
-            memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode,
-                              getattr(search, "score_dtype", torch.float32))
-        elif with_memory and cfg.strategy == "knn":
-            memory = TokenStore(dtype)
-        raw_len = {"recurrent": cfg.window, "sliding": cfg.slots}.get(cfg.strategy, cfg.recent)
-        if raw_len and cfg.strategy != "window":
-            prefix = RawWindow(raw_len)
-        if cfg.sink and cfg.strategy != "window":
-            sink = SinkTokens(cfg.sink)
-        return LayerRuntime(
-            layer_idx=layer_idx, rope=self.adapter.rope_spec(model, layer_idx), memory=memory, prefix=prefix,
-            sink=sink, search=search, top_k=cfg.top_k,
-            distance=cfg.distance, count_bias=cfg.count_bias, placement=cfg.placement,
-            retrieve=cfg.retrieve,
-            max_distance=None if self.max_positions is None else self.max_positions - cfg.window)
 
     # ------------------------------------------------------------------ lifecycle
     @exclusive
@@ -117,15 +83,42 @@ class CamelotModel:
 
     @exclusive
     def unwrap(self) -> nn.Module:
-        """Detach camelot and give the model back as it was."""
+        """Detach camelot and give the model back as it was: attention implementation, swapped
+        forwards (falcon, bloom) and cached masks included."""
         for m in self.modules:
             if hasattr(m, "_camelot_runtime"):
                 del m._camelot_runtime
         self.model.set_attn_implementation(self._previous_impl)
+        self.adapter.restore(self.model)
+        self.masks.clear()
         if getattr(self.model, "_camelot_wrapper", None) is self:
             del self.model._camelot_wrapper
         self._unwrapped = True  # every later call raises (camelot/ownership.py)
         return self.model
+
+    def __enter__(self) -> CamelotModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """`with camelot.wrap(model) as cm:` gives the model back unwrapped at the end."""
+        if not self._unwrapped:
+            self.unwrap()
+
+    # ------------------------------------------------------------------ public hooks (eval uses only these)
+    def replace_search(self, make: Callable[[SearchBackend], SearchBackend]) -> None:
+        """Swap every layer's search backend for `make(old)` (e.g. a probe that records recall)."""
+        for rt in self.runtimes:
+            rt.search = require(make(rt.search), SearchBackend, "search backend")
+
+    def record_reads(self, on: bool = True) -> None:
+        """Keep, per layer, which memory entries each query read and with what weight
+        (`last_reads()`): retrieval attribution, e.g. to cite sources."""
+        for rt in self.runtimes:
+            rt.record_reads, rt.last_read = on, None
+
+    def last_reads(self) -> dict[int, ReadAttribution]:
+        """layer index -> what the last forward read (see `record_reads`)."""
+        return {rt.layer_idx: rt.last_read for rt in self.runtimes if rt.last_read is not None}
 
     @property
     def device(self) -> torch.device:
@@ -134,7 +127,7 @@ class CamelotModel:
     @property
     def open_len(self) -> int:
         """Tokens in the open (not yet consolidated) segment."""
-        return self.runtimes[0].local_len
+        return self.runtimes[0].state.local_len
 
     @property
     def memory(self):
@@ -170,7 +163,7 @@ class CamelotModel:
         (`model.to(...)`) would meet it deep inside torch with a device-mismatch error, so refuse
         here, naming both devices. One attribute check per layer and step: cheap."""
         for m, rt in zip(self.modules, self.runtimes):
-            held = _held_device(rt)
+            held = rt.state.device()
             if held is None:
                 continue
             p = next(m.parameters(), None)
@@ -185,7 +178,7 @@ class CamelotModel:
         for rt in self.runtimes:
             rt.flush()
 
-    def _chunks(self, n: int):
+    def segments(self, n: int) -> Iterator[tuple[int, int]]:
         """Spans that fill the open segment exactly to its boundary, so segmentation is the same
         whether a document arrives at once or in pieces."""
         a = 0
@@ -212,7 +205,7 @@ class CamelotModel:
         b, n = ids.shape
         nll = torch.empty(b, max(n - 1, 0), dtype=torch.float32)
         t0 = time.perf_counter()
-        spans = list(self._chunks(n))
+        spans = list(self.segments(n))
         for a, e in progress_bar(spans, desc=desc, enabled=progress, unit="seg"):
             logits = self.step(ids[:, a:e])
             tgt_end = min(e + 1, n)
@@ -231,65 +224,27 @@ class CamelotModel:
         fill a segment stays in the open window, right before whatever comes next.
         Returns the number of tokens fed."""
         ids = self._as_batch(ids)
-        spans = list(self._chunks(ids.shape[1]))
+        spans = list(self.segments(ids.shape[1]))
         for a, e in progress_bar(spans, desc="feed", enabled=progress, unit="seg"):
             self.step(ids[:, a:e])
         return ids.shape[1]
 
     @exclusive
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor | list[int], max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 stopping_criteria=None, stop_strings: list[str] | None = None, tokenizer=None,
-                 seed: int | None = None, streamer=None) -> torch.Tensor:
-        """Continue after whatever is in memory and the open window, HF-style arguments (see
-        camelot.generation.generate). Returns only the new tokens [B, <= max_new_tokens].
+    def generate(self, *args, generation_config=None, **kwargs):
+        """transformers' generate on the wrapped model, continuing after whatever is in memory and
+        the open window: a GenerationConfig and/or its options as keywords, logits_processor,
+        stopping_criteria, streamer, tokenizer (stop_strings), seed. Returns only the new tokens
+        [B, <= max_new_tokens] (see camelot.generation.generate for return_dict_in_generate).
 
         Every returned token is stepped into the state like a fed one: beyond the window it is
         consolidated into memory, and afterwards the state equals that of feed(ids + new)."""
         from camelot.generation import generate
 
-        return generate(self, self._as_batch(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stopping_criteria=stopping_criteria,
-                        stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, streamer=streamer)
+        return generate(self, *args, generation_config=generation_config, **kwargs)
 
     def _as_batch(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        if isinstance(ids, (list, tuple)):
-            # No dtype here: floats must reach the integer check below, not be truncated silently.
-            ids = torch.tensor(ids)
-            if ids.numel() == 0:
-                ids = ids.long()
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"token ids must be a tensor or a list of ints, got {type(ids).__name__}")
-        if ids.dtype not in (torch.long, torch.int32, torch.int64):
-            raise TypeError(f"token ids must be integers, got {ids.dtype}")
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2:
-            raise ValueError(f"token ids must be [N] or [batch, N], got shape {tuple(ids.shape)}")
-        if ids.shape[1] == 0:
-            raise ValueError("empty input: no tokens to read")
-        if ids.device.type == "meta":  # holds no values: range checks and copies would fail inside torch
-            raise ValueError("token ids are on the meta device and hold no values; give them on cpu or the "
-                             "model's device")
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
-        dev = self.device
-        if ids.device != dev:
-            ids = ids.to(dev)
-        return ids.long()
-
-
-def _held_device(rt: LayerRuntime) -> torch.device | None:
-    """Device of the first state tensor a layer holds (open segment, memory or prefix), if any."""
-    for t in (rt.local_k, getattr(rt.memory, "keys", None), getattr(rt.prefix, "keys", None)):
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return None
-
+        return as_batch(ids, self.model.get_input_embeddings().num_embeddings, self.device)
 
 def wrap(model: nn.Module, config: CamelotConfig | None = None, **overrides) -> CamelotModel:
     """Give a frozen HF causal LM a camelot memory. Fails before touching the model if its

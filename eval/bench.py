@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from camelot import topk as native_topk
+from camelot.backends import BACKENDS
 from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import RETRIEVALS, CamelotConfig
-from camelot.search import BACKENDS, TorchExactSearch
+from camelot.search import SearchBase, TorchExactSearch
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
 APPROXIMATE = ("torch-bf16", "faiss-ivf", "faiss-hnsw")
@@ -69,17 +70,19 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-class RecallProbe:
+class RecallProbe(SearchBase):
     """A search backend that answers with `inner` and counts how many of exact search's top-k
     it found (only where exact search found a valid slot)."""
-
-    dense = False
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.name = f"probe({inner.name})"
+        self.score_dtype = inner.score_dtype
         self.found = 0
         self.total = 0
+
+    def reset(self) -> None:
+        self.inner.reset()
 
     def topk(self, queries, keys, valid, k):
         scores, idx = self.inner.topk(queries, keys, valid, k)
@@ -125,25 +128,25 @@ def fill_banks(cm, seed: int = 0) -> None:
     cfg = cm.model.config
     g = torch.Generator().manual_seed(seed)
     for rt in cm.runtimes:
-        if not isinstance(rt.memory, SlotBank):
+        if not isinstance(rt.state.memory, SlotBank):
             continue
         attn = cm.modules[rt.layer_idx]
         h = cfg.num_key_value_heads
         d = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        s = rt.memory.slots
+        s = rt.state.memory.slots
         dev = next(attn.parameters()).device
         state = {"keys": torch.randn(1, h, s, d, generator=g), "values": torch.randn(1, h, s, d, generator=g),
                  "counts": torch.ones(1, h, s, dtype=torch.long),
                  "ages": torch.randperm(s, generator=g).expand(1, h, s).contiguous(),
                  "telemetry": torch.zeros(5, dtype=torch.long)}
-        rt.memory.load_state_dict(state, device=dev)
+        rt.state.memory.load_state_dict(state, device=dev)
 
 
 def state_bytes(cm) -> int:
     """Bytes held by memory and prefix tensors of every layer."""
     total = 0
     for rt in cm.runtimes:
-        for holder in (rt.memory, rt.prefix, rt.sink):
+        for holder in (rt.state.memory, rt.state.prefix, rt.state.sink):
             for name in ("keys", "values", "counts", "ages", "valid"):
                 t = getattr(holder, name, None)
                 if isinstance(t, torch.Tensor):
@@ -162,9 +165,8 @@ def run_wrapped(model, ids: torch.Tensor, cfg: CamelotConfig, label: str, prefil
         if prefill:
             fill_banks(cm)
         if probe:
-            for rt in cm.runtimes:
-                rt.search = RecallProbe(rt.search)
-        spans = list(cm._chunks(ids.shape[1]))
+            cm.replace_search(RecallProbe)
+        spans = list(cm.segments(ids.shape[1]))
         times = []
         with PeakRSS() as rss, torch.no_grad():
             for a, e in progress_bar(spans, desc=label, enabled=progress, unit="seg"):
@@ -208,7 +210,7 @@ def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[s
             rows.append(run_wrapped(model, ids, base.replace(strategy="knn", search=b), f"knn {b}",
                                     progress=progress))
     if "camelot" in strategies:
-        if base.top_k is None:  # every slot is read: nothing to pick
+        if base.read_top_k is None:  # every slot is read: nothing to pick
             retrieves = ("query",)
         for s in slots:
             for b in backends:
@@ -217,8 +219,8 @@ def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[s
                     label = f"camelot slots={s} {b}" + ("" if r == "query" else f" by {r}")
                     rows.append(run_wrapped(model, ids, cfg, label, prefill=True, progress=progress))
                     rows[-1].extra["retrieve"] = r
-            if "torch" in backends and base.top_k is not None:  # the library default: read every slot
-                cfg = base.replace(strategy="camelot", slots=s, search="torch", top_k=None)
+            if "torch" in backends and base.read_top_k is not None:  # the library default: read every slot
+                cfg = base.replace(strategy="camelot", slots=s, search="torch", read_top_k=None)
                 rows.append(run_wrapped(model, ids, cfg, f"camelot slots={s} torch all", prefill=True,
                                         progress=progress))
     rows.append(run_wrapped(model, ids, base.replace(strategy="window"), "window (again)", progress=progress))
@@ -397,7 +399,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared CPU)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every table in minutes")
     p.add_argument("--window", type=int, default=128)
-    p.add_argument("--top-k", type=parse_top_k, default=8,
+    p.add_argument("--read-top-k", "--top-k", dest="top_k", type=parse_top_k, default=8,
                    help="slots read per query ('all': every one, torch only); torch rows are also timed with "
                    "every slot read, the library default")
     p.add_argument("--threshold", type=float, default=CamelotConfig.threshold)
@@ -429,9 +431,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from camelot.eval.data import load_documents, tokenize_documents
-
     import camelot
+    from camelot.documents import load_documents, tokenize_documents
 
     if args.quick:
         args.tokens, args.lengths, args.slots = 512, "1024,2048", "512,2048"
@@ -445,7 +446,7 @@ def run_cli(args: argparse.Namespace) -> int:
     skip = set(_names(args.skip, ("speed", "growth", "recall", "profile"), "skip")) if args.skip else set()
     retrieves = tuple(_names(args.retrieve, RETRIEVALS, "retrieve"))
     try:
-        base = CamelotConfig(window=args.window, top_k=args.top_k, threshold=args.threshold, recent=args.recent,
+        base = CamelotConfig(window=args.window, read_top_k=args.top_k, threshold=args.threshold, recent=args.recent,
                              sink=args.sink, count_bias=args.count_bias, placement=args.placement, slots=max(slots))
     except ValueError as e:
         raise UserError(str(e)) from None

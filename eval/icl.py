@@ -32,7 +32,7 @@ import torch
 from camelot.eval.icl_tasks import BUILTIN_TASKS, Example, IclTask, balanced_pool, balanced_test, load_split, load_task
 
 LABEL_SCORES = ("sum", "mean", "first")
-MEMORY_STRATEGIES = ("camelot", "knn", "recurrent", "sliding")
+MEMORY_STRATEGIES = ("camelot", "knn", "infllm", "recurrent", "sliding")
 
 # two-sided 95% Student-t quantiles for 1..30 degrees of freedom (no scipy dependency)
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -120,14 +120,12 @@ OpenState = list[tuple[torch.Tensor | None, torch.Tensor | None]]
 
 
 def open_state(cm: Any) -> OpenState:
-    """The open segment's KV per layer (references: the runtime never edits them in place, it
-    concatenates into new tensors, so keeping references is a free snapshot)."""
-    return [(rt.local_k, rt.local_v) for rt in cm.runtimes]
+    """The open segment's KV per layer (a free handle: the runtime never edits it in place)."""
+    return cm.memory.open_segment()
 
 
 def restore_open(cm: Any, state: OpenState) -> None:
-    for rt, (k, v) in zip(cm.runtimes, state):
-        rt.local_k, rt.local_v = k, v
+    cm.memory.restore_open_segment(state)
 
 
 def memory_fingerprint(cm: Any) -> tuple:
@@ -135,7 +133,7 @@ def memory_fingerprint(cm: Any) -> tuple:
     store size. Any write by a test example changes it."""
     out = []
     for rt in cm.runtimes:
-        mem, pre = rt.memory, rt.prefix
+        mem, pre = rt.state.memory, rt.state.prefix
         tel = None if mem is None or mem.telemetry is None else tuple(mem.telemetry.tolist())
         out.append((tel, getattr(mem, "size", None), None if pre is None else pre.size))
     return tuple(out)
@@ -484,10 +482,11 @@ def main(args: argparse.Namespace) -> int:
     train = load_split(task, args.data_dir, "train")
     test = load_split(task, args.data_dir, "test")
     import camelot
-    from camelot.models import BUNDLED
+    from camelot.models import BUNDLED, PARTED
 
-    if args.model not in BUNDLED and not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a local folder")
+    known = (*BUNDLED, *PARTED)
+    if args.model not in known and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model!r} is neither a bundled model ({', '.join(known)}) nor a local folder")
 
     model, tok = camelot.load_model(args.model, device=args.device)
     data = tokenize_task(task, tok, train, test, balanced_test(test, task.labels, args.n_test))

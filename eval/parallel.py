@@ -69,7 +69,7 @@ def merge(per_process: Sequence[Sequence[Any]], doc_order: Sequence[str]) -> lis
     back in `doc_order`. `seconds` adds up the processes' compute time, so tokens/s stays a
     per-process rate. A run skipped anywhere is skipped in the result (one process would have
     skipped it too: the skip depends on the longest document)."""
-    from camelot.eval.perplexity import RunResult
+    from camelot.eval.plan import RunResult
 
     first = per_process[0]
     rank_of = {name: i for i, name in enumerate(doc_order)}

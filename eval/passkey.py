@@ -106,8 +106,6 @@ def build_haystack(tok, max_len: int, filler_text: str | None = None) -> Haystac
 def make_cases(hay: Haystack, lengths: list[int], depths: list[int], trials: int, max_new_tokens: int,
                seed: int = 0) -> list[Case]:
     """Cases for every length x depth x trial, keys drawn from `seed` (the same for every run)."""
-    import bisect
-
     rng = random.Random(seed)
     cases = []
     for n in lengths:
@@ -115,16 +113,26 @@ def make_cases(hay: Haystack, lengths: list[int], depths: list[int], trials: int
             for t in range(trials):
                 key = str(rng.randint(10000, 99999))
                 fixed = len(hay.intro) + len(hay.needle(key)) + len(hay.question) + max_new_tokens
-                hay_len = n - fixed
-                if hay_len < 1:
-                    raise UserError(f"length {n} is too short: instruction, pass key, question and answer need "
-                                    f"{fixed} tokens")
-                if hay_len > len(hay.stream):
-                    raise UserError(f"length {n} needs {hay_len} filler tokens, the stream has {len(hay.stream)}")
-                target = round(d / 100 * hay_len)
-                at = hay.boundaries[max(0, bisect.bisect_right(hay.boundaries, target) - 1)]
-                cases.append(Case(n, d, t, key, min(at, hay_len), hay_len))
+                hay_len = haystack_room(hay, n, fixed, "instruction, pass key, question and answer")
+                cases.append(Case(n, d, t, key, sentence_end(hay, round(d / 100 * hay_len), hay_len), hay_len))
     return cases
+
+
+def haystack_room(hay: Haystack, length: int, fixed: int, what: str) -> int:
+    """Stream tokens that fit beside `fixed` other tokens in `length`; an error if none or too many."""
+    room = length - fixed
+    if room < 1:
+        raise UserError(f"length {length} is too short: {what} need {fixed} tokens")
+    if room > len(hay.stream):
+        raise UserError(f"length {length} needs {room} haystack tokens, the stream has {len(hay.stream)}")
+    return room
+
+
+def sentence_end(hay: Haystack, target: int, hay_len: int) -> int:
+    """The last sentence end at or before stream index `target` (needles go in between sentences)."""
+    import bisect
+
+    return min(hay.boundaries[max(0, bisect.bisect_right(hay.boundaries, target) - 1)], hay_len)
 
 
 def first_number(text: str) -> str | None:
@@ -169,9 +177,14 @@ def _as_tensor(ids: list[int], device) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def run_camelot(cm, hay: Haystack, cases: list[Case], max_new_tokens: int, on_case=None) -> list[Trial]:
-    """All cases through a camelot wrapper, sharing prefixes through memory checkpoints."""
-    tok, dev, out = hay.tokenizer, cm.device, []
+def run_camelot(cm, hay: Haystack, cases: list[Case], max_new_tokens: int, on_case=None, judge=None) -> list:
+    """All cases through a camelot wrapper, sharing prefixes through memory checkpoints.
+
+    A case needs `needle_at` (end of the prefix it shares) and `suffix(hay)`; `judge(case,
+    generated ids, seconds)` makes its trial (default: the pass key rule on the decoded text), so
+    other suites (retrieval) run their own cases through the same machinery."""
+    judge = judge or _judge(hay.tokenizer)
+    dev, out = cm.device, []
     cm.reset()
     cm.feed(_as_tensor(hay.intro, dev), progress=False)
     pos, cp = 0, cm.memory.checkpoint()
@@ -184,19 +197,20 @@ def run_camelot(cm, hay: Haystack, cases: list[Case], max_new_tokens: int, on_ca
             cm.memory.restore(cp)
             t0 = time.perf_counter()
             gen = cm.generate(_as_tensor(case.suffix(hay), dev), max_new_tokens=max_new_tokens)
-            out.append(_trial(case, tok.decode(gen[0].tolist(), skip_special_tokens=True), time.perf_counter() - t0))
+            out.append(judge(case, gen[0].tolist(), time.perf_counter() - t0))
             if on_case:
                 on_case()
     return out
 
 
 def run_full(model, hay: Haystack, cases: list[Case], max_new_tokens: int, chunk: int = 1024,
-             on_case=None) -> list[Trial]:
+             on_case=None, judge=None) -> list:
     """All cases through the plain model (whole sequence in context), sharing prefixes by keeping
     the KV cache and cropping it back after each case; greedy decoding like HF generate."""
     from transformers import DynamicCache
 
-    tok, dev, out = hay.tokenizer, next(model.parameters()).device, []
+    judge = judge or _judge(hay.tokenizer)
+    dev, out = next(model.parameters()).device, []
     try:
         cache = DynamicCache(config=model.config)
     except TypeError:  # transformers 4.x
@@ -211,7 +225,7 @@ def run_full(model, hay: Haystack, cases: list[Case], max_new_tokens: int, chunk
             t0 = time.perf_counter()
             with torch.no_grad():
                 gen = _greedy(model, cache, case.ids(hay), max_new_tokens, chunk, dev)
-            out.append(_trial(case, tok.decode(gen, skip_special_tokens=True), time.perf_counter() - t0))
+            out.append(judge(case, gen, time.perf_counter() - t0))
             if on_case:
                 on_case()
         return out
@@ -228,7 +242,7 @@ def run_full(model, hay: Haystack, cases: list[Case], max_new_tokens: int, chunk
                 t0 = time.perf_counter()
                 gen = _greedy(model, cache, case.suffix(hay), max_new_tokens, chunk, dev)
                 cache.crop(-(cache.get_seq_length() - base))  # negative: "remove that many" in every version
-                out.append(_trial(case, tok.decode(gen, skip_special_tokens=True), time.perf_counter() - t0))
+                out.append(judge(case, gen, time.perf_counter() - t0))
                 if on_case:
                     on_case()
     return out
@@ -255,6 +269,10 @@ def _greedy(model, cache, ids: list[int], max_new_tokens: int, chunk: int, dev) 
     return gen
 
 
+def _judge(tok):
+    return lambda case, ids, seconds: _trial(case, tok.decode(ids, skip_special_tokens=True), seconds)
+
+
 def _trial(case: Case, answer: str, seconds: float) -> Trial:
     return Trial(case.length, case.depth, case.trial, case.key, answer, first_number(answer) == case.key, seconds)
 
@@ -271,11 +289,8 @@ def evaluate(model, hay: Haystack, cases: list[Case], specs: list[RunSpec], max_
     runs_cases = []
     for r in results:
         mine = cases
-        if r.spec.strategy == "full" and max_pos is not None:
-            mine = [c for c in cases if c.length <= max_pos]
-            too_long = sorted({c.length for c in cases if c.length > max_pos})
-            if too_long:
-                r.note = f"lengths {', '.join(map(format_length, too_long))} exceed the model's {max_pos} positions"
+        if r.spec.strategy == "full":
+            mine, r.note = fitting_cases(cases, max_pos)
             if not mine:
                 r.skipped = r.note
         runs_cases.append(mine)
@@ -298,6 +313,16 @@ def evaluate(model, hay: Haystack, cases: list[Case], specs: list[RunSpec], max_
         if log:  # partial results of a long sweep, as each run ends
             print(f"{r.spec.label}: {_pct(r.accuracy())}% in {r.seconds:.0f}s", file=sys.stderr, flush=True)
     return results
+
+
+def fitting_cases(cases: list, max_pos: int | None) -> tuple[list, str | None]:
+    """The cases whose length fits the model's positions (what `full` can run), and a note
+    naming the lengths that do not."""
+    if max_pos is None:
+        return cases, None
+    too_long = sorted({c.length for c in cases if c.length > max_pos})
+    note = f"lengths {', '.join(map(format_length, too_long))} exceed the model's {max_pos} positions"
+    return [c for c in cases if c.length <= max_pos], note if too_long else None
 
 
 # ---------------------------------------------------------------------------- reports
@@ -388,7 +413,7 @@ def run_cli(args: argparse.Namespace) -> int:
     specs = plan_runs(sweep_from_args(args))
     filler_text = None
     if args.filler != "repeat":
-        from camelot.eval.data import load_documents
+        from camelot.documents import load_documents
 
         filler_text = "\n".join(doc.text for doc in load_documents(args.filler))
     if args.threads:

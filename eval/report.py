@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from camelot.eval.perplexity import RunResult
+from camelot.eval.plan import RunResult
 
 BASELINE = "window"
 
@@ -85,7 +85,7 @@ def markdown_table(results: list[RunResult]) -> str:
 
 
 def _param_strings(r: RunResult) -> dict[str, str]:
-    from camelot.eval.perplexity import _fmt_param
+    from camelot.eval.plan import fmt_param as _fmt_param
 
     return {k: _fmt_param(v, k) for k, v in r.spec.params.items()}
 
@@ -166,7 +166,7 @@ def plot_sweep(results: list[RunResult], window: int, param: str, path: Path) ->
             groups.setdefault(f"{r.spec.strategy} {rest}".strip(), []).append((r.spec.params[param], r.ppl))
         else:
             flat.append(r)
-    # top_k may be None ("all"): such a sweep gets a categorical axis with "all" last
+    # read_top_k may be None ("all"): such a sweep gets a categorical axis with "all" last
     categorical = any(x is None for pts in groups.values() for x, _ in pts)
     order = sorted({x for pts in groups.values() for x, _ in pts}, key=lambda x: (x is None, x or 0))
     for label, pts in groups.items():
@@ -198,7 +198,7 @@ def write_all(results: list[RunResult], config: dict[str, Any], out: Path, bucke
         path = out / (f"ppl_by_position_w{w}.png" if w is not None else "ppl_by_position.png")
         plot_by_position(results, w, bucket_size, path)
         written.append(path)
-        for param in ("slots", "threshold", "top_k"):
+        for param in ("slots", "threshold", "read_top_k"):
             if w is not None and _swept(results, w, param):
                 path = out / f"ppl_vs_{param}_w{w}.png"
                 plot_sweep(results, w, param, path)

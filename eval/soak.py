@@ -77,8 +77,8 @@ def state_bytes(cm, include_open: bool = False) -> int:
     inside a segment, so the flatness check leaves it out; it never exceeds one window)."""
     total = 0
     for rt in cm.runtimes:
-        held = [rt.local_k, rt.local_v] if include_open else []
-        for part in (rt.memory, rt.prefix):
+        held = [rt.state.local_k, rt.state.local_v] if include_open else []
+        for part in (rt.state.memory, rt.state.prefix):
             if part is not None:
                 held += [getattr(part, n, None) for n in ("keys", "values", "counts", "ages", "valid")]
         total += sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
@@ -89,7 +89,7 @@ def slots_used(cm) -> int:
     """Occupied slots (camelot) or stored tokens (knn) summed over layers, rows and KV heads."""
     n = 0
     for rt in cm.runtimes:
-        state = rt.memory.readable() if rt.memory is not None else None
+        state = rt.state.memory.readable() if rt.state.memory is not None else None
         if state is not None:
             n += int(state[3].sum())
     return n
@@ -171,9 +171,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from camelot.eval.data import load_documents
-
     import camelot
+    from camelot.documents import load_documents
 
     if args.tokens < 1 or args.report_every < 1:
         raise UserError("--tokens and --report-every must be >= 1")
@@ -195,7 +194,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("the soak text has fewer than 2 tokens")
     cm = camelot.wrap(model, cfg)
     print(f"soak: {args.model} {cfg.strategy} window={cfg.window} slots={cfg.slots} threshold={cfg.threshold} "
-          f"top_k={cfg.top_k} on {device}, {torch.get_num_threads()} thread(s); text of {source.numel()} tokens "
+          f"read_top_k={cfg.read_top_k} on {device}, {torch.get_num_threads()} thread(s); "
+          f"text of {source.numel()} tokens "
           f"repeated to {args.tokens:,d}", flush=True)
     reports = run_soak(cm, source, args.tokens, args.report_every,
                        on_report=lambda r: print(r.line(), flush=True), progress=not args.no_progress)

@@ -16,7 +16,11 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max_pos, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    # random weights have no end of text: without LlamaConfig's default eos (2), generate (camelot's
+    # and transformers') runs to max_new_tokens unless a test names an eos
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def bare(**kw):

@@ -32,7 +32,7 @@ from camelot.snapshot import SnapshotError
 from tests.conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-LIVE = dict(window=16, slots=8, top_k=2, threshold=0.5, recent=0, sink=0)
+LIVE = dict(window=16, slots=8, read_top_k=2, threshold=0.5, recent=0, sink=0)
 FED = 40
 
 
@@ -273,7 +273,7 @@ def _rewrap(ctx: Ctx):
     """Unwrap the live wrapper, wrap the same model with another config, score: must equal a
     wrapper built fresh on an identical model."""
     model = ctx.cm.unwrap()
-    cfg = CamelotConfig(window=8, slots=4, top_k=1, threshold=0.3)
+    cfg = CamelotConfig(window=8, slots=4, read_top_k=1, threshold=0.3)
     again = camelot.wrap(model, cfg).score(doc(40, seed=6))
     fresh = camelot.wrap(tiny_llama(), cfg).score(doc(40, seed=6))
     return again, fresh
@@ -286,7 +286,7 @@ def _rewrap_check(ctx: Ctx, r) -> str | None:
 
 def _huge_slots(ctx: Ctx):
     if "huge" not in ctx.extra:
-        ctx.extra["huge"] = camelot.wrap(tiny_llama(), CamelotConfig(window=16, slots=10**12, top_k=2, recent=0))
+        ctx.extra["huge"] = camelot.wrap(tiny_llama(), CamelotConfig(window=16, slots=10**12, read_top_k=2, recent=0))
     return ctx.extra["huge"]
 
 
@@ -460,10 +460,11 @@ CASES: list[Case] = [
          Refused(ValueError, "threshold must be in [-1, 1]")),
     Case("threshold NaN", lambda c: CamelotConfig(threshold=float("nan")),
          Refused(ValueError, "threshold must be in [-1, 1]")),
-    Case("top_k > slots (top_k 8, slots 4)", lambda c: CamelotConfig(slots=4, top_k=8),
+    Case("top_k > slots (top_k 8, slots 4)", lambda c: CamelotConfig(slots=4, read_top_k=8),
          Refused(ValueError, "must not exceed slots")),
-    Case("top_k > slots (CLI --slots 4 --top-k 8)",
-         lambda c: c.ppl(c.file("doc.txt", "hello"), "--slots", "4", "--top-k", "8"), CliRefused("must not exceed")),
+    Case("top_k > slots (CLI --slots 4 --read-top-k 8)",
+         lambda c: c.ppl(c.file("doc.txt", "hello"), "--slots", "4", "--read-top-k", "8"),
+         CliRefused("must not exceed")),
     Case("threshold outside [-1, 1] (CLI --threshold 2)",
          lambda c: c.ppl(c.file("doc.txt", "hello"), "--threshold", "2"), CliRefused("threshold must be in [-1, 1]")),
     Case("count_bias given as a string ('yes')", lambda c: CamelotConfig(count_bias="yes"),

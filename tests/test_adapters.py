@@ -56,7 +56,7 @@ def test_identity_with_empty_memory_and_unwrap_restores(family, wrapped):
     ids = _doc(40, batch=2)
     with torch.no_grad():
         ref = model(ids).logits
-    got = wrapped(window=64, slots=16, top_k=2).step(ids)
+    got = wrapped(window=64, slots=16, read_top_k=2).step(ids)
     assert (got - ref).abs().max() <= 1e-5
     camelot_model = model._camelot_wrapper
     camelot_model.unwrap()
@@ -74,7 +74,7 @@ def test_raw_prefix_equals_full_context_for_relative_positions(family, wrapped):
     fam, model = family
     adapter = get_adapter(model)
     if adapter.positions_of(model) == "absolute":
-        cm = wrapped(window=32, slots=16, top_k=2)
+        cm = wrapped(window=32, slots=16, read_top_k=2)
         n = adapter.max_positions(model) + 100  # longer than the learned position table
         out = cm.score(_doc(n))
         assert out.token_nll.shape == (1, n - 1) and torch.isfinite(out.token_nll).all()
@@ -88,7 +88,7 @@ def test_raw_prefix_equals_full_context_for_relative_positions(family, wrapped):
 
 
 def test_causality_late_change_leaves_earlier_losses(family, wrapped):
-    cm = wrapped(window=16, slots=24, top_k=3, threshold=0.3)
+    cm = wrapped(window=16, slots=24, read_top_k=3, threshold=0.3)
     ids = _doc(44)
     changed = ids.clone()
     changed[0, 38] = (changed[0, 38] + 7) % 101  # segment 3 of 3: two segments of memory before it
@@ -100,14 +100,14 @@ def test_causality_late_change_leaves_earlier_losses(family, wrapped):
 def test_memory_is_written_with_kv_head_shapes_and_read(family, wrapped):
     fam, model = family
     adapter = get_adapter(model)
-    cm = wrapped(window=16, slots=64, top_k=2, threshold=0.5)
+    cm = wrapped(window=16, slots=64, read_top_k=2, threshold=0.5)
     ids = _doc(48, batch=2)
     cm.feed(ids[:, :32], progress=False)
     hkv = adapter.num_kv_heads(model)
-    with_mem = [rt for rt in cm.runtimes if rt.memory is not None]
+    with_mem = [rt for rt in cm.runtimes if rt.state.memory is not None]
     assert [rt.layer_idx for rt in with_mem] == adapter.default_memory_layers(model)
     for rt in with_mem:
-        counts = rt.memory.counts
+        counts = rt.state.memory.counts
         assert counts.shape[:2] == (2, hkv)  # per batch row and KV head: GQA/MQA not expanded
         assert torch.equal(counts.sum(-1), torch.full((2, hkv), 32, dtype=counts.dtype))  # 32 tokens merged
     with_memory = cm.step(ids[:, 32:40])
@@ -117,7 +117,7 @@ def test_memory_is_written_with_kv_head_shapes_and_read(family, wrapped):
 
 
 def test_generate_runs_with_memory(family, wrapped):
-    cm = wrapped(window=8, slots=16, top_k=2)
+    cm = wrapped(window=8, slots=16, read_top_k=2)
     out = cm.generate(_doc(6), max_new_tokens=12)
     assert out.shape == (1, 12) and int(out.min()) >= 0
     tel = cm.memory.telemetry()
@@ -160,8 +160,9 @@ def test_sliding_layers_and_default_memory_layers():
         assert adapter.default_memory_layers(model) == memory, name
         for layers, owners in ((None, memory), ("all", [0, 1, 2][: len(adapter.attention_modules(model))])):
             cm = camelot.wrap(model, CamelotConfig(window=8, layers=layers))
-            assert [rt.layer_idx for rt in cm.runtimes if rt.memory is not None] == owners, (name, layers)
-            assert all(rt.prefix is not None and rt.sink is not None for rt in cm.runtimes)  # raw context: all
+            assert [rt.layer_idx for rt in cm.runtimes if rt.state.memory is not None] == owners, (name, layers)
+            # raw context: all layers
+            assert all(rt.state.prefix is not None and rt.state.sink is not None for rt in cm.runtimes)
             cm.unwrap()
 
 
@@ -170,7 +171,9 @@ def test_sliding_layers_and_default_memory_layers():
 def test_alibi_memory_bias_rule(placement, search):
     """ALiBi memory: each slot's logit gets slope * (its placement position), exactly like a raw
     key at that position would (fixed: -distance; recency: -(age + 1))."""
-    from camelot.attention import Alibi, LayerRuntime
+    from camelot.adapters.alibi import Alibi
+
+    from camelot.attention import LayerRuntime
     from camelot.memory import SlotBank
     from camelot.search import TorchExactSearch
 
@@ -184,7 +187,7 @@ def test_alibi_memory_bias_rule(placement, search):
     bank.write(k_mem[:, :, :2], v_mem[:, :, :2])
     bank.write(k_mem[:, :, 2:], v_mem[:, :, 2:])  # two write steps: ages differ
     ali = Alibi(torch.tensor([0.5, 0.125]), scale=0.7, round_bf16=False)
-    rt = LayerRuntime(0, None, bank, None, TorchExactSearch() if search == "dense" else Sparse(), top_k=n,
+    rt = LayerRuntime.build(0, None, bank, None, TorchExactSearch() if search == "dense" else Sparse(), top_k=n,
                       distance=10, count_bias=False, placement=placement)
     q, k, v = torch.randn(1, 2, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
     out = rt.attend(q, k, v, 0.3, None, None, alibi=ali)

@@ -59,7 +59,7 @@ def book(tmp_path):
     return p
 
 
-ARGS = ["--window", "32", "--slots", "64", "--top-k", "4", "--max-new-tokens", "12", "--no-progress",
+ARGS = ["--window", "32", "--slots", "64", "--read-top-k", "4", "--max-new-tokens", "12", "--no-progress",
         "--repetition-penalty", "1.0"]
 
 
@@ -85,7 +85,7 @@ def test_session_memory_holds_one_copy_of_the_conversation(folder):
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    cm = camelot.wrap(model, bare(window=32, slots=64, top_k=4))
+    cm = camelot.wrap(model, bare(window=32, slots=64, read_top_k=4))
     session = AskSession(cm, tok, generation={"max_new_tokens": 6})
     n_doc = session.read(TEXT, progress=False)
     for q in ("What is the pass key?", "And the sky?"):
@@ -148,8 +148,8 @@ def test_inspect_prints_stats_and_plots(folder, book, tmp_path, capsys):
     # the same numbers as the live wrapper's stats after loading
     from transformers import AutoModelForCausalLM
 
-    cm = camelot.wrap(AutoModelForCausalLM.from_pretrained(folder), CamelotConfig(window=32, slots=64, top_k=4))
+    cm = camelot.wrap(AutoModelForCausalLM.from_pretrained(folder), CamelotConfig(window=32, slots=64, read_top_k=4))
     cm.memory.load(snap)
     live = cm.memory.stats()["layers"]
     assert [r["count_hist"] for r in live] == [r["count_hist"] for r in rows]
-    assert torch.is_tensor(cm.runtimes[0].memory.keys)
+    assert torch.is_tensor(cm.runtimes[0].state.memory.keys)

@@ -27,7 +27,7 @@ def test_memory_read_is_exact_attention_over_placed_slots():
     mem = TokenStore(torch.float32)
     k_raw, v_mem = torch.randn(1, 1, n_mem, d), torch.randn(1, 1, n_mem, d)
     mem.write(k_raw, v_mem)
-    rt = LayerRuntime(0, spec, mem, None, TorchExactSearch(), top_k=n_mem, distance=dist, count_bias=False)
+    rt = LayerRuntime.build(0, spec, mem, None, TorchExactSearch(), top_k=n_mem, distance=dist, count_bias=False)
     q_raw, k_loc, v_loc = torch.randn(1, 2, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
     pos = torch.arange(m)
     q, k = place_keys(spec, q_raw, pos), place_keys(spec, k_loc, pos)
@@ -54,7 +54,7 @@ def test_top_k_reads_only_the_best_slots(search, n):
     k_raw, v_mem = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
     mem.write(k_raw, v_mem)
     q = torch.randn(1, 1, 1, d)
-    rt = LayerRuntime(0, None, mem, None, search, top_k=3, distance=0, count_bias=False, record_reads=True)
+    rt = LayerRuntime.build(0, None, mem, None, search, top_k=3, distance=0, count_bias=False, record_reads=True)
     k_loc, v_loc = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
     out = rt.attend(q, k_loc, v_loc, scaling=1.0, softcap=None, sliding_window=None)
     best = (q @ k_raw.transpose(-1, -2)).topk(3).indices.flatten()
@@ -84,7 +84,7 @@ def test_shared_reads_pick_per_kv_head_and_attend_exactly(retrieve, search, used
     """group / key: each token's k slots are chosen once per KV head (by the sum of its query
     heads' logits, or by nearness to the token's own key) and all its query heads attend exactly
     over local keys + those slots. With 2 used slots of 64 a pick past them must read nothing."""
-    from camelot.search import make_backend
+    from camelot.backends import make_backend
 
     torch.manual_seed(7)
     spec, d, hkv, g, m, n, dist, top = _spec(), 8, 2, 3, 5, 64, 6, 4
@@ -92,7 +92,7 @@ def test_shared_reads_pick_per_kv_head_and_attend_exactly(retrieve, search, used
     k_raw = torch.randn(1, hkv, n, d) * 3
     v_mem = torch.randn(1, hkv, n, d)
     backend = SparseExactSearch() if search == "sparse" else make_backend(search)
-    rt = LayerRuntime(0, spec, _bank_with(k_raw, v_mem, used), None, backend, top_k=top, distance=dist,
+    rt = LayerRuntime.build(0, spec, _bank_with(k_raw, v_mem, used), None, backend, top_k=top, distance=dist,
                       count_bias=False, record_reads=True, retrieve=retrieve)
     pos = torch.arange(m)
     q_raw, kl_raw, v_loc = torch.randn(1, hkv * g, m, d), torch.randn(1, hkv, m, d), torch.randn(1, hkv, m, d)
@@ -124,7 +124,7 @@ def test_group_read_of_a_model_without_grouped_heads_is_the_query_read():
     q, k, v = torch.randn(1, h, m, d), torch.randn(1, h, m, d), torch.randn(1, h, m, d)
     outs, reads = [], []
     for retrieve in ("query", "group"):
-        rt = LayerRuntime(0, spec, bank, None, TorchExactSearch(), top_k=3, distance=4, count_bias=0.7,
+        rt = LayerRuntime.build(0, spec, bank, None, TorchExactSearch(), top_k=3, distance=4, count_bias=0.7,
                           record_reads=True, retrieve=retrieve)
         outs.append(rt.attend(q, k, v, 0.4, None, None))
         reads.append(rt.last_read.slots.sort(-1).values)
@@ -138,7 +138,7 @@ def test_key_read_keeps_position_free_keys_for_the_write_and_drops_them_when_loc
 
     torch.manual_seed(9)
     spec, d = _spec(), 8
-    runtimes = {r: LayerRuntime(0, spec, SlotBank(32, 0.9), None, TorchExactSearch(), top_k=2, distance=3,
+    runtimes = {r: LayerRuntime.build(0, spec, SlotBank(32, 0.9), None, TorchExactSearch(), top_k=2, distance=3,
                                 count_bias=False, retrieve=r) for r in ("query", "key")}
     k_raw, v = torch.randn(1, 1, 7, d), torch.randn(1, 1, 7, d)
     k_rot = place_keys(spec, k_raw, torch.arange(7))
@@ -146,7 +146,7 @@ def test_key_read_keeps_position_free_keys_for_the_write_and_drops_them_when_loc
         for a, e in ((0, 3), (3, 4), (4, 7)):  # an open segment filled in steps, as generation does
             rt.attend(torch.randn(1, 1, e - a, d), k_rot[:, :, a:e], v[:, :, a:e], 0.5, None, None)
         rt.flush()
-    banks = [rt.memory.state_dict() for rt in runtimes.values()]
+    banks = [rt.state.memory.state_dict() for rt in runtimes.values()]
     assert torch.allclose(banks[0]["keys"], banks[1]["keys"], atol=1e-6)
     assert torch.equal(banks[0]["counts"], banks[1]["counts"])
     assert torch.allclose(banks[1]["keys"][0, 0, :7], k_raw[0, 0], atol=1e-5)  # threshold 0.9: all novel
@@ -154,8 +154,8 @@ def test_key_read_keeps_position_free_keys_for_the_write_and_drops_them_when_loc
     rt = runtimes["key"]
     rt.attend(torch.randn(1, 1, 2, d), k_rot[:, :, :2], v[:, :, :2], 0.5, None, None)
     other = torch.randn(1, 1, 2, d)
-    rt.local_k = place_keys(spec, other, torch.arange(2))  # replaced: the cached raw keys are stale
-    assert torch.allclose(rt._local_raw(), other, atol=1e-5)
+    rt.state.local_k = place_keys(spec, other, torch.arange(2))  # replaced: the cached raw keys are stale
+    assert torch.allclose(rt.state.raw_open(rt.positions.unplaced), other, atol=1e-5)
 
 
 def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_raw_tokens():
@@ -170,7 +170,7 @@ def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_ra
         bank.write(key, val)
     bank.write(other, val2)  # c = 1; mean count over the used slots = 2
     assert bank.state_dict()["counts"][0, 0].tolist() == [3, 1, 0, 0]
-    rt = LayerRuntime(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=True)
+    rt = LayerRuntime.build(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=True)
     q, k_loc, v_loc = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
 
     def expected(b):
@@ -180,7 +180,7 @@ def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_ra
         return (w_loc * v_loc + w1 * val + w2 * val2) / (w_loc + w1 + w2)
 
     for b in (1.0, 0.5, 0.0):  # factor 1: slot 1 weighs like 3/2 tokens (3 over a mean of 2)
-        rt.count_bias, rt.local_k, rt.local_v = b, None, None  # a fresh open segment
+        rt.read.count_bias.factor, rt.state.local_k, rt.state.local_v = b, None, None  # a fresh open segment
         out = rt.attend(q, k_loc, v_loc, 1.0, None, None)
         assert torch.allclose(out.transpose(1, 2), expected(b), atol=1e-5)
 
@@ -196,14 +196,14 @@ def test_count_bias_follows_every_change_of_the_memory():
     key, other = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
     bank.write(key, torch.randn(1, 1, 1, d))
     bank.write(torch.cat([key, other], 2), torch.randn(1, 1, 2, d))  # counts 2 and 1
-    rt = LayerRuntime(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0)
+    rt = LayerRuntime.build(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0)
     state = bank.state_dict()
     state = {n: t.clone() for n, t in state.items()}
 
     def bias_now():
-        rt.local_k = rt.local_v = None
+        rt.state.local_k = rt.state.local_v = None
         rt.attend(torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), 1.0, None, None)
-        return rt._bias[-1][0, 0, :2]  # the bias the read used
+        return rt.read.count_bias.cached[0, 0, :2]  # the bias the read used
 
     assert torch.allclose(bias_now(), torch.tensor([2 / 1.5, 1.0]).log().clamp(min=0))
     bank.write(torch.cat([key] * 4, 2), torch.randn(1, 1, 4, d))  # counts 6 and 1, mean 3.5
@@ -227,8 +227,8 @@ def test_read_does_not_drift_as_counts_grow_with_the_document():
         try:
             cm.feed(ids[:, :64], progress=False)
             for rt in cm.runtimes:
-                if rt.memory is not None:
-                    rt.memory.counts = rt.memory.counts * scale
+                if rt.state.memory is not None:
+                    rt.state.memory.counts = rt.state.memory.counts * scale
             return cm.step(ids[:, 64:80])
         finally:
             cm.unwrap()
@@ -248,7 +248,7 @@ def test_prefix_keys_sit_at_their_true_negative_positions():
     prefix = RawWindow(p)
     k_pre, v_pre = torch.randn(1, 1, p, d), torch.randn(1, 1, p, d)
     prefix.write(k_pre, v_pre)
-    rt = LayerRuntime(0, spec, None, prefix, TorchExactSearch(), top_k=1, distance=0, count_bias=False)
+    rt = LayerRuntime.build(0, spec, None, prefix, TorchExactSearch(), top_k=1, distance=0, count_bias=False)
     q_raw, k_raw, v = torch.randn(1, 1, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
     pos = torch.arange(m)
     out = rt.attend(place_keys(spec, q_raw, pos), place_keys(spec, k_raw, pos), v, 0.5, None, None)
@@ -265,7 +265,7 @@ def test_prefix_keys_sit_at_their_true_negative_positions():
 def test_sliding_window_and_softcap_are_honoured():
     torch.manual_seed(3)
     d, m = 8, 6
-    rt = LayerRuntime(0, None, None, None, TorchExactSearch(), top_k=1, distance=0, count_bias=False)
+    rt = LayerRuntime.build(0, None, None, None, TorchExactSearch(), top_k=1, distance=0, count_bias=False)
     q, k, v = torch.randn(1, 1, m, d), torch.randn(1, 1, m, d), torch.randn(1, 1, m, d)
     out = rt.attend(q, k, v, 1.0, softcap=2.0, sliding_window=2)
     s = torch.tanh((q @ k.transpose(-1, -2)) / 2.0) * 2.0

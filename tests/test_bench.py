@@ -20,7 +20,7 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     text = tmp_path / "t.txt"
     text.write_text(long_text[:600], encoding="utf-8")
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--top-k", "2",
+    rc = main(["bench", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--read-top-k", "2",
                "--recent", "0", "--sink", "0",
                "--tokens", "64", "--rounds", "2", "--slots", "16,32", "--backends", "torch,faiss,faiss-ivf",
                "--lengths", "48,96", "--knn-max", "48", "--full-max", "96", "--no-progress", "--json", str(out)])
@@ -58,7 +58,9 @@ def test_bench_rejects_bad_options(tiny_model_dir, capsys):  # noqa: F811
 
 
 def test_recall_probe_counts_misses():
-    class Wrong:
+    from camelot.search import SearchBase
+
+    class Wrong(SearchBase):
         name = "wrong"
 
         def topk(self, q, keys, valid, k):  # always slots 0..k-1
@@ -80,7 +82,7 @@ def test_one_camelot_segment_has_no_host_sync_in_camelot_code():
     from tests.conftest import tiny_llama
 
     for placement in ("fixed", "recency"):
-        cfg = camelot.CamelotConfig(window=16, slots=32, top_k=2, placement=placement)
+        cfg = camelot.CamelotConfig(window=16, slots=32, read_top_k=2, placement=placement)
         prof = bench.profile_segment(tiny_llama(), torch.randint(0, 101, (1, 64)), cfg)
         own = [s for s in prof["sync_sites"] if "/camelot/" in s.split(", called from")[0]]
         assert own == [], own

@@ -6,7 +6,7 @@ from camelot import CamelotConfig
 @pytest.mark.parametrize("field,value,needle", [
     ("window", 0, "window"), ("window", 1.5, "window"), ("slots", 0, "slots"), ("slots", -3, "slots"),
     ("threshold", 1.5, "threshold"), ("threshold", -1.01, "threshold"), ("threshold", "high", "threshold"),
-    ("top_k", 0, "top_k"), ("strategy", "magic", "strategy"), ("search", "annoy", "search"),
+    ("read_top_k", 0, "read_top_k"), ("strategy", "magic", "strategy"), ("search", "annoy", "search"),
     ("layers", [], "layers"), ("layers", [-1], "layers"), ("write_mode", "batch", "write_mode"),
     ("memory_distance", -1, "memory_distance"), ("retrieve", "nearest", "retrieve"),
 ])
@@ -17,14 +17,47 @@ def test_bad_values_name_the_field(field, value, needle):
 
 def test_top_k_cannot_exceed_slots():
     with pytest.raises(ValueError, match="top_k"):
-        CamelotConfig(slots=4, top_k=8)
+        CamelotConfig(slots=4, read_top_k=8)
 
 
 def test_defaults_and_replace():
     cfg = CamelotConfig()
     assert cfg.distance == cfg.window + cfg.recent  # memory sits right before the raw tail
-    assert cfg.paper().distance == cfg.window and cfg.paper().top_k == 1
+    assert cfg.paper().distance == cfg.window and cfg.paper().read_top_k == 1
     assert cfg.paper().retrieve == "key" and cfg.retrieve == "query"  # the paper reads the slot nearest the key
     other = cfg.replace(window=64, layers=[3, 1, 1])
     assert other.window == 64 and other.layers == [1, 3] and cfg.window == 128
     assert CamelotConfig(memory_distance=0).distance == 0
+
+
+def test_renamed_read_top_k_accepts_the_old_spelling_with_a_warning():
+    with pytest.warns(FutureWarning, match="read_top_k"):
+        old = CamelotConfig(top_k=8)
+    assert old == CamelotConfig(read_top_k=8)
+    with pytest.warns(FutureWarning):
+        assert old.top_k == 8
+    with pytest.raises(ValueError, match="not both"), pytest.warns(FutureWarning):
+        CamelotConfig(top_k=8, read_top_k=4)
+    with pytest.raises(TypeError, match="unknown option"):
+        CamelotConfig(slotz=3)
+
+
+def test_every_option_has_help_and_its_flag_is_built_from_the_field():
+    import argparse
+    from dataclasses import fields
+
+    from camelot.options import add_config_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    names = {f.name for f in fields(CamelotConfig)}
+    assert all(CamelotConfig.help(n) for n in names)
+    args = p.parse_args(["--slots", "64", "--read-top-k", "all", "--retrieve", "group", "--count-bias", "off",
+                         "--layers", "0-2,5"])
+    cfg = config_from_args(args)
+    assert (cfg.slots, cfg.read_top_k, cfg.retrieve, cfg.count_bias, cfg.layers) == (64, None, "group", 0.0,
+                                                                                        [0, 1, 2, 5])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--retrieve", "nearest"])  # not one of the field's Literal values
+    with pytest.warns(FutureWarning, match="--read-top-k"):
+        assert config_from_args(p.parse_args(["--top-k", "3"])).read_top_k == 3

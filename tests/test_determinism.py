@@ -24,7 +24,7 @@ from tests.reliability_cases import doc, same_state
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_FAISS = bool(importlib.util.find_spec("faiss"))
-BASE = dict(window=16, slots=12, top_k=3, threshold=0.4, recent=0, sink=0)
+BASE = dict(window=16, slots=12, read_top_k=3, threshold=0.4, recent=0, sink=0)
 
 
 
@@ -91,7 +91,7 @@ def _wrap(strategy: str = "camelot", search: str = "torch", seed: int = 7, **cfg
 VARIANTS = [
     dict(strategy="camelot"),
     dict(strategy="camelot", placement="recency", count_bias=True),
-    dict(strategy="camelot", write_mode="token", top_k=1),
+    dict(strategy="camelot", write_mode="token", read_top_k=1),
     dict(strategy="camelot", memory_dtype="bfloat16"),
     dict(strategy="knn"),
     dict(strategy="sliding"),
@@ -151,7 +151,7 @@ def test_two_processes_give_bit_identical_perplexity():
 def test_seeded_sampling_is_reproducible():
     runs = []
     for _ in range(2):
-        cm = camelot.wrap(tiny_llama(seed=2), CamelotConfig(window=16, slots=8, top_k=2))
+        cm = camelot.wrap(tiny_llama(seed=2), CamelotConfig(window=16, slots=8, read_top_k=2))
         runs.append(cm.generate(doc(20), max_new_tokens=24, do_sample=True, temperature=1.3, top_p=0.9, seed=5))
     assert torch.equal(runs[0], runs[1])
 

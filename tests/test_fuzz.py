@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from camelot.eval.data import load_documents
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import camelot
 from camelot import CamelotConfig
 from camelot.cli import UserError
+from camelot.documents import load_documents
 from camelot.snapshot import SnapshotError
 from tests.conftest import tiny_llama
 from tests.reliability_cases import LIVE, Workspace, doc, memory_state, model_state, same_state
@@ -134,7 +134,7 @@ def test_random_bytes_through_the_ppl_command(workspace, data):
 
     ctx = Ctx(workspace, f"cli{_next()}")
     out = ctx.ppl(ctx.file("doc.txt", data), "--strategies", "window,camelot", "--window", "8", "--slots", "4",
-                  "--top-k", "2")
+                  "--read-top-k", "2")
     assert out.rc in (0, 2), out.stderr
     event(f"exit {out.rc}")
     if out.rc == 2:
@@ -153,7 +153,7 @@ def _load_refused_or_valid(cm, path: Path) -> str:
         assert str(e)
         return "refused"
     for rt in cm.runtimes:  # accepted: whatever it holds must be a usable memory
-        st_ = rt.memory.state_dict()
+        st_ = rt.state.memory.state_dict()
         if st_:
             assert torch.isfinite(st_["keys"]).all() and bool((st_["counts"] >= 0).all())
     return "loaded"
@@ -232,8 +232,8 @@ any_value = st.one_of(
     st.text(max_size=6), st.sampled_from(["camelot", "knn", "torch", "faiss", "token", "recency", "bfloat16"]),
     st.lists(st.integers(-2, 4), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
-FIELDS = ["window", "slots", "threshold", "top_k", "layers", "strategy", "search", "count_bias",
-          "memory_distance", "placement", "write_mode", "memory_dtype", "extra"]
+FIELDS = ["window", "slots", "threshold", "read_top_k", "layers", "strategy", "search", "count_bias",
+          "memory_distance", "placement", "write_mode", "memory_dtype"]
 
 
 @FUZZ
@@ -253,7 +253,7 @@ def test_random_settings_into_camelot_config(kwargs):
 
 small_config = st.fixed_dictionaries({
     "window": st.integers(1, 40), "slots": st.integers(1, 20), "threshold": st.floats(-1, 1),
-    "top_k": st.integers(1, 20), "strategy": st.sampled_from(["camelot", "knn", "window", "recurrent", "sliding"]),
+    "read_top_k": st.integers(1, 20), "strategy": st.sampled_from(["camelot", "knn", "window", "recurrent", "sliding"]),
 }, optional={
     "layers": st.lists(st.integers(0, 3), min_size=1, max_size=3), "count_bias": st.booleans(),
     "memory_distance": st.integers(0, 2000), "placement": st.sampled_from(["fixed", "recency"]),
@@ -299,7 +299,7 @@ cli_value = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(["abc", "", 
 
 
 @FEW
-@given(opts=st.dictionaries(st.sampled_from(["--window", "--slots", "--threshold", "--top-k", "--count-bias",
+@given(opts=st.dictionaries(st.sampled_from(["--window", "--slots", "--threshold", "--read-top-k", "--count-bias",
                                              "--memory-distance", "--layers", "--max-tokens", "--placement"]),
                             cli_value, max_size=3))
 def test_random_settings_through_the_ppl_command(workspace, opts):

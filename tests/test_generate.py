@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import camelot
-from camelot.generation import StopOnStrings, apply_repetition_penalty, cut_at_stop, sample_next
+from camelot.generation import StopOnStrings, cut_at_stop
 from tests.conftest import bare, tiny_llama
 
 
@@ -20,11 +20,11 @@ def _state(cm):
     """Every tensor of the wrapper's state, for exact comparisons."""
     out = []
     for rt in cm.runtimes:
-        out.append(rt.local_k)
-        if rt.memory is not None:
-            out.extend(rt.memory.state_dict().values())
-        if rt.prefix is not None:
-            out.extend([rt.prefix.keys, rt.prefix.values])
+        out.append(rt.state.local_k)
+        if rt.state.memory is not None:
+            out.extend(rt.state.memory.state_dict().values())
+        if rt.state.prefix is not None:
+            out.extend([rt.state.prefix.keys, rt.state.prefix.values])
     return out
 
 
@@ -137,25 +137,6 @@ def test_stopping_criteria_and_stop_strings(llama):
     assert StopOnStrings(Tok(), ["<3>"], prompt_len=1)(torch.tensor([[3, 4], [4, 3]]), None).tolist() == [False, True]
     with pytest.raises(ValueError, match="tokenizer"):
         cm.generate(prompt, stop_strings=["x"])
-
-
-def test_repetition_penalty_follows_hf():
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
-
-    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
-    hist = torch.tensor([[1, 2, 2, 40], [0, 49, 3, 3]])
-    ref = RepetitionPenaltyLogitsProcessor(1.7)(hist, logits.clone())
-    assert torch.allclose(apply_repetition_penalty(logits, hist, 1.7), ref)
-    assert apply_repetition_penalty(logits, hist, 1.0) is logits
-
-
-def test_top_p_keeps_the_smallest_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, True, 1.0, 0.7, 0, g)) for _ in range(200)}
-    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; 2 and 3 never drawn
-    draws = {int(sample_next(logits, True, 1.0, 1.0, 3, g)) for _ in range(300)}
-    assert draws == {0, 1, 2}
 
 
 def test_bad_generation_settings_are_refused(llama):

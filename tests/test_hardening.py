@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from camelot.eval.data import load_documents
 
 import camelot
 from camelot import CamelotConfig
 from camelot.cli import UserError
+from camelot.documents import load_documents
 from camelot.snapshot import SnapshotError
 from tests.conftest import tiny_llama
 

@@ -194,12 +194,12 @@ def test_test_examples_do_not_leak_into_memory(strategy):
     cm.reset()
     cm.feed(mem_ids, progress=False)
     cm.flush()
-    before = [{k: v.clone() for k, v in rt.memory.state_dict().items()} for rt in cm.runtimes]
+    before = [{k: v.clone() for k, v in rt.state.memory.state_dict().items()} for rt in cm.runtimes]
     icl.extend_open(cm, win_ids)
     for p in data.test_ids:
         icl.label_logprobs(cm, p, data.label_ids)
     for rt, st in zip(cm.runtimes, before):
-        after = rt.memory.state_dict()
+        after = rt.state.memory.state_dict()
         assert after.keys() == st.keys()
         for k in st:
             assert torch.equal(after[k], st[k]), k

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from camelot.eval import parallel
-from camelot.eval.data import Document
 from camelot.eval.perplexity import Sweep, evaluate, plan_runs
 
 import camelot
 from camelot.cli import UserError, main
+from camelot.documents import Document
 from tests.conftest import bare, tiny_llama
 
 
@@ -114,7 +114,7 @@ def test_memory_is_created_on_the_device_of_the_incoming_keys():
         cm.feed(torch.randint(0, 101, (1, 20)), progress=False)
         for rt in cm.runtimes:
             layer_dev = next(cm.modules[rt.layer_idx].parameters()).device
-            assert rt.memory.keys.device == layer_dev and rt.memory.keys.dtype == torch.bfloat16
-            assert rt.memory.counts.device == rt.memory.ages.device == layer_dev
+            assert rt.state.memory.keys.device == layer_dev and rt.state.memory.keys.dtype == torch.bfloat16
+            assert rt.state.memory.counts.device == rt.state.memory.ages.device == layer_dev
     finally:
         cm.unwrap()

@@ -62,7 +62,7 @@ def test_shared_prefixes_give_the_answers_of_reading_from_scratch(tok):
     model = tiny_llama_for(tok)
     hay = build_haystack(tok, 420)
     cases = make_cases(hay, [260, 420], [10, 60], trials=2, max_new_tokens=5, seed=1)
-    cm = camelot.wrap(model, CamelotConfig(window=48, slots=32, top_k=4, threshold=0.7, placement="recency"))
+    cm = camelot.wrap(model, CamelotConfig(window=48, slots=32, read_top_k=4, threshold=0.7, placement="recency"))
     shared = run_camelot(cm, hay, cases, 5)
     by_key = {(t.length, t.depth, t.trial): t.answer for t in shared}
     for c in cases:
@@ -87,7 +87,7 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     folder = tiny_model_folder(tmp_path / "model", max_pos=1024)
     out = tmp_path / "out"
     argv = ["passkey", "--model", str(folder), "--lengths", "300,1100", "--depths", "10,90", "--trials", "2",
-            "--window", "64", "--slots", "32,64", "--top-k", "4", "--strategies", "window,camelot,full",
+            "--window", "64", "--slots", "32,64", "--read-top-k", "4", "--strategies", "window,camelot,full",
             "--max-new-tokens", "4", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -95,8 +95,8 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert "full: lengths 1100 exceed the model's 1024 positions" in text  # run where it fits, noted where not
     data = json.loads((out / "passkey.json").read_text())
     runs = {r["label"]: r for r in data["runs"]}
-    assert set(runs) == {"window", "camelot slots=32 recent=128 sink=4 threshold=0.95 top_k=4 count_bias=0.7",
-                         "camelot slots=64 recent=128 sink=4 threshold=0.95 top_k=4 count_bias=0.7", "full"}
+    assert set(runs) == {"window", "camelot slots=32 recent=128 sink=4 threshold=0.95 read_top_k=4 count_bias=0.7",
+                         "camelot slots=64 recent=128 sink=4 threshold=0.95 read_top_k=4 count_bias=0.7", "full"}
     assert not runs["full"]["skipped"] and {t["length"] for t in runs["full"]["trials"]} == {300}
     trials = runs["window"]["trials"]
     assert len(trials) == 2 * 2 * 2 and all(set(t) >= {"key", "answer", "correct", "seconds"} for t in trials)

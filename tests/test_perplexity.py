@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from camelot.eval.data import Document, load_documents
 from camelot.eval.perplexity import Sweep, evaluate, parse_layers, plan_runs
 from torch.nn.functional import cross_entropy
 
 from camelot.cli import UserError, main
+from camelot.documents import Document, load_documents
 from tests.conftest import tiny_llama
 
 ALL = ("window", "recurrent", "sliding", "knn", "camelot", "full")
@@ -172,12 +172,12 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys, long_text):
     text.write_text(long_text[:400], encoding="utf-8")
     out = tmp_path / "out"
     rc = main(["ppl", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--slots", "16,32",
-               "--threshold", "0.5,0.9", "--top-k", "2", "--count-bias", "off", "--max-tokens", "300",
+               "--threshold", "0.5,0.9", "--read-top-k", "2", "--count-bias", "off", "--max-tokens", "300",
                "--bucket-size", "50",
                "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0
     table = capsys.readouterr().out
-    row = "| camelot | 16 | slots=32 recent=128 sink=4 threshold=0.9 top_k=2 count_bias=off |"
+    row = "| camelot | 16 | slots=32 recent=128 sink=4 threshold=0.9 read_top_k=2 count_bias=off |"
     assert "| strategy |" in table and row in table
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]

@@ -1,23 +1,46 @@
-"""The real SmolLM2-135M (llama, GQA 9 q / 3 kv heads), from its PyPI package."""
+"""The real SmolLM2-135M (llama, GQA 9 q / 3 kv heads), from its PyPI package; Qwen2.5-0.5B
+(qwen2, GQA 14 q / 2 kv heads, rope theta 1e6) where its optional parts are installed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import camelot
 from camelot import CamelotConfig
 
 
+@pytest.fixture(scope="module")
+def qwen05():
+    from camelot.model_parts import PARTED, PartsError, part_files
+
+    try:
+        part_files(PARTED["qwen2.5-0.5b"])
+    except PartsError as e:
+        pytest.skip(f"Qwen2.5-0.5B is optional (`make models-large`) and not installed: {e}")
+    return camelot.load_model("qwen2.5-0.5b")
+
+
 def test_smollm2_identity_with_empty_memory(smollm2, long_text):
     model, tok = smollm2
-    ids = tok(long_text[:2000], return_tensors="pt").input_ids[:, :100]
+    assert_identity(model, tok(long_text[:2000], return_tensors="pt").input_ids[:, :100])
+
+
+@pytest.mark.slow
+def test_qwen05_identity_with_empty_memory(qwen05, long_text):
+    model, tok = qwen05
+    assert_identity(model, tok(long_text[:2000], return_tensors="pt").input_ids[:, :100])
+
+
+def assert_identity(model, ids: torch.Tensor) -> None:
+    """A wrapped model with empty memory gives the unwrapped model's logits."""
     impl = model.config._attn_implementation
     with torch.no_grad():
         ref_sdpa = model(ids).logits
         model.set_attn_implementation("eager")
         ref = model(ids).logits
         model.set_attn_implementation(impl)
-    cm = camelot.wrap(model, CamelotConfig(window=128, slots=256, top_k=4))
+    cm = camelot.wrap(model, CamelotConfig(window=128, slots=256, read_top_k=4))
     try:
         got = cm.step(ids)
     finally:

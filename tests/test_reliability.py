@@ -219,7 +219,7 @@ def test_soak_state_and_rss_stay_flat_once_the_memory_is_full():
 
     window, slots, every = 64, 128, 64 * 64
     src = torch.randint(0, 101, (7919,), generator=torch.Generator().manual_seed(0))
-    cm = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, top_k=4, threshold=0.99, recent=0,
+    cm = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, read_top_k=4, threshold=0.99, recent=0,
                                                   sink=0))
     reports = run_soak(cm, src, 12 * every, every, progress=False)
     full = 2 * 2 * slots  # layers x KV heads x slots
@@ -233,6 +233,6 @@ def test_soak_state_and_rss_stay_flat_once_the_memory_is_full():
     assert sum(tel.values()) == 2 * 2 * (12 * every // window) * window  # every token accounted for, per layer x head
     cm.unwrap()
 
-    knn = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, top_k=4, strategy="knn"))
+    knn = camelot.wrap(tiny_llama(), CamelotConfig(window=window, slots=slots, read_top_k=4, strategy="knn"))
     grown = run_soak(knn, src, 3 * every, every, progress=False)
     assert grown[-1].state_mb > grown[0].state_mb > 0  # unbounded by design: the check can fail

@@ -12,8 +12,9 @@ import torch
 
 import camelot
 from camelot import faiss_search
+from camelot.backends import make_backend
 from camelot.faiss_search import FaissFlatSearch, FaissIndexSearch, make_faiss_backend
-from camelot.search import TorchExactSearch, make_backend
+from camelot.search import TorchExactSearch
 from tests.conftest import tiny_llama
 
 VOCAB = 256
@@ -139,8 +140,8 @@ def _ppl(model, search: str, **cfg) -> torch.Tensor:
 def test_wrapped_model_same_perplexity_with_faiss_flat(placement):
     model = tiny_llama(vocab=VOCAB)
     for strategy in ("camelot", "knn"):
-        ref = _ppl(model, "torch", strategy=strategy, top_k=4, placement=placement)
-        got = _ppl(model, "faiss", strategy=strategy, top_k=4, placement=placement)
+        ref = _ppl(model, "torch", strategy=strategy, read_top_k=4, placement=placement)
+        got = _ppl(model, "faiss", strategy=strategy, read_top_k=4, placement=placement)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         assert not torch.equal(ref, _ppl(model, "torch", strategy="window"))  # memory was read
 
@@ -150,11 +151,11 @@ def test_exhaustive_ivf_through_the_wrapper_matches_torch():
     import camelot.faiss_search as fs
 
     model = tiny_llama(vocab=VOCAB)
-    ref = _ppl(model, "torch", top_k=2, placement="fixed")
+    ref = _ppl(model, "torch", read_top_k=2, placement="fixed")
     orig = fs.make_faiss_backend
     try:
         fs.make_faiss_backend = lambda name: FaissIndexSearch("ivf", nlist=2, nprobe=2)
-        got = _ppl(model, "faiss-ivf", top_k=2, placement="fixed")
+        got = _ppl(model, "faiss-ivf", read_top_k=2, placement="fixed")
     finally:
         fs.make_faiss_backend = orig
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -206,14 +207,14 @@ def test_bf16_nearest_slot_write_matches_fp32_where_neighbours_are_clear():
 
 def test_bf16_search_through_the_wrapper_is_close_to_exact():
     model = tiny_llama(vocab=VOCAB)
-    ref = _ppl(model, "torch", top_k=4)
-    got = _ppl(model, "torch-bf16", top_k=4)
+    ref = _ppl(model, "torch", read_top_k=4)
+    got = _ppl(model, "torch-bf16", read_top_k=4)
     assert (got - ref).abs().mean() < 0.05 * ref.abs().mean()
     assert not torch.equal(ref, _ppl(model, "torch", strategy="window"))
-    cm = camelot.wrap(model, camelot.CamelotConfig(window=16, slots=64, top_k=4, search="torch-bf16"))
+    cm = camelot.wrap(model, camelot.CamelotConfig(window=16, slots=64, read_top_k=4, search="torch-bf16"))
     try:  # the write's nearest-slot search follows the read backend
-        assert {rt.memory.search_dtype for rt in cm.runtimes if rt.memory is not None} == {torch.bfloat16}
+        assert {rt.state.memory.search_dtype for rt in cm.runtimes if rt.state.memory is not None} == {torch.bfloat16}
     finally:
         cm.unwrap()
-    with pytest.raises(ValueError, match="top_k=None"):
-        camelot.CamelotConfig(search="torch-bf16", top_k=None)
+    with pytest.raises(ValueError, match="read_top_k=None"):
+        camelot.CamelotConfig(search="torch-bf16", read_top_k=None)

@@ -24,10 +24,11 @@ def _doc(n, batch=1, seed=0, vocab=101):
 def _state(cm) -> list:
     out = []
     for rt in cm.runtimes:
-        out += [rt.local_k, rt.local_v]
-        out += list(rt.memory.state_dict().values()) if rt.memory is not None else []
-        out += [rt.prefix.keys, rt.prefix.values, rt.prefix.finite] if rt.prefix is not None else []
-        out += [rt.sink.keys, rt.sink.values] if rt.sink is not None else []
+        out += [rt.state.local_k, rt.state.local_v]
+        out += list(rt.state.memory.state_dict().values()) if rt.state.memory is not None else []
+        pre = rt.state.prefix
+        out += [pre.keys, pre.values, pre.finite] if pre is not None else []
+        out += [rt.state.sink.keys, rt.state.sink.values] if rt.state.sink is not None else []
     return [None if t is None else t.clone() for t in out]
 
 
@@ -37,7 +38,7 @@ def _same(a: list, b: list) -> bool:
 
 
 def _cfg(strategy="camelot", **kw):
-    return bare(**{"window": 16, "slots": 12, "top_k": 2, "threshold": 0.5, "strategy": strategy, **kw})
+    return bare(**{"window": 16, "slots": 12, "read_top_k": 2, "threshold": 0.5, "strategy": strategy, **kw})
 
 
 @pytest.fixture
@@ -166,7 +167,7 @@ def test_tampered_tensors_are_refused(fed, tmp_path):
 
 def test_stats_count_and_age_histograms():
     model = tiny_llama()
-    cm = camelot.wrap(model, bare(window=16, slots=64, top_k=2, threshold=0.6))
+    cm = camelot.wrap(model, bare(window=16, slots=64, read_top_k=2, threshold=0.6))
     cm.feed(_doc(70), progress=False)
     stats = cm.memory.stats()
     assert stats["open_tokens"] == 70 % 16 and stats["strategy"] == "camelot"

@@ -37,15 +37,15 @@ def test_sink_and_tail_give_full_context_while_the_document_fits(cfg):
     those of one plain forward."""
     model = tiny_llama(max_pos=256)
     ids = _distinct(44 if cfg["strategy"] != "recurrent" else 32, batch=2)
-    cm = camelot.wrap(model, CamelotConfig(**{"window": 16, "slots": 8, "top_k": 2, **cfg}))
+    cm = camelot.wrap(model, CamelotConfig(**{"window": 16, "slots": 8, "read_top_k": 2, **cfg}))
     got = cm.score(ids).token_nll
     assert (got - _full_nll(cm.unwrap(), ids)).abs().max() <= 1e-4
     if cfg["strategy"] in ("camelot", "knn"):  # and nothing reached memory yet
-        assert all(rt.memory.empty for rt in cm.runtimes)
+        assert all(rt.state.memory.empty for rt in cm.runtimes)
 
 
-@pytest.mark.parametrize("strategy, extra", [("camelot", dict(threshold=1.0, slots=96, top_k=96)),
-                                             ("knn", dict(top_k=96))])
+@pytest.mark.parametrize("strategy, extra", [("camelot", dict(threshold=1.0, slots=96, read_top_k=96)),
+                                             ("knn", dict(read_top_k=96))])
 def test_memory_behind_a_tail_sits_at_its_true_positions(strategy, extra):
     """With recency placement and nothing merged, memory + tail + segment is every past token at
     its true position: full attention, whatever the tail length."""
@@ -54,14 +54,14 @@ def test_memory_behind_a_tail_sits_at_its_true_positions(strategy, extra):
     cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, sink=0, placement="recency", strategy=strategy,
                                            **extra))
     out = cm.score(ids)
-    assert not cm.runtimes[1].memory.empty
+    assert not cm.runtimes[1].state.memory.empty
     assert cm.memory.telemetry()["merged"] == 0
     assert (out.token_nll - _full_nll(cm.unwrap(), ids)).abs().max() <= 1e-4
 
 
 def test_each_token_reaches_memory_once_when_it_leaves_the_tail():
     model = tiny_llama(layers=2, kv_heads=2)
-    cm = camelot.wrap(model, CamelotConfig(window=16, slots=32, top_k=2, recent=24, sink=3, threshold=0.5))
+    cm = camelot.wrap(model, CamelotConfig(window=16, slots=32, read_top_k=2, recent=24, sink=3, threshold=0.5))
     ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(1))
     cm.feed(ids, progress=False)
     tel = cm.memory.telemetry()

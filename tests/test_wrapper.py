@@ -21,7 +21,7 @@ def test_identity_with_empty_memory(kv_heads):
     ids = _doc(40, batch=2)
     with torch.no_grad():
         ref = model(ids).logits
-    cm = camelot.wrap(model, bare(window=64, slots=16, top_k=2))
+    cm = camelot.wrap(model, bare(window=64, slots=16, read_top_k=2))
     got = cm.step(ids)
     assert (got - ref).abs().max() <= 1e-5
     model = cm.unwrap()
@@ -33,7 +33,7 @@ def test_identity_with_empty_memory(kv_heads):
     ("camelot", dict(recent=40, sink=3)), ("camelot", dict(recent=40, sink=3, placement="recency")),
     ("knn", dict(recent=24, sink=2)), ("sliding", dict(sink=4))])
 def test_causality_late_change_leaves_earlier_losses(llama, strategy, extra):
-    cm = camelot.wrap(llama, bare(window=32, slots=24, top_k=3, threshold=0.3, strategy=strategy, **extra))
+    cm = camelot.wrap(llama, bare(window=32, slots=24, read_top_k=3, threshold=0.3, strategy=strategy, **extra))
     ids = _doc(200)
     changed = ids.clone()
     changed[0, 150] = (changed[0, 150] + 7) % 101
@@ -43,12 +43,12 @@ def test_causality_late_change_leaves_earlier_losses(llama, strategy, extra):
 
 
 def test_memory_is_written_and_read(llama):
-    cm = camelot.wrap(llama, bare(window=32, slots=16, top_k=2, threshold=0.5))
+    cm = camelot.wrap(llama, bare(window=32, slots=16, read_top_k=2, threshold=0.5))
     ids = _doc(96)
     cm.feed(ids[:, :64], progress=False)
     tel = cm.memory.telemetry()
     assert tel["merged"] + tel["new"] + tel["evicted"] + tel["dropped"] == 64 * 2 * 2  # tokens x layers x kv heads
-    assert all(rt.memory.counts.sum() > 0 for rt in cm.runtimes)
+    assert all(rt.state.memory.counts.sum() > 0 for rt in cm.runtimes)
     with_memory = cm.step(ids[:, 64:80])
     cm.reset()
     without = cm.step(ids[:, 64:80])
@@ -57,16 +57,16 @@ def test_memory_is_written_and_read(llama):
 
 def test_only_chosen_layers_get_memory():
     model = tiny_llama(layers=3)
-    cm = camelot.wrap(model, bare(window=16, slots=8, top_k=2, layers=[1]))
+    cm = camelot.wrap(model, bare(window=16, slots=8, read_top_k=2, layers=[1]))
     cm.feed(_doc(64), progress=False)
-    assert [rt.memory is not None for rt in cm.runtimes] == [False, True, False]
+    assert [rt.state.memory is not None for rt in cm.runtimes] == [False, True, False]
     with pytest.raises(ValueError, match="layers"):
         cm.unwrap()
         camelot.wrap(model, bare(layers=[5]))
 
 
 def test_batch_rows_have_separate_memories(llama):
-    cm = camelot.wrap(llama, bare(window=32, slots=16, top_k=2, threshold=0.5))
+    cm = camelot.wrap(llama, bare(window=32, slots=16, read_top_k=2, threshold=0.5))
     a, b, c = _doc(160, seed=1), _doc(160, seed=2), _doc(160, seed=3)
     ab = cm.score(torch.cat([a, b])).token_nll
     ac = cm.score(torch.cat([a, c])).token_nll
@@ -76,18 +76,18 @@ def test_batch_rows_have_separate_memories(llama):
 
 
 def test_score_resets_unless_asked_and_reset_is_exact(llama):
-    cm = camelot.wrap(llama, bare(window=32, slots=16, top_k=2))
+    cm = camelot.wrap(llama, bare(window=32, slots=16, read_top_k=2))
     ids = _doc(100)
     first = cm.score(ids).token_nll
     assert torch.equal(cm.score(ids).token_nll, first)  # fresh memory each call: bit-identical
     kept = cm.score(ids, keep_memory=True).token_nll
     assert not torch.equal(kept, first)
     cm.reset()
-    assert all(rt.memory.readable() is None and rt.local_len == 0 for rt in cm.runtimes)
+    assert all(rt.state.memory.readable() is None and rt.state.local_len == 0 for rt in cm.runtimes)
 
 
 def test_feeding_in_pieces_equals_feeding_at_once(llama):
-    cm = camelot.wrap(llama, bare(window=32, slots=16, top_k=2))
+    cm = camelot.wrap(llama, bare(window=32, slots=16, read_top_k=2))
     ids = _doc(150)
     cm.feed(ids, progress=False)
     once = cm.step(_doc(5, seed=9))
@@ -98,7 +98,7 @@ def test_feeding_in_pieces_equals_feeding_at_once(llama):
 
 
 def test_score_equals_feed_then_step_losses(llama):
-    cm = camelot.wrap(llama, bare(window=32, slots=16, top_k=2))
+    cm = camelot.wrap(llama, bare(window=32, slots=16, read_top_k=2))
     ids = _doc(80)
     nll = cm.score(ids).token_nll
     cm.reset()
@@ -109,7 +109,7 @@ def test_score_equals_feed_then_step_losses(llama):
 
 
 def test_generate_runs_and_flows_into_memory(llama):
-    cm = camelot.wrap(llama, bare(window=16, slots=8, top_k=2))
+    cm = camelot.wrap(llama, bare(window=16, slots=8, read_top_k=2))
     out = cm.generate(_doc(10), max_new_tokens=30)
     assert out.shape == (1, 30)
     assert cm.memory.telemetry()["merged"] + cm.memory.telemetry()["new"] > 0  # 40 tokens > window 16

@@ -1,6 +1,8 @@
-"""Memory state beside the frozen model: consolidated slot banks, token stores, raw KV windows."""
+"""Memory state beside the frozen model: consolidated slot banks, token stores, InfLLM blocks, raw KV
+windows."""
 
 from camelot.memory.bank import TELEMETRY_FIELDS, SlotBank
+from camelot.memory.blocks import BlockMemory
 from camelot.memory.store import RawWindow, SinkTokens, TokenStore
 
-__all__ = ["SlotBank", "TokenStore", "RawWindow", "SinkTokens", "TELEMETRY_FIELDS"]
+__all__ = ["BlockMemory", "SlotBank", "TokenStore", "RawWindow", "SinkTokens", "TELEMETRY_FIELDS"]

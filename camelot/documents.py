@@ -1,4 +1,5 @@
-"""Documents for evaluation: where they come from and how they become token ids.
+"""Documents for camelot (read into memory by `ask`, scored by the evaluations): where they come
+from and how they become token ids.
 
 A data spec names one of:
 - `builtin:NAME`: a text packaged in camelot/data (`builtin:genesis_kjv`, `builtin:state_union_1961_kennedy`);
@@ -16,7 +17,7 @@ Text files are read in bounded chunks: a file that is not a regular file (a devi
 `MAX_DATA_BYTES`, 256 MiB, about 60M tokens; `--max-data-mb` raises it) is refused before more
 than one chunk past the limit is read. Row files are held to the same size limit.
 
-Every failure the user can fix is raised as `camelot.cli.UserError` (one line, no traceback).
+Every failure the user can fix is raised as `camelot.options.UserError` (one line, no traceback).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from camelot.cli import UserError
+from camelot.options import UserError
 
 BUILTIN_PREFIX = "builtin:"
 ROW_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

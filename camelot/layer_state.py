@@ -1,0 +1,176 @@
+"""Everything one attention layer has read: the open segment (keys still at their positions),
+the sinks, the raw tail (or the `recurrent` / `sliding` prefix) and the memory.
+
+The contract follows transformers' cache layers: `extend` (the open segment plus new keys),
+`keep` (commit them), `flush` (close the segment: its keys lose their positions and move on to
+sinks, tail and memory), `reset`, `state_dict` / `load_state_dict`, `to`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from camelot.interfaces import Memory
+from camelot.memory import RawWindow, SinkTokens
+
+
+class LayerState:
+    def __init__(self, memory: Memory | None = None, prefix: RawWindow | None = None,
+                 sink: SinkTokens | None = None) -> None:
+        self.memory = memory
+        self.prefix = prefix  # the raw tail before the segment (camelot, knn) or the raw cache (recurrent, sliding)
+        self.sink = sink
+        self.local_k: torch.Tensor | None = None  # open segment, rotated at positions [0, local_len), model dtype
+        self.local_v: torch.Tensor | None = None
+        # position-free open keys where a read needed them (fp32); valid while local_k is `_raw_for`
+        # (checkpoints and snapshots set local_k directly)
+        self.local_raw: torch.Tensor | None = None
+        self._raw_for: torch.Tensor | None = None
+        # attention received per KV head by each open / raw-tail token (summed over its query
+        # heads and the queries), kept only for a memory that `wants_received` (InfLLM picks
+        # block representatives by it); fp32 [B, Hkv, local_len] and [B, Hkv, tail]
+        self.received_open: torch.Tensor | None = None
+        self.received_tail: torch.Tensor | None = None
+
+    @property
+    def local_len(self) -> int:
+        return 0 if self.local_k is None else self.local_k.shape[2]
+
+    @property
+    def tail(self) -> int:
+        return 0 if self.prefix is None else self.prefix.size
+
+    @property
+    def tracks_received(self) -> bool:
+        """The memory wants the attention its tokens received while in the local window."""
+        return self.memory is not None and getattr(self.memory, "wants_received", False)
+
+    # ------------------------------------------------------------------ the open segment
+    def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The open segment with key/value [B, Hkv, m, D] appended (not yet kept)."""
+        if self.local_k is None:
+            return key, value
+        if self.local_k.shape[0] != key.shape[0]:
+            raise ValueError(f"the open segment holds {self.local_k.shape[0]} sequence(s), this input has "
+                             f"{key.shape[0]}; call reset() before changing the batch size")
+        return torch.cat([self.local_k, key], dim=2), torch.cat([self.local_v, value], dim=2)
+
+    def keep(self, k: torch.Tensor, v: torch.Tensor, raw: torch.Tensor | None = None,
+             received: torch.Tensor | None = None) -> None:
+        """Commit the extended open segment; `raw`: its position-free keys where they were made;
+        `received` [B, Hkv, open + tail]: attention this forward gave the open segment (new
+        tokens included) then the raw tail, added to what they received before."""
+        if received is not None:
+            n_open = k.shape[2]
+            self.received_open = _fit(self.received_open, received[:, :, :n_open], at_end=False).add(
+                received[:, :, :n_open])
+            self.received_tail = _fit(self.received_tail, received[:, :, n_open:], at_end=True).add(
+                received[:, :, n_open:])
+        self.local_k, self.local_v = k, v
+        self.local_raw, self._raw_for = (raw, k) if raw is not None else (None, None)
+
+    def raw_open(self, unplace: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor | None:
+        """The open segment's keys, position-free."""
+        if self.local_k is None:
+            return None
+        if self.local_raw is not None and self._raw_for is self.local_k:
+            return self.local_raw
+        return unplace(self.local_k, 0)
+
+    def flush(self, unplace: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Close the open segment: its keys go to the sinks, then the raw tail, then memory."""
+        if self.local_k is None:
+            return
+        if self.memory is not None or self.prefix is not None or self.sink is not None:
+            raw, v = self.raw_open(unplace), self.local_v
+            got = None
+            if self.tracks_received:
+                got = _fit(self.received_open, raw[..., 0], at_end=False)
+            if self.sink is not None and not self.sink.full:
+                raw, v = self.sink.write(raw, v)
+                got = None if got is None else got[:, :, got.shape[2] - raw.shape[2]:]
+            if self.prefix is None:
+                if self.memory is not None:
+                    _write(self.memory, raw, v, got)
+            else:  # with both, tokens reach memory as they leave the raw tail
+                if got is not None and self.tail:  # [tail ; open] in the order the window pushes out
+                    got = torch.cat([_fit(self.received_tail, self.prefix.finite, at_end=True), got], dim=2)
+                out = self.prefix.write(raw, v.float())
+                if got is not None:
+                    self.received_tail = got[:, :, got.shape[2] - self.prefix.size:]
+                if self.memory is not None and out is not None:
+                    _write(self.memory, *out, None if got is None else got[:, :, : out[0].shape[2]])
+        self.local_k = self.local_v = self.local_raw = self._raw_for = self.received_open = None
+
+    def reset(self) -> None:
+        self.local_k = self.local_v = self.local_raw = self._raw_for = None
+        self.received_open = self.received_tail = None
+        for part in (self.memory, self.prefix, self.sink):
+            if part is not None:
+                part.reset()
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor the layer holds, by name ("open.keys", "memory.counts", "prefix.finite"...)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.local_k is not None:
+            out["open.keys"], out["open.values"] = self.local_k, self.local_v
+        if self.memory is not None:
+            out.update({f"memory.{n}": t for n, t in self.memory.state_dict().items()})
+        if self.prefix is not None and self.prefix.size:
+            out["prefix.keys"], out["prefix.values"] = self.prefix.keys, self.prefix.values
+            out["prefix.finite"] = self.prefix.finite.to(torch.uint8)
+        if self.sink is not None and self.sink.size:
+            out["sink.keys"], out["sink.values"] = self.sink.keys, self.sink.values
+        return out
+
+    def load_state_dict(self, other: LayerState) -> None:
+        """Take over a state built and checked aside (camelot.snapshot builds it from a file);
+        nothing here can fail, so a refused load leaves this state as it was."""
+        self.local_k, self.local_v, self.local_raw, self._raw_for = other.local_k, other.local_v, None, None
+        self.memory, self.prefix, self.sink = other.memory, other.prefix, other.sink
+        self.received_open, self.received_tail = other.received_open, other.received_tail
+
+    def to(self, device: torch.device | str) -> LayerState:
+        """Move the open segment and raw context (memories move through their state dicts)."""
+        for owner, names in ((self, ("local_k", "local_v", "local_raw", "received_open", "received_tail")),
+                             (self.prefix, ("keys", "values", "finite")),
+                             (self.sink, ("keys", "values"))):
+            for n in names:
+                t = getattr(owner, n, None) if owner is not None else None
+                if isinstance(t, torch.Tensor):
+                    setattr(owner, n, t.to(device))
+        self._raw_for = self.local_k if self.local_raw is not None else None
+        if self.memory is not None and self.memory.allocated:
+            self.memory.load_state_dict(self.memory.state_dict(), device=torch.device(device))
+        return self
+
+    def device(self) -> torch.device | None:
+        """Device of the first tensor held (open segment, memory or prefix), if any."""
+        for t in (self.local_k, getattr(self.memory, "keys", None), getattr(self.prefix, "keys", None)):
+            if isinstance(t, torch.Tensor):
+                return t.device
+        return None
+
+
+def _fit(held: torch.Tensor | None, like: torch.Tensor, at_end: bool) -> torch.Tensor:
+    """What was received so far by the tokens `like` [B, H, n] stands for: `held` cut or padded
+    with zeros to n (from the front, or from the end for the tail, which keeps its last tokens).
+    Lengths differ only where someone replaced the open segment or the tail directly (a
+    checkpoint, a snapshot, eval/icl's restore of the open segment): those tokens start from 0."""
+    n = like.shape[2]
+    if held is None or held.shape[:2] != like.shape[:2]:
+        return torch.zeros_like(like, dtype=torch.float32)
+    if held.shape[2] >= n:
+        return held[:, :, held.shape[2] - n:] if at_end else held[:, :, :n]
+    pad = (n - held.shape[2], 0) if at_end else (0, n - held.shape[2])
+    return torch.nn.functional.pad(held, pad)
+
+
+def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None) -> None:
+    if received is None:
+        memory.write(k, v)
+    else:
+        memory.write(k, v, received=received)

@@ -1,0 +1,101 @@
+"""Where every key of a memory layer sits, and the rotary arithmetic that puts it there.
+
+Positions are the layer's own: the open segment at [0, local_len), the raw tail right before it
+at [-p, 0), the sinks before the tail, memory at `-distance` (fixed placement) or at each slot's
+last write (recency). Rotary models carry positions in their keys (the maths is in `rope.py`;
+this module keeps the cos/sin it needs, which are the same segment after segment). Models with
+a position bias instead (ALiBi: falcon, bloom) get it from their adapter as a `PositionBias`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from camelot.interfaces import Memory, PositionBias
+from camelot.rope import RopeSpec, cos_sin, place_keys, place_queries_for_memory, unrotate_keys
+
+_RANGES_KEPT = 8  # the tail, the sinks and a whole segment: only generation asks for new ranges
+
+
+class Positions:
+    """One layer's placement of keys.
+
+    rope: the layer's rotary embedding, None where keys carry no rotation (absolute, ALiBi).
+    distance: how far before the segment memory sits (fixed placement).
+    placement: "fixed" (every slot at `-distance`) or "recency" (each at its last write).
+    max_distance: farthest a memory key may be placed (recency), from the model's range.
+    """
+
+    def __init__(self, rope: RopeSpec | None, distance: int, placement: str = "fixed",
+                 max_distance: int | None = None) -> None:
+        self.rope = rope
+        self.distance = distance
+        self.placement = placement
+        self.max_distance = max_distance
+        self.reset()
+
+    def reset(self) -> None:
+        self._ranges: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _range_cos_sin(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (start, end, device)
+        cs = self._ranges.get(key)
+        if cs is None:
+            if len(self._ranges) >= _RANGES_KEPT:
+                self._ranges.clear()
+            cs = self._ranges[key] = cos_sin(self.rope, torch.arange(start, end), device)
+        return cs
+
+    def placed(self, raw: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Position-free keys [B, H, end - start, D] placed at positions [start, end) (fp32)."""
+        if self.rope is None:
+            return raw.float()
+        return place_keys(self.rope, raw, None, self._range_cos_sin(start, end, raw.device))
+
+    def unplaced(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Keys at positions [start, start + T) -> position-free keys (fp32)."""
+        if self.rope is None:
+            return keys.float()
+        return unrotate_keys(self.rope, keys, None, self._range_cos_sin(start, start + keys.shape[2], keys.device))
+
+    def memory_query(self, query: torch.Tensor) -> torch.Tensor:
+        """Queries [B, Hq, m, D] turned so that their dot product with a position-free key is the
+        score against that key placed at `-distance` (fixed placement: memory is never rotated)."""
+        if self.rope is None:
+            return query.float()
+        if self._fixed is None or self._fixed[0].device != query.device:
+            # built once: every read needs it, and on a GPU building it is a host-to-device copy
+            self._fixed = cos_sin(self.rope, torch.tensor(self.distance), query.device)
+        return place_queries_for_memory(self.rope, query, self.distance, self._fixed)
+
+    def fixed_memory_query(self, query: torch.Tensor, start: int) -> torch.Tensor:
+        """Queries [B, Hq, m, D] at positions [start, start + m) turned so that EVERY one of them
+        meets a position-free key exactly `distance` positions before it (InfLLM rotates its
+        memory query at one angle), not `distance` before the segment as `memory_query` does."""
+        if self.rope is None:
+            return query.float()
+        # take the query's own rotation off, keeping HF's cos/sin factor (which memory_query
+        # adds once more, as it does to a rotated query)
+        plain = self.unplaced(query, start)
+        return self.memory_query(plain * self.rope.scaling if self.rope.scaling != 1.0 else plain)
+
+    def memory_positions(self, memory: Memory, tail: int, device: torch.device) -> torch.Tensor:
+        """Where memory keys sit: [1] (fixed), [S] or [B, Hkv, S] (recency), negative."""
+        if self.placement != "recency":
+            return torch.tensor([-self.distance], device=device)
+        pos = memory.positions().to(device) - tail  # the raw tail sits between memory and the segment
+        return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
+
+    @property
+    def rotates_memory(self) -> bool:
+        """Recency placement on a rotary model rotates the bank itself (each slot its own place)."""
+        return self.placement == "recency" and self.rope is not None
+
+    def placed_memory(self, keys: torch.Tensor, memory: Memory, tail: int) -> torch.Tensor:
+        return place_keys(self.rope, keys, self.memory_positions(memory, tail, keys.device))
+
+
+def position_bias(bias: PositionBias | None, positions: torch.Tensor, hkv: int, g: int) -> torch.Tensor | float:
+    """The bias rule's term for keys at `positions` (0 without one)."""
+    return 0.0 if bias is None else bias.bias(positions, hkv, g)

@@ -1,0 +1,191 @@
+"""What every memory read shares: the result it hands to the attention, the count bias, and
+the common start (the memory's tensors and the queries turned to face it).
+
+A read returns one of two results. `DenseResult`: logits for every entry, memory joins the
+softmax like a prefix of plain keys (one value matmul). `SparseResult`: logits for each query's
+own k entries, written into k spare columns of the plain logits, and their gathered values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from camelot.interfaces import Memory, PositionBias, SearchBackend
+from camelot.positions import Positions
+
+
+@dataclass
+class ReadAttribution:
+    """Which memory entries each query read in the last forward (retrieval attribution)."""
+
+    slots: torch.Tensor  # [B, Hkv, G, m, k]
+    weights: torch.Tensor  # [B, Hkv, G, m, k] share of the query's attention mass on each
+
+
+@dataclass
+class DenseResult:
+    """Memory joins like a prefix: logits [B, Hkv, G, m, S] against values [B, Hkv, S, Dv]."""
+
+    logits: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor | None = None  # [B, Hkv, G, m, k] where a top-k masked the rest
+
+    spare_columns = 0
+
+    def join(self, logits: torch.Tensor, values: list[torch.Tensor], start: int) -> torch.Tensor:
+        values.append(self.values)
+        return torch.cat([logits, self.logits], dim=-1)
+
+    def add_output(self, out: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
+        return out  # memory values were in the plain value matmul
+
+    def attribution(self, probs: torch.Tensor, start: int) -> ReadAttribution:
+        share = probs[..., start: start + self.logits.shape[-1]]
+        if self.slots is not None:
+            return ReadAttribution(self.slots, share.gather(-1, self.slots))
+        return ReadAttribution(torch.arange(share.shape[-1], device=share.device).expand_as(share), share)
+
+
+@dataclass
+class SparseResult:
+    """Each query's own k entries: logits [B, Hkv, G, m, k], values [B, Hkv, G, m, k, Dv]."""
+
+    logits: torch.Tensor
+    slots: torch.Tensor  # [B, Hkv, G, m, k]
+    gathered: torch.Tensor
+
+    @property
+    def spare_columns(self) -> int:
+        return self.logits.shape[-1]
+
+    def join(self, logits: torch.Tensor, values: list[torch.Tensor], start: int) -> torch.Tensor:
+        logits[..., start:] = self.logits  # no concatenation: a pass over every logit saved
+        return logits
+
+    def add_output(self, out: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
+        # [.., 1, k] @ [.., k, Dv] per query
+        return out + torch.matmul(probs[..., start:][..., None, :], self.gathered)[..., 0, :]
+
+    def attribution(self, probs: torch.Tensor, start: int) -> ReadAttribution:
+        return ReadAttribution(self.slots, probs[..., start:])
+
+
+@dataclass
+class SharedSparseResult(SparseResult):
+    """One set of k entries per token and KV head, read by its G query heads: values
+    [B, Hkv, m, k, Dv], not copied G times."""
+
+    def add_output(self, out: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
+        return out + torch.einsum("bhgmk,bhmkd->bhgmd", probs[..., start:], self.gathered)
+
+
+MemoryResult = DenseResult | SparseResult
+
+
+class CountBias:
+    """factor * max(0, log(count / mean count)) on each entry's logit, the mean over the head's
+    used entries: entries that merged more tokens than average weigh more, one of a single token
+    weighs like a raw token. Relative, because the paper's absolute log(count) grows without bound
+    and in a long run lets memory drown the window (soak: perplexity 16 -> 29 over 600k tokens);
+    never below 0, because a rare fact sits in a slot of count 1 and must not sink under the
+    window (pass key at 4k: 100% vs 33% for the unclipped ratio).
+
+    Kept while the memory is unchanged: it depends only on the counts, and a memory changes once
+    per segment, not once per forward."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = float(factor)
+        self._key: tuple | None = None
+        self.cached: torch.Tensor | None = None  # the last bias read, [B, Hkv, S]
+        self.reset()
+
+    def reset(self) -> None:
+        self._key, self.cached = None, None
+
+    def __call__(self, memory: Memory, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        if not self.factor:
+            return None
+        key = (id(memory), memory.version, self.factor)
+        if self._key == key and self.cached is not None:
+            return self.cached
+        # as log(max(1, c / max(1, mean))): the same value in fewer passes; a free slot (c = 0)
+        # gets 0 like a slot of one token
+        mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+        self.cached = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.factor)
+        self._key = key
+        return self.cached
+
+
+@dataclass
+class ReadInput:
+    """The memory as one read sees it, and the queries turned to face it."""
+
+    keys: torch.Tensor  # [B, Hkv, S, D], placed where the placement rotates the bank
+    values: torch.Tensor  # [B, Hkv, S, Dv]
+    raw_keys: torch.Tensor  # [B, Hkv, S, D] position-free (the paper's key rule searches these)
+    counts: torch.Tensor  # [B, Hkv, S] tokens merged into each entry (0: free)
+    valid: torch.Tensor  # [B, Hkv, S]
+    bias: torch.Tensor | None  # count bias [B, Hkv, S]
+    queries: torch.Tensor  # [B, Hkv, G*m, D]
+    g: int
+    m: int
+
+
+class Read:
+    """A read rule: which memory entries each query attends to, and with what logits.
+
+    Subclasses implement `select`; `read` does what every rule shares. Chosen once per wrapper
+    from the config (camelot.reads.make_read)."""
+
+    needs_raw_keys = False  # the rule searches by the token's own position-free key
+
+    def __init__(self, search: SearchBackend, top_k: int | None, count_bias: float) -> None:
+        self.search = search
+        self.top_k = top_k
+        self.count_bias = CountBias(count_bias)
+
+    def read(self, query: torch.Tensor, memory: Memory, positions: Positions, tail: int, scaling: float,
+             softcap: float | None, bias: PositionBias | None,
+             raw_key: torch.Tensor | None = None, start: int = 0) -> MemoryResult | None:
+        """start: position of the first query (rules that place memory per query use it)."""
+        state = memory.readable()
+        if state is None:
+            return None
+        keys, values, counts, valid = state
+        b, hq, m, d = query.shape
+        hkv = keys.shape[1]
+        g = hq // hkv
+        raw_keys = keys
+        if positions.rotates_memory:  # each slot where it was last written: rotate the bank
+            keys = positions.placed_memory(keys, memory, tail)
+            qm = query.float()
+        else:
+            qm = positions.memory_query(query)
+        inp = ReadInput(keys, values, raw_keys, counts, valid, self.count_bias(memory, counts, valid),
+                        qm.reshape(b, hkv, g * m, d), g, m)
+        result = self.select(inp, scaling, softcap, raw_key)
+        if bias is not None:  # ALiBi: entries are chosen by content, then biased by their distance
+            result.logits = result.logits + bias.bias(_positions_of(result, positions, memory, tail), hkv, g)
+        return result
+
+    def select(self, inp: ReadInput, scaling: float, softcap: float | None,
+               raw_key: torch.Tensor | None) -> MemoryResult:
+        raise NotImplementedError
+
+    def k_of(self, n: int) -> int:
+        return n if self.top_k is None else min(self.top_k, n)
+
+
+def _positions_of(result: MemoryResult, positions: Positions, memory: Memory, tail: int) -> torch.Tensor:
+    """Positions broadcastable against a result's logits."""
+    pos = positions.memory_positions(memory, tail, result.logits.device)
+    if isinstance(result, DenseResult):
+        return pos[:, :, None, None, :] if pos.dim() == 3 else pos
+    idx = result.slots
+    if pos.dim() == 3:  # per-slot positions: each query's own chosen slots
+        return pos.gather(2, idx.flatten(2)).view_as(idx)
+    if pos.numel() > 1:  # one position per stored token, shared by all heads
+        return pos[idx]
+    return pos

@@ -1,0 +1,220 @@
+"""The plan of a side-by-side evaluation: which runs (strategy x settings) a sweep of memory
+settings expands to, and the sweep's command-line flags. Shared by `camelot ppl`, `passkey` and
+`retrieval`; every config is validated while planning, before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from camelot import options
+from camelot.config import STRATEGIES, CamelotConfig
+from camelot.options import UserError, parse_top_k
+
+ALL_STRATEGIES = (*STRATEGIES, "full")
+DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class Sweep:
+    """Every value to try for each setting; `plan_runs` turns it into runs."""
+
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    windows: tuple[int, ...] = (128,)
+    slots: tuple[int, ...] = (CamelotConfig.slots,)
+    thresholds: tuple[float, ...] = (CamelotConfig.threshold,)
+    top_ks: tuple[int | None, ...] = (CamelotConfig.read_top_k,)
+    knn_top_ks: tuple[int | None, ...] = (32,)  # knn reads k of every stored token (Memorizing Transformer)
+    count_biases: tuple[float, ...] = (CamelotConfig.count_bias,)
+    memory_distances: tuple[int | None, ...] = (None,)
+    placements: tuple[str, ...] = (CamelotConfig.placement,)
+    retrieves: tuple[str, ...] = (CamelotConfig.retrieve,)
+    layers: tuple[list[int] | None, ...] = (None,)
+    recents: tuple[int, ...] = (CamelotConfig.recent,)
+    sinks: tuple[int, ...] = (CamelotConfig.sink,)
+    block_sizes: tuple[int, ...] = (CamelotConfig.block_size,)  # infllm
+    repr_topks: tuple[int, ...] = (CamelotConfig.repr_topk,)
+    search: str = CamelotConfig.search
+    write_mode: str = CamelotConfig.write_mode
+
+
+@dataclass
+class RunSpec:
+    """One row of the results: a strategy with its settings (`config` is None for `full`)."""
+
+    strategy: str
+    window: int | None
+    params: dict[str, Any]
+    config: CamelotConfig | None
+
+    @property
+    def label(self) -> str:
+        shown = " ".join(f"{k}={fmt_param(v, k)}" for k, v in self.params.items())
+        return f"{self.strategy} {shown}".strip()
+
+
+@dataclass
+class RunResult:
+    """Token-weighted totals of one run over all documents, with per-position buckets."""
+
+    spec: RunSpec
+    nll_sum: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    bucket_nll: list[float] = field(default_factory=list)
+    bucket_tokens: list[int] = field(default_factory=list)
+    docs: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def bucket_ppl(self) -> list[float | None]:
+        return [math.exp(s / n) if n else None for s, n in zip(self.bucket_nll, self.bucket_tokens)]
+
+
+def plan_runs(sweep: Sweep) -> list[RunSpec]:
+    """Runs for a sweep: memory settings multiply only where a strategy uses them, so baselines
+    run once per window. Every config is validated here, before any model is loaded."""
+    unknown = [s for s in sweep.strategies if s not in ALL_STRATEGIES]
+    if unknown:
+        raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
+    specs: list[RunSpec] = []
+    base = {"search": sweep.search, "write_mode": sweep.write_mode}
+    for w in sweep.windows:
+        for strategy in (s for s in sweep.strategies if s != "full"):
+            if strategy == "window":
+                grid = [{}]
+            elif strategy == "recurrent":
+                grid = _product(sink=sweep.sinks)
+            elif strategy == "sliding":  # the same KV budget as camelot: its slots plus its raw tail
+                budgets = sorted({s + r for s in sweep.slots for r in sweep.recents})
+                grid = _product(slots=tuple(budgets), sink=sweep.sinks)
+            elif strategy == "infllm":  # attends sinks + raw tail + `slots` entries like camelot, in whole blocks
+                grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks,
+                                block_size=sweep.block_sizes, repr_topk=sweep.repr_topks,
+                                memory_distance=sweep.memory_distances, layers=sweep.layers)
+                for p in grid:  # slots rounded down to whole blocks (at least one): not above camelot's budget
+                    p["slots"] = max(1, p["slots"] // p["block_size"]) * p["block_size"]
+                grid = [dict(t) for t in dict.fromkeys(tuple(p.items()) for p in grid)]
+            elif strategy == "knn":
+                grid = _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
+                                memory_distance=sweep.memory_distances, placement=sweep.placements,
+                                retrieve=sweep.retrieves, layers=sweep.layers)
+            else:
+                grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
+                                read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
+                                memory_distance=sweep.memory_distances, placement=sweep.placements,
+                                retrieve=sweep.retrieves, layers=sweep.layers)
+            for params in grid:
+                try:
+                    cfg = CamelotConfig(window=w, strategy=strategy, **base, **params)
+                except ValueError as e:
+                    raise UserError(f"{strategy} with window={w} {params}: {e}") from None
+                specs.append(RunSpec(strategy, w, _shown(params, sweep), cfg))
+    if "full" in sweep.strategies:
+        specs.append(RunSpec("full", None, {}, None))
+    return specs
+
+
+def _product(**axes: tuple) -> list[dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
+    """The params a table row names: always slots/threshold/top_k/count_bias where they apply;
+    memory_distance and layers only when set or swept (they are rarely changed)."""
+    out = {}
+    for k, v in params.items():
+        if k == "memory_distance" and len(sweep.memory_distances) == 1 and v is None:
+            continue
+        if k == "layers" and len(sweep.layers) == 1 and v is None:
+            continue
+        if k == "placement" and len(sweep.placements) == 1:
+            continue
+        if k == "retrieve" and len(sweep.retrieves) == 1:
+            continue
+        if k in ("block_size", "repr_topk") and len(getattr(sweep, k + "s")) == 1:
+            continue
+        if k in ("recent", "sink") and v == 0 and len(getattr(sweep, k + "s")) == 1:
+            continue
+        out[k] = v
+    return out
+
+
+def fmt_param(v: Any, key: str = "") -> str:
+    if isinstance(v, bool) or (key == "count_bias" and v in (0, 1)):
+        return "on" if v else "off"
+    if v is None:
+        return "all" if key == "read_top_k" else "default"
+    if isinstance(v, list):
+        return format_layers(v)
+    return str(v)
+
+
+# ---------------------------------------------------------------------------- the sweep flags
+def parse_list(text: str, kind: type, name: str) -> tuple:
+    """"128,256" -> (128, 256) with a clear error naming the option."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserError(f"--{name} needs at least one value")
+    out = []
+    for t in items:
+        try:
+            out.append(kind(t))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise UserError(f"--{name}: {t!r} is not a valid {kind.__name__}") from None
+    return tuple(out)
+
+
+def format_layers(layers: list[int]) -> str:
+    runs, start = [], layers[0]
+    for a, b in zip(layers, layers[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}-{a}" if a != start else f"{a}")
+            start = b
+    return ",".join(runs)
+
+
+def parse_layers(text: str) -> tuple[list[int] | str | None, ...]:
+    """"default/all/0-14/15,20-29" -> (None, "all", [0..14], [15, 20..29]): '/' separates sweep
+    values; default is the adapter's choice (gemma2/3: the full-attention layers)."""
+    out = []
+    for chunk in text.split("/"):
+        try:
+            out.append(options.parse_layers(chunk))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--layers: {e}") from None
+    return tuple(out)
+
+
+def sweep_from_args(args: argparse.Namespace) -> Sweep:
+    v = lambda name: options.sweep_values(args, name)  # noqa: E731
+    return Sweep(
+        strategies=parse_list(args.strategies, str, "strategies"),
+        windows=v("window"), slots=v("slots"), thresholds=v("threshold"), top_ks=v("read_top_k"),
+        knn_top_ks=parse_list(args.knn_top_k, parse_top_k, "knn-top-k"),
+        recents=v("recent"), sinks=v("sink"), count_biases=v("count_bias"),
+        memory_distances=v("memory_distance"), placements=v("placement"), retrieves=v("retrieve"),
+        layers=parse_layers(args.layers), search=args.search, write_mode=args.write_mode,
+        block_sizes=v("block_size"), repr_topks=v("repr_topk"),
+    )
+
+
+def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
+    """The memory settings a run sweeps (comma-separated values), built from CamelotConfig's
+    fields; `defaults` overrides a default by field name (window="512")."""
+    p.add_argument("--strategies", default=defaults.pop("strategies", ",".join(DEFAULT_STRATEGIES)),
+                   help=f"from {','.join(ALL_STRATEGIES)}")
+    p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
+    options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)
