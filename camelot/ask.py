@@ -28,6 +28,7 @@ import torch
 from camelot.cli import UserError, add_memory_args, memory_config
 from camelot.cli_checks import check_save_path
 from camelot.generation import cut_at_stop
+from camelot.options import add_model_args
 
 DOC = "<<camelot:document>>"  # stands for the document in renderings; never tokenized
 PLAIN_STOPS = ("\nQuestion:", "\n\n\n")
@@ -154,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'Who is ...?'  (-i: interactive, memory kept between questions; --save/--load: snapshots)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("question", nargs="?", help="question to answer (omit with -i)")
-    p.add_argument("--model", default="smollm2", help="bundled short name (smollm2, gemma3-270m) or a local folder")
+    add_model_args(p)
     p.add_argument("--context-file", default=None,
                    help="document to read: a text file, a folder of .txt files, or builtin:genesis_kjv")
     p.add_argument("--load", default=None, help="start from a memory snapshot instead of reading a document")
@@ -172,12 +173,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--sample-top-k", type=int, default=0, help="top-k of sampling (0: off)")
     g.add_argument("--repetition-penalty", type=float, default=1.1)
     g.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-data-mb", type=float, default=256.0,
                    help="refuse a --context-file larger than this (MiB): a guard against reading a huge file")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_cli)
 
 

@@ -164,10 +164,12 @@ def add_model_args(p: argparse.ArgumentParser, model: str = "smollm2", device: s
     """--model, --device, --dtype, --threads and --no-progress, the same in every subcommand."""
     p.add_argument("--model", default=model,
                    help="bundled short name (smollm2, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b) or a local folder")
-    p.add_argument("--device", default=device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=device,
+                   help="cpu, cuda or cuda:N" + (" (default: cuda when available)" if device is None else ""))
     if dtype:
         p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model weights' dtype")
-    p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch CPU threads" + (" (default: torch's choice)" if threads is None else ""))
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

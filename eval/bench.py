@@ -33,6 +33,7 @@ from camelot import topk as native_topk
 from camelot.backends import BACKENDS
 from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import RETRIEVALS, CamelotConfig
+from camelot.options import add_model_args, load_model_from_args
 from camelot.search import SearchBase, TorchExactSearch
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
@@ -394,9 +395,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Speed benchmark, one process: every row is a ratio to window-only attention on the same "
         "model, tokens and segmentation. Not a test: numbers depend on the machine and its load.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="bundled short name or a local model folder")
+    add_model_args(p, device="cpu", threads=1, dtype=False)
     p.add_argument("--data", default="builtin:genesis_kjv", help="text to read (cycled to the needed length)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared CPU)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every table in minutes")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--read-top-k", "--top-k", dest="top_k", type=parse_top_k, default=8,
@@ -425,13 +425,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full-max", type=int, default=8192, help="longest document for full attention")
     p.add_argument("--skip", default="", help="tables to skip: speed,growth,recall,profile")
     p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import camelot
     from camelot.documents import load_documents, tokenize_documents
 
     if args.quick:
@@ -456,7 +453,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--tokens must cover at least 3 windows ({3 * args.window}), got {args.tokens}")
     docs = load_documents(args.data)
     torch.set_num_threads(args.threads)
-    model, tok = camelot.load_model(args.model, device=args.device)
+    model, tok = load_model_from_args(args)
     tokenize_documents(docs, tok)
     text = torch.cat([d.ids for d in docs])
     need = max([args.tokens, *lengths])

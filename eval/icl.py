@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from camelot.eval.icl_tasks import BUILTIN_TASKS, Example, IclTask, balanced_pool, balanced_test, load_split, load_task
 
+from camelot.options import add_model_args, load_model_from_args
+
 LABEL_SCORES = ("sum", "mean", "first")
 MEMORY_STRATEGIES = ("camelot", "knn", "infllm", "recurrent", "sliding")
 
@@ -444,7 +446,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demonstrations. The demonstrations that fit sit in the window; the rest are fed into memory "
         "(camelot, knn) or dropped (window). Example: camelot icl --task mr --shots 0,4,16,64,256 --seeds 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="bundled short name (smollm2, gemma3-270m) or a local folder")
+    add_model_args(p, device="cpu", dtype=False)
     p.add_argument("--task", default="mr",
                    help=f"built-in task ({', '.join(BUILTIN_TASKS)}), a task folder (train.jsonl, test.jsonl with "
                    "text/label, optional labels.txt; or a `datasets` folder) or a .json/.py task file")
@@ -458,9 +460,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label-score", choices=LABEL_SCORES, default="sum",
                    help="sum: log-prob of all tokens of a label word; mean: per token; first: first token only")
     p.add_argument("--out", default="icl-results", help="folder for the .md, .json and .png outputs")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
 
 
@@ -481,14 +480,13 @@ def main(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     train = load_split(task, args.data_dir, "train")
     test = load_split(task, args.data_dir, "test")
-    import camelot
     from camelot.models import BUNDLED, PARTED
 
     known = (*BUNDLED, *PARTED)
     if args.model not in known and not Path(args.model).is_dir():
         raise UserError(f"--model {args.model!r} is neither a bundled model ({', '.join(known)}) nor a local folder")
 
-    model, tok = camelot.load_model(args.model, device=args.device)
+    model, tok = load_model_from_args(args)
     data = tokenize_task(task, tok, train, test, balanced_test(test, task.labels, args.n_test))
     progress = not args.no_progress and sys.stderr.isatty()
     print(f"icl {task.name}: {len(train)} train / {len(data.test)} test examples, model {args.model}, "

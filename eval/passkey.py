@@ -35,6 +35,7 @@ from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_ru
 
 from camelot.cli import UserError
 from camelot.config import STRATEGIES
+from camelot.options import add_model_args, load_model_from_args
 from camelot.progress import progress_bar
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -382,7 +383,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tables and writes passkey.json to --out. Example: camelot passkey --lengths 2k,8k --depths 10,50,90 "
         "--window 512 --trials 3",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="bundled short name (smollm2, gemma3-270m) or a local folder")
+    add_model_args(p)
     p.add_argument("--lengths", default="2k,8k,32k,128k", help="tokens per sequence, answer included")
     p.add_argument("--depths", default="10,50,90", help="needle depths in percent of the filler")
     p.add_argument("--trials", type=int, default=3, help="keys per length and depth")
@@ -392,15 +393,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated (greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys")
     p.add_argument("--out", default="results/passkey", help="folder for passkey.json")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from camelot.eval.perplexity import _load
 
     lengths = list(parse_list(args.lengths, parse_length, "lengths"))
     depths = list(parse_list(args.depths, int, "depths"))
@@ -418,7 +414,7 @@ def run_cli(args: argparse.Namespace) -> int:
         filler_text = "\n".join(doc.text for doc in load_documents(args.filler))
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = _load(args)
+    model, tok = load_model_from_args(args)
     hay = build_haystack(tok, max(lengths), filler_text)
     cases = make_cases(hay, lengths, depths, args.trials, args.max_new_tokens, args.seed)
     results = evaluate(model, hay, cases, specs, args.max_new_tokens, progress=not args.no_progress, log=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from camelot.cli import UserError, add_memory_args, memory_config
+from camelot.options import add_model_args, load_model_from_args
 from camelot.progress import progress_bar
 
 DEFAULT_TOKENS = 1_000_000
@@ -158,15 +159,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "camelot's state size every interval. Example: camelot soak --tokens 200000 --report-every 10000 "
         "--threads 1",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="bundled short name (smollm2, gemma3-270m) or a local folder")
+    add_model_args(p, dtype=False)
     p.add_argument("--data", default=None, help="UTF-8 text file to repeat (default: the packaged Genesis)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens to stream in total")
     p.add_argument("--report-every", type=int, default=DEFAULT_REPORT, help="tokens between report lines")
     add_memory_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the reports and a summary to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_cli)
 
 
@@ -186,7 +184,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     try:
-        model, tok = camelot.load_model(args.model, device=device)
+        model, tok = load_model_from_args(args)
     except OSError as e:
         raise UserError(f"cannot load model {args.model!r}: {str(e).strip().splitlines()[0]}") from None
     source = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
