@@ -14,7 +14,7 @@ def check_step_ids(ids: Any, vocab: int) -> None:
     One host sync (min and max together)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"step takes a tensor of token ids [batch, m], got {type(ids).__name__}")
-    if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if ids.dtype not in (torch.long, torch.int32):  # what an embedding takes
         raise TypeError(f"token ids must be integers, got {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"step takes token ids [batch, m], got shape {tuple(ids.shape)} (use ids[None] for one row)")
@@ -24,8 +24,7 @@ def check_step_ids(ids: Any, vocab: int) -> None:
         raise ValueError("empty input: step got no tokens")
     if ids.device.type == "meta":
         raise ValueError("token ids are on the meta device and hold no values")
-    lo, hi = torch.aminmax(ids)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both
     if lo < 0 or hi >= vocab:
         raise ValueError(f"token ids must lie in [0, {vocab}); got range [{lo}, {hi}]")
 
