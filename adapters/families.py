@@ -1,5 +1,5 @@
 """Built-in adapters, one per way positions enter attention. `FAMILY_ADAPTERS` is the single list
-the registry, the tests (via camelot.adapters.tiny) and the compatibility table read."""
+the registry, the tests (via camelot.adapters.testing) and the compatibility table read."""
 
 from __future__ import annotations
 

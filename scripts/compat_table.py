@@ -4,7 +4,7 @@ and the tiny-model test matrix, so the table cannot drift from what the code and
     .venv/bin/python scripts/compat_table.py          # rewrite docs/compatibility.md
     .venv/bin/python scripts/compat_table.py --check  # exit 1 if it is stale (tests do this too)
 
-Each row is one variant of `camelot.adapters.tiny.TINY_FAMILIES`, the list tests/test_adapters.py
+Each row is one variant of `camelot.adapters.testing.TINY_FAMILIES`, the list tests/test_adapters.py
 parametrizes over; the row is built by loading that tiny model and asking its adapter.
 """
 
@@ -82,7 +82,7 @@ def _positions(adapter, model) -> str:
 def rows() -> list[dict[str, str]]:
     import torch
     from camelot.adapters import get_adapter
-    from camelot.adapters.tiny import REAL_MODELS, TINY_FAMILIES
+    from camelot.adapters.testing import REAL_MODELS, TINY_FAMILIES
 
     torch.set_num_threads(1)
     out = []

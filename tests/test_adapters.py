@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from camelot.adapters import UnsupportedModelError, get_adapter, supported_model_types
-from camelot.adapters.tiny import TINY_FAMILIES, TinyFamily
+from camelot.adapters.testing import TINY_FAMILIES, TinyFamily
 
 import camelot
 from camelot import CamelotConfig
@@ -128,7 +128,7 @@ def test_generate_runs_with_memory(family, wrapped):
 def test_forward_swap_is_inert_when_unwrapped_and_restorable(name):
     """Families outside the attention registry get their attention forward swapped at wrap; the
     swap calls the original while no runtime is attached, and `restore` removes it."""
-    from camelot.adapters.tiny import tiny_family
+    from camelot.adapters.testing import tiny_family
 
     model = tiny_family(name).build()
     ids = _doc(20)

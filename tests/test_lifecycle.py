@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from camelot.adapters.tiny import tiny_family
+from camelot.adapters.testing import tiny_family
 
 import camelot
 from camelot import CamelotConfig

@@ -1,4 +1,4 @@
-"""Tiny random models of every supported family, built from configs (no downloads).
+"""Testing support: tiny random models of every supported family, built from configs (no downloads).
 
 The adapter tests parametrize over `TINY_FAMILIES`, and scripts/compat_table.py reads the same
 list, so the compatibility table names exactly what the tests prove. Each variant is small
