@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from camelot.eval.bench_decode import decode_rows, decode_table, default_rows, defaults_table
 from camelot.eval.bench_measure import (  # noqa: F401  (re-exported)
     SYNC_OPS,
     PeakRSS,
@@ -46,6 +47,7 @@ from camelot.config import RETRIEVALS, CamelotConfig
 from camelot.options import add_model_args, load_model_from_args
 
 APPROXIMATE = ("torch-bf16", "faiss-ivf", "faiss-hnsw")
+TABLES = ("speed", "growth", "recall", "profile", "defaults", "decode")
 DEFAULT_BACKENDS = "torch,torch-bf16,faiss,faiss-ivf,faiss-hnsw"
 
 
@@ -213,7 +215,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--growth-strategies", default="window,camelot,knn,full")
     p.add_argument("--knn-max", type=int, default=16384, help="longest document for knn in the growth table")
     p.add_argument("--full-max", type=int, default=8192, help="longest document for full attention")
-    p.add_argument("--skip", default="", help="tables to skip: speed,growth,recall,profile")
+    p.add_argument("--skip", default="", help=f"tables to skip: {','.join(TABLES)}")
+    p.add_argument("--decode-lengths", default="8192,32768",
+                   help="document lengths read before timing decoding (the decode table)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated in the decode table")
     p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     p.set_defaults(func=run_cli)
 
@@ -223,6 +228,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.tokens, args.lengths, args.slots = 512, "1024,2048", "512,2048"
+        args.decode_lengths, args.decode_tokens = "1024,2048", 8
         if args.backends == DEFAULT_BACKENDS:
             args.backends = "torch,torch-bf16,faiss-ivf"
     slots = _ints(args.slots, "slots")
@@ -230,7 +236,8 @@ def run_cli(args: argparse.Namespace) -> int:
     backends = _names(args.backends, BACKENDS, "backends")
     strategies = _names(args.strategies, ("recurrent", "knn", "camelot"), "strategies")
     growth = _names(args.growth_strategies, ("window", "camelot", "knn", "full", "recurrent"), "growth-strategies")
-    skip = set(_names(args.skip, ("speed", "growth", "recall", "profile"), "skip")) if args.skip else set()
+    skip = set(_names(args.skip, TABLES, "skip")) if args.skip else set()
+    decode_lengths = _ints(args.decode_lengths, "decode-lengths")
     retrieves = tuple(_names(args.retrieve, RETRIEVALS, "retrieve"))
     try:
         base = CamelotConfig(window=args.window, read_top_k=args.top_k, threshold=args.threshold, recent=args.recent,
@@ -246,7 +253,7 @@ def run_cli(args: argparse.Namespace) -> int:
     model, tok = load_model_from_args(args)
     tokenize_documents(docs, tok)
     text = torch.cat([d.ids for d in docs])
-    need = max([args.tokens, *lengths])
+    need = max([args.tokens, *lengths, *([] if "decode" in skip else decode_lengths)])
     ids = text.repeat(-(-need // text.numel()))[:need][None].to(model.device)
     progress = not args.no_progress
     report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "func"},
@@ -281,6 +288,16 @@ def run_cli(args: argparse.Namespace) -> int:
               f"{prof['syncs'] or 'none'}")
         for site, n in sorted(prof["sync_sites"].items(), key=lambda x: -x[1]):
             print(f"  {n} x {site}")
+    if "defaults" not in skip:
+        rows = default_rows(model, ids[:, : args.tokens], args.window, progress)
+        report["defaults"] = [asdict(r) for r in rows]
+        print(f"## The default config ({args.tokens} tokens; CamelotConfig(window={args.window}), banks full)\n\n"
+              f"{defaults_table(rows)}\n")
+    if "decode" not in skip:
+        drows = decode_rows(model, ids, decode_lengths, args.decode_tokens, args.window, progress)
+        report["decode"] = [asdict(r) for r in drows]
+        print(f"## Decoding after a long document ({args.decode_tokens} greedy tokens, default config)\n\n"
+              f"{decode_table(drows)}\n")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))

@@ -23,10 +23,11 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     rc = main(["bench", "--model", str(tiny_model_dir), "--data", str(text), "--window", "16", "--read-top-k", "2",
                "--recent", "0", "--sink", "0",
                "--tokens", "64", "--rounds", "2", "--slots", "16,32", "--backends", "torch,faiss,faiss-ivf",
-               "--lengths", "48,96", "--knn-max", "48", "--full-max", "96", "--no-progress", "--json", str(out)])
+               "--lengths", "48,96", "--knn-max", "48", "--full-max", "96", "--no-progress", "--json", str(out),
+               "--decode-lengths", "40", "--decode-tokens", "3"])
     assert rc == 0
     printed = capsys.readouterr().out
-    for head in ("## Speed", "## Growth", "## Search recall", "## Profile"):
+    for head in ("## Speed", "## Growth", "## Search recall", "## Profile", "## The default config", "## Decoding"):
         assert head in printed
     report = json.loads(out.read_text())
     assert f"CPU top-k: {report['top_k_selection']}" in printed  # which selection the figures are from
@@ -38,6 +39,11 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     assert all(r["segments"] == 8 and r["tokens"] == 128 and len(r["seg_times"]) == 8 for r in report["speed"])
     # a full bank of 32 slots x kv heads x layers is what camelot holds, whatever the document
     held = {r["label"]: r["state_bytes"] for r in report["speed"]}
+    # the default config against window-only and against sliding with the same KV budget
+    assert [r["label"] for r in report["defaults"]] == ["window", "camelot defaults (2048 slots + 128 tail)",
+                                                        "sliding 2176 (same budget)"]
+    (dec,) = report["decode"]
+    assert dec["tokens_read"] == 40 and dec["camelot_tps"] > 0 and dec["hf_tps"] > 0 and dec["full_first_s"] > 0
     # 2 layers x 2 KV heads x (slots + 1 scratch) x (16-dim fp32 key + value, int64 count + age)
     assert held["camelot slots=32 torch"] == 2 * 2 * 33 * (2 * 16 * 4 + 2 * 8)
     growth = {(r["label"], r["tokens"]) for r in report["growth"]}

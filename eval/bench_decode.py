@@ -1,0 +1,106 @@
+"""`camelot bench` tables for what a user meets with the defaults: the default config's cost per
+segment against window-only and against a raw sliding cache of the same budget, decoding speed
+after a long document against transformers' generate with a KV cache of the same attended
+length, and the time from a long document to its first answered token against a full-context
+prefill."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from camelot.eval.bench_measure import Row, run_wrapped
+
+from camelot.config import CamelotConfig
+
+
+def default_rows(model, ids: torch.Tensor, window: int, progress: bool) -> list[Row]:
+    """window-only, `CamelotConfig(window=...)` with every other default, and `sliding` holding
+    the same KV entries per head (sinks + slots + raw tail)."""
+    cfg = CamelotConfig(window=window)
+    budget = cfg.slots + cfg.recent
+    return [run_wrapped(model, ids, cfg.replace(strategy="window"), "window", progress=progress),
+            run_wrapped(model, ids, cfg, f"camelot defaults ({cfg.slots} slots + {cfg.recent} tail)",
+                        prefill=True, progress=progress),
+            run_wrapped(model, ids, cfg.replace(strategy="sliding", slots=budget), f"sliding {budget} (same budget)",
+                        progress=progress)]
+
+
+def defaults_table(rows: list[Row]) -> str:
+    base = rows[0].seg_median
+    out = ["| run | time/segment (ms) | × window | × sliding (same budget) |", "|---|---|---|---|"]
+    sliding = rows[-1].seg_median
+    for r in rows:
+        out.append(f"| {r.label} | {1e3 * r.seg_median:.1f} | {r.seg_median / base:.2f} | "
+                   f"{r.seg_median / sliding:.2f} |")
+    return "\n".join(out)
+
+
+@dataclass
+class DecodeRow:
+    tokens_read: int
+    attended: int  # KV entries per head camelot attends while decoding (= the HF cache length)
+    camelot_tps: float  # generated tokens/s after feeding `tokens_read` tokens
+    hf_tps: float  # transformers' generate, KV cache of `attended` tokens
+    camelot_first_s: float  # feed the document + first new token
+    full_first_s: float | None  # one full-context prefill of the document + first token; None beyond positions
+
+
+def decode_rows(model, ids: torch.Tensor, lengths: list[int], new_tokens: int, window: int,
+                progress: bool) -> list[DecodeRow]:
+    import camelot
+
+    cfg = CamelotConfig(window=window)
+    attended = cfg.sink + cfg.slots + cfg.recent + cfg.window
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    rows = []
+    for n in lengths:
+        doc = ids[:, :n]
+        with camelot.wrap(model, cfg) as cm:
+            t0 = time.perf_counter()
+            cm.feed(doc[:, :-1], progress=progress)
+            answer = cm.generate(doc[:, -1:], max_new_tokens=1)
+            first = time.perf_counter() - t0
+            # the answer's token is in the state already: this prompt steps it once more, so the
+            # timed loop runs one step more than it returns tokens (a conservative figure)
+            t0 = time.perf_counter()
+            out = cm.generate(answer[:, -1:], max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            camelot_tps = out.shape[1] / (time.perf_counter() - t0)
+        rows.append(DecodeRow(n, attended, camelot_tps, _hf_decode(model, doc[:, -attended:], new_tokens), first,
+                              _full_first(model, doc) if max_pos is None or n <= max_pos else None))
+    return rows
+
+
+@torch.no_grad()
+def _hf_decode(model, ctx: torch.Tensor, new_tokens: int) -> float:
+    """Tokens/s of `model.generate` continuing from a DynamicCache already holding `ctx` (the
+    prefill is not timed: only decoding, as for camelot after its feed)."""
+    from transformers import DynamicCache
+
+    # transformers renamed past_key_values to cache (5.2x); take whichever this release knows
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    model(input_ids=ctx[:, :-1], use_cache=True, **{name: cache})
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ctx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, **{name: cache})
+    return (out.shape[1] - ctx.shape[1]) / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _full_first(model, doc: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=doc, use_cache=False).logits[:, -1].argmax(-1)
+    return time.perf_counter() - t0
+
+
+def decode_table(rows: list[DecodeRow]) -> str:
+    out = ["| tokens read | attended / head | camelot tokens/s | transformers tokens/s (same cache length) | × | "
+           "document -> first token: camelot s | full prefill s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        full = "beyond the model's positions" if r.full_first_s is None else f"{r.full_first_s:.1f}"
+        out.append(f"| {r.tokens_read} | {r.attended} | {r.camelot_tps:.1f} | {r.hf_tps:.1f} | "
+                   f"{r.camelot_tps / r.hf_tps:.2f} | {r.camelot_first_s:.1f} | {full} |")
+    return "\n".join(out)
