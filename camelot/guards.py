@@ -10,20 +10,21 @@ import torch
 
 
 def check_step_ids(ids: Any, vocab: int) -> None:
-    """`cm.step` takes token ids [B, m]: an integer tensor, B >= 1 rows, m >= 1 ids in [0, vocab).
-    One host sync (min and max together)."""
+    """Token ids [B, m] as the model takes them: an int64/int32 tensor, B >= 1 rows, m >= 1 ids in
+    [0, vocab). `cm.step` takes only this; `as_batch` checks documents with it. One host sync."""
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"step takes a tensor of token ids [batch, m], got {type(ids).__name__}")
+        raise TypeError(f"token ids must be a tensor [batch, m], got {type(ids).__name__}")
     if ids.dtype not in (torch.long, torch.int32):  # what an embedding takes
         raise TypeError(f"token ids must be integers, got {ids.dtype}")
     if ids.dim() != 2:
-        raise ValueError(f"step takes token ids [batch, m], got shape {tuple(ids.shape)} (use ids[None] for one row)")
+        raise ValueError(f"token ids must be [batch, m], got shape {tuple(ids.shape)} (use ids[None] for one row)")
     if ids.shape[0] == 0:
-        raise ValueError(f"step got a batch of 0 rows (shape {tuple(ids.shape)})")
+        raise ValueError(f"token ids hold a batch of 0 rows (shape {tuple(ids.shape)})")
     if ids.shape[1] == 0:
-        raise ValueError("empty input: step got no tokens")
-    if ids.device.type == "meta":
-        raise ValueError("token ids are on the meta device and hold no values")
+        raise ValueError("empty input: no tokens to read")
+    if ids.device.type == "meta":  # holds no values: range checks and copies would fail inside torch
+        raise ValueError("token ids are on the meta device and hold no values; give them on cpu or the "
+                         "model's device")
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both
     if lo < 0 or hi >= vocab:
         raise ValueError(f"token ids must lie in [0, {vocab}); got range [{lo}, {hi}]")
@@ -53,17 +54,7 @@ def as_batch(ids: Any, vocab: int, device: torch.device) -> torch.Tensor:
             ids = ids.long()
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"token ids must be a tensor or a list of ints, got {type(ids).__name__}")
-    if ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise TypeError(f"token ids must be integers, got {ids.dtype}")
     if ids.dim() == 1:
         ids = ids[None]
-    if ids.dim() != 2:
-        raise ValueError(f"token ids must be [N] or [batch, N], got shape {tuple(ids.shape)}")
-    if ids.shape[1] == 0:
-        raise ValueError("empty input: no tokens to read")
-    if ids.device.type == "meta":  # holds no values: range checks and copies would fail inside torch
-        raise ValueError("token ids are on the meta device and hold no values; give them on cpu or the "
-                         "model's device")
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
+    check_step_ids(ids, vocab)
     return ids.to(device).long() if ids.device != device else ids.long()

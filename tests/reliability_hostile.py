@@ -260,7 +260,7 @@ API_CASES = [
          Refused(ValueError, "must lie in"), watch=WATCH_MEMORY),
     Case("cm.step with float ids", lambda c: c.cm.step(torch.ones(1, 2)), Refused(TypeError, "integers"),
          watch=WATCH_MEMORY),
-    Case("cm.step with 1-D ids", lambda c: c.cm.step(torch.tensor([1, 2])), Refused(ValueError, "[batch, m]"),
+    Case("cm.step with 1-D ids", lambda c: c.cm.step(torch.tensor([1, 2])), Refused(ValueError, "must be [batch, m]"),
          watch=WATCH_MEMORY),
     Case("cm.step with no ids (shape (1, 0))", lambda c: c.cm.step(torch.zeros(1, 0, dtype=torch.long)),
          Refused(ValueError, "no tokens"), watch=WATCH_MEMORY),
