@@ -22,6 +22,7 @@ Every failure the user can fix is raised as `camelot.options.UserError` (one lin
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ def load_documents(spec: str, text_field: str = "text", split: str | None = None
         if not d.text.strip():
             raise UserError(f"document {d.name!r} is empty")
     return docs
+
+
+def add_data_limit_arg(p: argparse.ArgumentParser) -> None:
+    """`--max-data-mb`: the size limit on data files, for every command that reads them."""
+    p.add_argument("--max-data-mb", type=float, default=MAX_DATA_BYTES / 2**20,
+                   help="refuse data files (or a folder of .txt files) larger than this many MiB")
+
+
+def data_limit(args: argparse.Namespace) -> int:
+    """The byte limit `--max-data-mb` gives (the default where a command has no such flag)."""
+    return int(getattr(args, "max_data_mb", MAX_DATA_BYTES / 2**20) * 2**20)
 
 
 def tokenize_documents(docs: list[Document], tokenizer, max_tokens: int | None = None) -> list[Document]:

@@ -44,6 +44,7 @@ from camelot import topk as native_topk
 from camelot.backends import BACKENDS
 from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import RETRIEVALS, CamelotConfig
+from camelot.documents import add_data_limit_arg
 from camelot.options import add_model_args, load_model_from_args
 
 APPROXIMATE = ("torch-bf16", "faiss-ivf", "faiss-hnsw")
@@ -189,6 +190,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, device="cpu", threads=1, dtype=False)
     p.add_argument("--data", default="builtin:genesis_kjv", help="text to read (cycled to the needed length)")
+    add_data_limit_arg(p)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every table in minutes")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--read-top-k", "--top-k", dest="top_k", type=parse_top_k, default=8,
@@ -224,7 +226,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from camelot.documents import load_documents, tokenize_documents
+    from camelot.documents import data_limit, load_documents, tokenize_documents
 
     if args.quick:
         args.tokens, args.lengths, args.slots = 512, "1024,2048", "512,2048"
@@ -248,7 +250,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     if args.tokens < 3 * args.window:
         raise UserError(f"--tokens must cover at least 3 windows ({3 * args.window}), got {args.tokens}")
-    docs = load_documents(args.data)
+    docs = load_documents(args.data, max_bytes=data_limit(args))
     torch.set_num_threads(args.threads)
     model, tok = load_model_from_args(args)
     tokenize_documents(docs, tok)

@@ -33,6 +33,7 @@ from camelot.eval.plan import (  # noqa: F401  (re-exported for passkey, retriev
     sweep_from_args,
 )
 
+from camelot.documents import add_data_limit_arg, data_limit
 from camelot.options import UserError, add_model_args, load_model_from_args
 from camelot.progress import progress_bar
 
@@ -132,8 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (default: test, or the only one)")
     add_sweep_args(p)
     p.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
-    p.add_argument("--max-data-mb", type=float, default=256.0,  # camelot/documents.py MAX_DATA_BYTES
-                   help="refuse data files (or a folder of .txt files) larger than this many MiB")
+    add_data_limit_arg(p)
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="keep the first T tokens of each document (0: all)")
     p.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET, help="tokens per position bucket in the plot")
@@ -154,7 +154,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.bucket_size < 1:
         raise UserError(f"--bucket-size must be >= 1, got {args.bucket_size}")
-    docs = load_documents(args.data, args.text_field, args.split, args.max_docs, int(args.max_data_mb * 2**20))
+    docs = load_documents(args.data, args.text_field, args.split, args.max_docs, data_limit(args))
     torch.manual_seed(args.seed)
     model, tok = load_model_from_args(args)
     tokenize_documents(docs, tok, args.max_tokens or None)

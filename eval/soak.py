@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from camelot.cli import UserError, add_memory_args, memory_config
+from camelot.documents import add_data_limit_arg
 from camelot.options import add_model_args, load_model_from_args
 from camelot.progress import progress_bar
 
@@ -161,6 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, dtype=False)
     p.add_argument("--data", default=None, help="UTF-8 text file to repeat (default: the packaged Genesis)")
+    add_data_limit_arg(p)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens to stream in total")
     p.add_argument("--report-every", type=int, default=DEFAULT_REPORT, help="tokens between report lines")
     add_memory_args(p)
@@ -170,12 +172,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     import camelot
-    from camelot.documents import load_documents
+    from camelot.documents import data_limit, load_documents
 
     if args.tokens < 1 or args.report_every < 1:
         raise UserError("--tokens and --report-every must be >= 1")
     cfg = memory_config(args)
-    text = load_documents(args.data or "builtin:genesis_kjv")[0].text
+    text = load_documents(args.data or "builtin:genesis_kjv", max_bytes=data_limit(args))[0].text
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

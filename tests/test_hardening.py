@@ -41,11 +41,13 @@ def test_row_files_are_held_to_the_limit(tmp_path):
         load_documents(str(path), max_bytes=1000)
 
 
-def test_ppl_flag_raises_the_limit(tmp_path):
+@pytest.mark.parametrize("command", [["ppl", "--data", "x"], ["soak"], ["bench"], ["ask", "q"]])
+def test_every_command_reading_data_has_the_limit_flag(command):
     from camelot.cli import build_parser
+    from camelot.documents import data_limit
 
-    args = build_parser().parse_args(["ppl", "--data", "x", "--max-data-mb", "1024"])
-    assert args.max_data_mb == 1024.0
+    args = build_parser().parse_args([*command, "--max-data-mb", "1024"])
+    assert data_limit(args) == 1024 * 2**20
 
 
 def test_a_snapshot_declaring_more_than_ram_is_refused_from_its_header(tmp_path, monkeypatch):
