@@ -189,9 +189,10 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.save and not args.context_file:
         raise UserError("--save stores the memory after reading --context-file; give one (or /save in -i mode)")
     cfg = memory_config(args)
-    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature,
-                  "top_p": args.top_p, "top_k": args.sample_top_k, "repetition_penalty": args.repetition_penalty,
-                  "seed": args.seed}
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+                  "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    if args.sample:  # given to greedy decoding, transformers warns that they are ignored
+        generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k)
     from camelot.generation import check_settings
 
     check_settings(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.sample_top_k,
