@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from camelot.adapters.tiny import TINY_FAMILIES
+from camelot.adapters.testing import TINY_FAMILIES
 
 import camelot
 from camelot.attention import LayerRuntime
