@@ -64,6 +64,10 @@ class CamelotLM(TemplateLM):
         cfg = make_config(config)
         if threads:
             torch.set_num_threads(int(threads))
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line asks for cuda by default; like its own HF model, run on the CPU then
+            print(f"camelot: {device} is not available, running on cpu", file=sys.stderr)
+            device = "cpu"
         if isinstance(pretrained, str):
             model, tok = camelot.load_model(pretrained, dtype=_DTYPES[dtype], device=device)
         else:  # an already loaded model (with its tokenizer), e.g. from a test
