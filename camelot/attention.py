@@ -14,6 +14,7 @@ from camelot.interfaces import Memory, PositionBias, SearchBackend
 from camelot.layer_state import LayerState
 from camelot.masks import MaskCache, plain_logits
 from camelot.memory import RawWindow, SinkTokens
+from camelot.memory.usage import note_reads
 from camelot.positions import Positions
 from camelot.reads import Read, ReadAttribution, make_read
 from camelot.rope import RopeSpec
@@ -114,6 +115,8 @@ class LayerRuntime:
             out = mem.add_output(out, probs, n_vals)
             if self.record_reads:
                 self.last_read = mem.attribution(probs, n_plain)
+            if st.tracks_received and hasattr(st.memory, "observe_reads"):  # a write rule ranks slots by use
+                note_reads(st.memory, mem.attribution(probs, n_plain))
         # attention each open / tail token received, per KV head, for a memory that wants it
         received = probs[..., : l0 + m + p].sum(dim=(2, 3)) if st.tracks_received else None
         st.keep(k_loc, v_loc, raw_open, received)

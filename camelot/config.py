@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from camelot.backends import BACKENDS
+from camelot.memory.rules import EVICTIONS, rule_from_config
 
 Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
 WriteMode = Literal["segment", "token"]
@@ -94,6 +95,19 @@ class CamelotConfig:
                                "the most attention while in the local window")
     memory_dtype: MemoryDtype = option("float32", "storage dtype of slot keys and values", choices=MEMORY_DTYPES,
                                        sweep=False)
+    evict: str = option("age", "camelot: which slot a novel token replaces in a full bank. age: the one written "
+                        "longest ago (paper). use: the least attention received, decayed. merge: first fold "
+                        "mutually nearest slot pairs together (docs/memory_write.md)", choices=EVICTIONS)
+    protect: float = option(0.0, "camelot: a token that received >= protect x its head's mean attention before "
+                                 "leaving the raw window never merges, takes no merges and is evicted last (0: off)")
+    reserve: int | None = option(None, "camelot: at most this many protected slots per head (the raw episodic "
+                                       "reserve); None: no cap")
+    use_decay: float = option(1.0, "camelot: decay per written token of the slot scores that evict=use and "
+                                   "protect rank by")
+    value_threshold: float | None = option(None, "camelot: a token merges only where its value's cosine to the "
+                                                 "slot's value also reaches this (None: keys only)")
+    merge_target: float | None = option(None, "camelot: per-head thresholds, each head merging this fraction of "
+                                              "a segment's tokens (None: the global threshold)")
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():
@@ -149,6 +163,7 @@ class CamelotConfig:
         if self.memory_distance is not None:
             _check_int("memory_distance", self.memory_distance, low=0)
         _check_infllm(self)
+        rule_from_config(self)  # the write rule's options (evict, protect, ...) are checked there
         # A truthy string ("no") would silently switch the bias on: demand a real number or bool.
         if not isinstance(self.count_bias, (bool, int, float)) or not 0 <= self.count_bias <= 4:
             raise ValueError(f"count_bias must be a number in [0, 4] or True/False (1/0), got {self.count_bias!r}")

@@ -13,6 +13,7 @@ from camelot.config import CamelotConfig
 from camelot.interfaces import Memory, SearchBackend, require
 from camelot.masks import MaskCache
 from camelot.memory import RawWindow, SinkTokens, SlotBank, TokenStore
+from camelot.memory.rules import rule_from_config
 from camelot.reads.blocks import infllm_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +43,7 @@ def build_runtime(adapter: Adapter, model: nn.Module, config: CamelotConfig, lay
     search = require(make_backend(cfg.search), SearchBackend, "search backend")
     if with_memory and cfg.strategy == "camelot":
         # the write's nearest-slot search scores like the read's backend does
-        memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode, search.score_dtype)
+        memory = SlotBank(cfg.slots, cfg.threshold, dtype, cfg.write_mode, search.score_dtype, rule_from_config(cfg))
     elif with_memory and cfg.strategy == "knn":
         memory = TokenStore(dtype)
     elif with_memory and cfg.strategy == "infllm":  # InfLLM's blocks and its block read

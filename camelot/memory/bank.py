@@ -5,6 +5,9 @@ Write rule (CAMELoT): a token whose cosine similarity to its nearest slot is >= 
 merges into it by running average (count + 1, age 0); otherwise it is novel and takes a
 free slot, or evicts the slot written longest ago. Ages count write steps (tokens).
 
+Other write rules (evict by use, pair merging, protected surprising tokens, key-and-value
+merge test, per-head thresholds) are in camelot/memory/rules.py; they run in torch only.
+
 Tensors carry one extra scratch slot at index `slots`: scatters of tokens that must not
 land anywhere are sent there, which keeps the write free of data-dependent shapes (and so
 of host syncs). The scratch slot always has count 0 and is never read.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
 from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
@@ -29,8 +33,10 @@ _UNIQUE_KEY_SLOTS = 1 << 22  # priority * (slots + 1) stays below 2^63 up to her
 
 class SlotBank:
     def __init__(self, slots: int, threshold: float, dtype: torch.dtype = torch.float32,
-                 write_mode: str = "segment", search_dtype: torch.dtype = torch.float32) -> None:
+                 write_mode: str = "segment", search_dtype: torch.dtype = torch.float32,
+                 rule: WriteRule | None = None) -> None:
         self.slots = slots
+        self.rule = rule or WriteRule()
         # dtype of the nearest-slot scores: bfloat16 picks the nearest slot approximately (much
         # cheaper where the hardware has bf16 dot products); the threshold test stays exact fp32.
         self.search_dtype = search_dtype
@@ -42,12 +48,16 @@ class SlotBank:
         self.counts: torch.Tensor | None = None  # [B, H, S+1] int64
         self.ages: torch.Tensor | None = None  # [B, H, S+1] int64
         self.telemetry: torch.Tensor | None = None  # [5] int64, TELEMETRY_FIELDS
+        # rules beyond the paper's (rules.py): attention received, decayed; protected (kept raw)
+        self.score: torch.Tensor | None = None  # [B, H, S+1] float32
+        self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
         self.keys = self.values = self.counts = self.ages = self.telemetry = None
+        self.score = self.pinned = None
         self.empty = True
         self.version += 1
 
@@ -73,6 +83,8 @@ class SlotBank:
                 f"camelot memory of {self.slots} slots x {h} KV heads x {b} row(s) needs {size / 2**30:.1f} GiB "
                 f"per layer on {dev}, which could not be allocated; lower slots") from e
         self.keys, self.values, self.counts, self.ages = keys, values, counts, ages
+        self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
+        self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:
@@ -95,8 +107,23 @@ class SlotBank:
         return -(self.ages[..., : self.slots] + 1)
 
     # ---------------------------------------------------------------- write
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Consolidate position-free keys k [B, H, T, D] and values v [B, H, T, Dv]."""
+    @property
+    def wants_received(self) -> bool:
+        """Whether the layer should hand each written token's attention received (while in the
+        open segment and the raw tail) to `write`: the rule ranks tokens and slots by it."""
+        return self.rule.scored
+
+    def observe_reads(self, mass: torch.Tensor) -> None:
+        """Add the attention mass [B, H, S] each slot received in a read to its score (only
+        where the rule uses scores)."""
+        if self.rule.scored and self.allocated:
+            self.score[..., : self.slots] += mass.to(self.score.dtype)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None = None) -> None:
+        """Consolidate position-free keys k [B, H, T, D] and values v [B, H, T, Dv]; received
+        [B, H, T]: attention each token received before it left the raw window (its importance,
+        for rules that score)."""
+        importance = received
         if k.shape[2] == 0:
             return
         if not self.allocated:
@@ -104,15 +131,18 @@ class SlotBank:
         self.check_batch(k.shape[0])
         k = k.to(self.dtype)
         v = v.to(self.dtype)
+        if importance is not None:
+            importance = importance.to(k.device, torch.float32)
         if self.write_mode == "token":
             for t in range(k.shape[2]):
-                self._write_segment(k[:, :, t : t + 1], v[:, :, t : t + 1])
+                self._write_segment(k[:, :, t : t + 1], v[:, :, t : t + 1],
+                                    None if importance is None else importance[:, :, t : t + 1])
         else:
-            self._write_segment(k, v)
+            self._write_segment(k, v, importance)
         self.empty = False
         self.version += 1
 
-    def _write_segment(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write_segment(self, k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor | None = None) -> None:
         b, h, t, _ = k.shape
         s = self.slots
         dev = k.device
@@ -125,18 +155,50 @@ class SlotBank:
         kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
         mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
         # unused slots enter as an additive -inf inside the matmul, not as a fill over [T, S]
-        unused = torch.where(used, 0.0, float("-inf")).flatten(0, 1)[:, None, :]
+        # (protected slots stay raw: they are no merge target either)
+        unused = torch.where(used & ~self.pinned[..., :s], 0.0, float("-inf")).flatten(0, 1)[:, None, :]
         sd = self.search_dtype
         sim = torch.baddbmm(unused.to(sd), kn.to(sd), mn.to(sd).transpose(-1, -2))  # [B*H,T,S]
         best_sim, best = (x[..., 0] for x in rowwise_topk(sim.view(b, h, t, s), 1))  # [B,H,T]
         if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
             chosen = gather_rows(mn.view(b, h, s, -1), best)
             best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
-        if self._native_bookkeeping(k, v, best, best_sim, finite):
-            return
-        merge = finite & (best_sim >= self.threshold)
+        rule = self.rule
+        if rule.plain:
+            if self._native_bookkeeping(k, v, best, best_sim, finite):
+                return
+            surprising = torch.zeros_like(finite)
+            merge = finite & (best_sim >= self.threshold)
+        else:
+            if importance is None:
+                importance = torch.zeros(b, h, t, device=dev)
+            surprising = surprising_tokens(rule, importance, finite)
+            merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
+            if rule.use_decay < 1:
+                self.score *= rule.use_decay ** t
         novel = finite & ~merge
+        touched = self._merge(k, v, merge, best, importance)
+        if rule.plain:
+            place, was_free = self._place_by_age(k, v, novel, touched)
+        else:
+            if rule.evict == "merge":
+                need = novel.sum(-1) - (self.counts[..., :s] == 0).sum(-1)
+                free_by_pair_merge(self.keys, self.values, self.counts, self.ages, self.score, self.pinned,
+                                   touched, need)
+            place, was_free = place_novel(rule, self.keys, self.values, self.counts, self.ages, self.score,
+                                          self.pinned, touched, k, v, novel, surprising, importance)
+        self._clear_scratch()
+        self.telemetry += torch.stack([
+            merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (novel & ~place).sum(),
+            (~finite).sum(),
+        ])
 
+    def _merge(self, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor, best: torch.Tensor,
+               importance: torch.Tensor | None) -> torch.Tensor:
+        """Merge the `merge` tokens into their `best` slots; returns which slots were merged into."""
+        b, h, t, _ = k.shape
+        s = self.slots
+        dev = k.device
         # --- consolidation: weighted running average, several tokens per slot at once. Computed
         # per token (T rows) and scattered back, never over the whole bank: tokens merging into
         # the same slot see the same sums and write the same row.
@@ -159,6 +221,18 @@ class SlotBank:
         self.ages.scatter_(2, tgt, (t - 1) - last_touch)
         touched = torch.zeros_like(self.counts, dtype=torch.bool).scatter_(2, tgt, merge)
         touched[..., s] = False
+        if importance is not None and self.rule.scored:  # a slot's score gathers its tokens' importance
+            self.score.scatter_add_(2, tgt, torch.where(merge, importance, 0.0))
+        return touched
+
+    def _place_by_age(self, k: torch.Tensor, v: torch.Tensor, novel: torch.Tensor,
+                      touched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's rule (reference of the C kernel): novel tokens take free slots, then the
+        oldest not merged into; returns (placed, was_free) [B, H, T]."""
+        b, h, t, _ = k.shape
+        s = self.slots
+        dev = k.device
+        steps = torch.arange(t, device=dev).expand(b, h, t)
 
         # --- novelty: free slots first (lowest index), then the oldest untouched slot
         free = self.counts == 0
@@ -184,12 +258,7 @@ class SlotBank:
         copy_rows_(self.values, slot, v)
         self.counts.scatter_(2, slot, torch.where(place, 1, 0))
         self.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
-        self._clear_scratch()
-
-        self.telemetry += torch.stack([
-            merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (novel & ~place).sum(),
-            (~finite).sum(),
-        ])
+        return place, was_free
 
     def _native_bookkeeping(self, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
                             finite: torch.Tensor) -> bool:
@@ -216,6 +285,8 @@ class SlotBank:
         self.values[..., s, :] = 0
         self.counts[..., s] = 0
         self.ages[..., s] = 0
+        self.score[..., s] = 0
+        self.pinned[..., s] = False
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,207 @@
+"""Write rules of the slot bank beyond the paper's (which merges at a global cosine threshold
+and evicts the slot written longest ago). docs/memory_write.md has their ablation.
+
+Why they exist: eviction by recency removes first the slots written once and never merged into
+(rare facts), while frequent tokens keep merging and stay young; with a budget below the
+document the bank then behaves like a recent-token cache. Each rule here changes who merges,
+who is evicted, or what is kept raw, and each is measured on a needle probe and on perplexity.
+
+Token importance: the attention a token received while it sat in the raw tail (summed over
+the queries of its KV head's query heads), handed to the write by the raw window. A slot's
+score is what its tokens brought plus the attention mass the slot received when read,
+decayed per written token (`use_decay`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from camelot.rows import copy_rows_, gather_rows
+
+EVICTIONS = ("age", "use", "merge")
+# order levels of the candidates for a place (ascending: lost first)
+_FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
+
+
+@dataclass(frozen=True)
+class WriteRule:
+    """evict: which slot gives way to a novel token when the bank is full. "age": the one written
+        longest ago (paper); "use": the lowest score (attention received, decayed), and a novel
+        token whose own importance is lower than every slot's is dropped instead (H2O-like);
+        "merge": first fold mutually nearest slot pairs together (count-weighted) to free
+        places, then by age.
+    protect: a token whose importance is >= protect x its head's mean over the segment is
+        surprising: it never merges, its slot takes no merges (stays raw) and is evicted last,
+        lowest importance first. 0: off.
+    reserve: at most this many protected slots per head (the raw episodic reserve); beyond it
+        the least important lose their protection. None: no cap.
+    use_decay: factor per written token on slot scores (evict="use", protect).
+    value_threshold: a token merges only where its value's cosine to the slot's value also
+        reaches this. None: keys only.
+    merge_target: per-head thresholds from the similarity distribution: each head merges this
+        fraction of the segment's tokens (its threshold is the matching quantile of the tokens'
+        best similarities) instead of one global threshold. None: the global threshold.
+    """
+
+    evict: str = "age"
+    protect: float = 0.0
+    reserve: int | None = None
+    use_decay: float = 1.0
+    value_threshold: float | None = None
+    merge_target: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.evict not in EVICTIONS:
+            raise ValueError(f"evict must be one of {', '.join(EVICTIONS)}; got {self.evict!r}")
+        if not isinstance(self.protect, (int, float)) or isinstance(self.protect, bool) or self.protect < 0:
+            raise ValueError(f"protect must be a number >= 0 (0: off), got {self.protect!r}")
+        if self.reserve is not None and (isinstance(self.reserve, bool) or not isinstance(self.reserve, int)
+                                         or self.reserve < 0):
+            raise ValueError(f"reserve must be None or an integer >= 0, got {self.reserve!r}")
+        if not isinstance(self.use_decay, (int, float)) or not 0 < self.use_decay <= 1:
+            raise ValueError(f"use_decay must be in (0, 1], got {self.use_decay!r}")
+        if self.value_threshold is not None and not -1 <= self.value_threshold <= 1:
+            raise ValueError(f"value_threshold must be None or a cosine in [-1, 1], got {self.value_threshold!r}")
+        if self.merge_target is not None and not 0 <= self.merge_target <= 1:
+            raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
+
+    @property
+    def plain(self) -> bool:
+        """The paper's rule: the C kernel and the reference torch code do it."""
+        return self == WriteRule()
+
+    @property
+    def scored(self) -> bool:
+        """Whether slots need a score (attention received)."""
+        return self.evict == "use" or self.protect > 0
+
+
+def merge_mask(rule: WriteRule, threshold: float, best_sim: torch.Tensor, finite: torch.Tensor,
+               v: torch.Tensor, slot_values: torch.Tensor, best: torch.Tensor,
+               surprising: torch.Tensor) -> torch.Tensor:
+    """[B, H, T] which tokens merge into their nearest slot."""
+    thr = torch.as_tensor(threshold, device=best_sim.device)
+    if rule.merge_target is not None:
+        # the per-head quantile of this segment's best similarities (non-finite tokens and an
+        # empty bank count as -1, the lowest cosine)
+        sims = torch.where(finite, best_sim.clamp(min=-1.0), -1.0).float()
+        thr = torch.quantile(sims, 1.0 - rule.merge_target, dim=-1, keepdim=True)
+    merge = finite & (best_sim >= thr) & ~surprising
+    if rule.value_threshold is not None:
+        chosen = gather_rows(slot_values, best).float()
+        vsim = torch.nn.functional.cosine_similarity(v.float(), chosen, dim=-1)
+        merge &= vsim >= rule.value_threshold
+    return merge
+
+
+def surprising_tokens(rule: WriteRule, importance: torch.Tensor | None, finite: torch.Tensor) -> torch.Tensor:
+    """[B, H, T] tokens whose importance is >= protect x their head's mean over the segment."""
+    if rule.protect <= 0 or importance is None:
+        return torch.zeros_like(finite)
+    imp = torch.where(finite, importance, 0.0)
+    mean = imp.sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp(min=1)
+    return finite & (imp >= rule.protect * mean) & (imp > 0)
+
+
+def free_by_pair_merge(keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, ages: torch.Tensor,
+                       score: torch.Tensor, pinned: torch.Tensor, touched: torch.Tensor,
+                       need: torch.Tensor) -> torch.Tensor:
+    """Free up to `need` [B, H] places per head by merging mutually nearest slot pairs (most
+    similar first), count-weighted, into the lower-index slot of each pair; the other slot is
+    freed (count 0). Pinned slots and those merged into this segment take no part. In place;
+    returns [B, H] how many were freed."""
+    b, h, n, d = keys.shape
+    s = n - 1
+    ok = (counts[..., :s] > 0) & ~pinned[..., :s] & ~touched[..., :s]  # [B,H,S]
+    kn = torch.nn.functional.normalize(keys[..., :s, :].float(), dim=-1)
+    sim = torch.matmul(kn, kn.transpose(-1, -2))
+    bad = ~(ok[..., :, None] & ok[..., None, :]) | torch.eye(s, dtype=torch.bool, device=keys.device)
+    sim = sim.masked_fill_(bad, float("-inf"))
+    nn_sim, nn = sim.max(-1)  # [B,H,S]
+    idx = torch.arange(s, device=keys.device)
+    mutual = (nn.gather(-1, nn) == idx) & (idx < nn) & torch.isfinite(nn_sim)
+    pair_sim = torch.where(mutual, nn_sim, float("-inf"))
+    rank = torch.empty_like(nn).scatter_(-1, pair_sim.argsort(dim=-1, descending=True, stable=True),
+                                         idx.expand_as(nn).contiguous())
+    sel = mutual & (rank < need[..., None])  # [B,H,S]: slot j absorbs its partner nn[j]
+    partner = torch.where(sel, nn, s)
+    c_j, c_p = counts[..., :s], counts.gather(2, partner)
+    tot = (c_j + c_p).clamp(min=1)
+    w_j = (c_j / tot)[..., None].to(keys.dtype)
+    w_p = (c_p / tot)[..., None].to(keys.dtype)
+    new_k = w_j * keys[..., :s, :] + w_p * gather_rows(keys, partner)
+    new_v = w_j * values[..., :s, :] + w_p * gather_rows(values, partner)
+    keys[..., :s, :] = torch.where(sel[..., None], new_k, keys[..., :s, :])
+    values[..., :s, :] = torch.where(sel[..., None], new_v, values[..., :s, :])
+    counts[..., :s] = torch.where(sel, c_j + c_p, c_j)
+    ages[..., :s] = torch.where(sel, torch.minimum(ages[..., :s], ages.gather(2, partner)), ages[..., :s])
+    score[..., :s] = torch.where(sel, score[..., :s] + score.gather(2, partner), score[..., :s])
+    counts.scatter_(2, partner, torch.zeros_like(partner))
+    counts[..., s] = 0
+    return sel.sum(-1)
+
+
+def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor,
+                ages: torch.Tensor, score: torch.Tensor, pinned: torch.Tensor, touched: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, novel: torch.Tensor, surprising: torch.Tensor,
+                importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Novel tokens and the slots they may take compete for places: the S best of (slots not
+    merged into this segment, novel tokens) stay, ordered by (level, keep): free slots go
+    first, then plain slots and plain tokens by age (or score, evict="use"), then protected
+    ones by importance; ties go to the lower slot index, slots before tokens. With the paper's
+    rule this is exactly the reference write's order. Returns (placed [B,H,T], was_free [B,H,T])."""
+    b, h, t, _ = k.shape
+    s = counts.shape[-1] - 1
+    dev = k.device
+    steps = torch.arange(t, device=dev).expand(b, h, t)
+    free = counts == 0
+    never = touched.clone()
+    never[..., s] = True
+    slot_level = torch.where(never, _NEVER, torch.where(free, _FREE, torch.where(pinned, _PINNED, _PLAIN)))
+    tok_level = torch.where(novel, torch.where(surprising, _PINNED, _PLAIN), _NEVER)
+    if rule.evict == "use":
+        slot_keep, tok_keep = score.double(), importance.double()
+    else:
+        slot_keep, tok_keep = -ages.double(), -((t - 1) - steps).double()
+    # protected ones leave lowest importance first, whatever the eviction rule
+    slot_keep = torch.where(pinned & ~free, score.double(), slot_keep)
+    tok_keep = torch.where(surprising, importance.double(), tok_keep)
+    slot_keep = torch.where(free, 0.0, slot_keep)
+    level = torch.cat([slot_level, tok_level], dim=-1)
+    keep = torch.cat([slot_keep, tok_keep], dim=-1)
+    o1 = keep.argsort(dim=-1, stable=True)
+    order = o1.gather(-1, level.gather(-1, o1).argsort(dim=-1, stable=True))  # [B,H,S+1+T]
+    n_novel = novel.sum(-1, keepdim=True)
+    pos = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=dev).expand_as(order)
+                                           .contiguous())
+    lost = pos < n_novel
+    placed = novel & ~lost[..., s + 1:]
+    # the losing slots in their order, taken by the placed tokens in token order
+    head = order[..., :t]
+    is_lost_slot = (head <= s) & (torch.arange(t, device=dev) < n_novel)
+    lost_slots = head.gather(-1, torch.where(is_lost_slot, 0, 1).argsort(dim=-1, stable=True))
+    rank = (placed.long().cumsum(-1) - 1).clamp(min=0)
+    slot = torch.where(placed, lost_slots.gather(-1, rank), s)
+    was_free = free.gather(2, slot) & placed
+    copy_rows_(keys, slot, k)
+    copy_rows_(values, slot, v)
+    counts.scatter_(2, slot, torch.where(placed, 1, 0))
+    ages.scatter_(2, slot, torch.where(placed, (t - 1) - steps, 0))
+    score.scatter_(2, slot, torch.where(placed, importance, 0.0).to(score.dtype))
+    pinned.scatter_(2, slot, placed & surprising)
+    pinned[..., s] = False
+    if rule.reserve is not None and rule.reserve < s:
+        # the raw episodic reserve: only the `reserve` most important protected slots stay protected
+        top = torch.where(pinned[..., :s], score[..., :s], float("-inf")).topk(rule.reserve, dim=-1).indices
+        keep_pin = torch.zeros_like(pinned[..., :s]).scatter_(-1, top, True)
+        pinned[..., :s] &= keep_pin
+    return placed, was_free
+
+
+def rule_from_config(cfg: object) -> WriteRule:
+    """The write rule a CamelotConfig names (its fields evict, protect, reserve, use_decay,
+    value_threshold, merge_target); raises ValueError on a bad one."""
+    return WriteRule(evict=cfg.evict, protect=cfg.protect, reserve=cfg.reserve, use_decay=cfg.use_decay,
+                     value_threshold=cfg.value_threshold, merge_target=cfg.merge_target)

@@ -1,0 +1,180 @@
+"""The slot bank's write rules beyond the paper's (camelot/memory/rules.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camelot.memory import SlotBank
+from camelot.memory.rules import WriteRule
+from camelot.memory.usage import note_reads
+from camelot.reads import ReadAttribution
+
+STATE = ("keys", "values", "counts", "ages", "telemetry")
+
+
+def _unit(*xs: float) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(xs, dtype=torch.float32), dim=-1)
+
+
+def _one(k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, D] keys -> [1, 1, T, D] (values: the keys again unless given)."""
+    return k[None, None], (k if v is None else v)[None, None]
+
+
+@pytest.mark.parametrize("slots,t,mode", [(5, 20, "segment"), (16, 3, "segment"), (40, 8, "segment"), (6, 4, "token")])
+def test_general_path_with_the_age_rule_equals_the_paper_write(slots, t, mode):
+    """The rules' placement (one sort of slots and novel tokens together) with the paper's
+    eviction gives exactly the reference write (C kernel / torch), overflow and NaN included."""
+    torch.manual_seed(slots)
+    a = SlotBank(slots, 0.6, write_mode=mode)
+    b = SlotBank(slots, 0.6, write_mode=mode, rule=WriteRule(use_decay=0.5))  # not plain: torch rules path
+    assert a.rule.plain and not b.rule.plain
+    protos = torch.randn(6, 8)
+    for seg in range(6):
+        k = protos[torch.randint(0, 6, (2, 3, t))] + 0.3 * torch.randn(2, 3, t, 8)
+        v = torch.randn(2, 3, t, 4)
+        if seg == 2:
+            k[0, 1, 1, 0] = float("nan")
+        a.write(k, v)
+        b.write(k, v, received=torch.rand(2, 3, t))
+        for n in STATE:
+            assert torch.allclose(getattr(a, n).float(), getattr(b, n).float(), atol=1e-6), (seg, n)
+
+
+def _flood(bank: SlotBank, n: int, d: int = 16, imp: float = 0.1, seed: int = 1) -> None:
+    """n mutually dissimilar (novel) tokens of low importance, one segment of 4 at a time."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n // 4):
+        k = torch.randn(4, d, generator=g)
+        bank.write(*_one(k), received=torch.full((1, 1, 4), imp))
+
+
+def test_a_rare_important_key_survives_a_flood_under_eviction_by_use_but_not_by_age():
+    rare = torch.zeros(1, 16)
+    rare[0, 0] = 10.0
+    kept = {}
+    for evict in ("age", "use"):
+        bank = SlotBank(4, 0.99, rule=WriteRule(evict=evict, use_decay=0.999))
+        bank.write(*_one(rare), received=torch.full((1, 1, 1), 5.0))
+        _flood(bank, 40)
+        kept[evict] = bool(((bank.keys[0, 0, :4] - rare).abs().amax(-1) < 1e-6).any())
+    assert kept == {"age": False, "use": True}
+
+
+def test_eviction_by_use_drops_a_novel_token_less_important_than_every_slot():
+    bank = SlotBank(2, 0.99, rule=WriteRule(evict="use"))
+    bank.write(*_one(torch.eye(4)[:2]), received=torch.tensor([[[3.0, 2.0]]]))
+    bank.write(*_one(torch.eye(4)[2:]), received=torch.tensor([[[1.0, 2.5]]]))
+    # token 2 (importance 1) loses to both slots; token 3 (2.5) replaces the slot of importance 2
+    assert torch.equal(bank.keys[0, 0, :2], torch.eye(4)[[0, 3]])
+    assert bank.telemetry.tolist() == [0, 2, 1, 1, 0]
+
+
+def test_reads_raise_a_slot_score_and_save_it_from_eviction():
+    bank = SlotBank(2, 0.99, rule=WriteRule(evict="use"))
+    bank.write(*_one(torch.eye(4)[:2]), received=torch.tensor([[[1.0, 1.0]]]))
+    bank.observe_reads(torch.tensor([[[2.0, 0.0]]]))
+    bank.write(*_one(torch.eye(4)[2:3]), received=torch.tensor([[[1.5]]]))
+    assert torch.equal(bank.keys[0, 0, :2], torch.eye(4)[[0, 2]])
+    assert bank.score[0, 0, :2].tolist() == [3.0, 1.5]
+
+
+def test_pair_merging_frees_a_place_with_exact_count_weighted_arithmetic():
+    a, a2, b, c = _unit(1, 0, 0, 0), _unit(1, 0.2, 0, 0), _unit(0, 1, 0, 0), _unit(0, 0, 1, 0)
+    bank = SlotBank(3, 0.999, rule=WriteRule(evict="merge"))
+    # slot 0 = a with count 3, slot 1 = b, slot 2 = a2 (count 1)
+    bank.write(*_one(torch.stack([a, b, a2]), torch.stack([a, b, a2]) * 2))
+    bank.write(*_one(torch.stack([a, a])))
+    assert bank.counts[0, 0, :3].tolist() == [3, 1, 1]
+    bank.write(*_one(c[None], c[None] * 2))
+    # the nearest pair (0, 2) folded into slot 0; c took the freed slot 2; b is untouched
+    assert bank.counts[0, 0, :3].tolist() == [4, 1, 1]
+    want_k = (3 * bank_key_before(a, a) + a2) / 4
+    assert torch.allclose(bank.keys[0, 0, 0], want_k, atol=1e-7)
+    assert torch.allclose(bank.values[0, 0, 0], (3 * (2 * a + a + a) / 3 + 2 * a2) / 4, atol=1e-6)
+    assert torch.equal(bank.keys[0, 0, 1], b) and torch.equal(bank.keys[0, 0, 2], c)
+    assert bank.telemetry.tolist() == [2, 4, 0, 0, 0]  # c took a freed place: new, nothing evicted
+
+
+def bank_key_before(a: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """Slot 0's key after a (value 2a) took two merges of `merged`: (a + 2 merged) / 3."""
+    return (a + 2 * merged) / 3
+
+
+def test_a_surprising_token_neither_merges_nor_takes_merges_and_is_evicted_last():
+    rule = WriteRule(protect=1.5)
+    bank = SlotBank(3, 0.9, rule=rule)
+    x = _unit(1, 0, 0, 0)
+    bank.write(*_one(x[None]), received=torch.tensor([[[1.0]]]))
+    # the same key, but surprising (importance 9 >= 1.5 x mean 5): a slot of its own, protected
+    bank.write(*_one(torch.stack([x, _unit(0, 1, 0, 0)])), received=torch.tensor([[[9.0, 1.0]]]))
+    assert bank.counts[0, 0, :3].tolist() == [1, 1, 1] and bank.pinned[0, 0, :3].tolist() == [False, True, False]
+    # a plain token like x merges into slot 0, not into the protected slot 1
+    bank.write(*_one(x[None]), received=torch.tensor([[[1.0]]]))
+    assert bank.counts[0, 0, :3].tolist() == [2, 1, 1]
+    _flood(bank, 40, d=4, imp=1.0)
+    assert torch.equal(bank.keys[0, 0, 1], x) and bool(bank.pinned[0, 0, 1])
+
+
+def test_the_reserve_keeps_only_the_most_important_protected_slots():
+    bank = SlotBank(4, 0.99, rule=WriteRule(protect=1.5, reserve=1))
+    imp = torch.tensor([[[9.0, 1.0, 1.0, 5.0, 1.0, 1.0]]])  # mean 3: tokens 0 and 3 are surprising
+    bank.write(*_one(torch.eye(6)), received=imp)
+    pinned = bank.pinned[0, 0, :4]
+    assert int(pinned.sum()) == 1
+    assert torch.equal(bank.keys[0, 0, :4][pinned][0], torch.eye(6)[0])
+
+
+def test_value_test_keeps_a_token_with_a_foreign_value_apart():
+    x = _unit(1, 0, 0, 0)
+    for vt, want in ((None, [2, 0]), (0.5, [1, 1])):
+        bank = SlotBank(2, 0.9, rule=WriteRule(value_threshold=vt, use_decay=0.9))
+        bank.write(*_one(x[None], _unit(1, 0)[None]))
+        bank.write(*_one(x[None], _unit(0, 1)[None]))
+        assert bank.counts[0, 0, :2].tolist() == want
+
+
+def test_merge_target_sets_each_heads_threshold_from_its_similarities():
+    torch.manual_seed(0)
+    bank = SlotBank(64, 0.99, rule=WriteRule(merge_target=0.25))
+    bank.write(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 4))
+    k = torch.randn(1, 2, 20, 16)
+    before = bank.telemetry.clone()
+    bank.write(k, torch.randn(1, 2, 20, 4))
+    merged = int(bank.telemetry[0] - before[0])
+    assert merged == 2 * 5  # a quarter of each head's 20 tokens, though none reaches 0.99
+
+
+def test_note_reads_sums_each_slots_share_over_queries_and_heads():
+    bank = SlotBank(3, 0.9, rule=WriteRule(evict="use"))
+    bank.write(torch.eye(3)[None, None].expand(1, 2, 3, 3).contiguous(), torch.ones(1, 2, 3, 1))
+    assert bank.wants_received and not SlotBank(3, 0.9).wants_received
+    # B=1, Hkv=2, G=2, m=1, two slots read per query
+    slots = torch.tensor([2, 1]).expand(1, 2, 2, 1, 2)
+    note_reads(bank, ReadAttribution(slots, torch.tensor([0.25, 0.5]).expand(1, 2, 2, 1, 2)))
+    assert torch.allclose(bank.score[0, :, :3], torch.tensor([0.0, 1.0, 0.5]).expand(2, 3))
+
+
+def test_a_wrapped_model_with_a_scored_rule_feeds_importance_and_reads_to_the_bank():
+    import camelot
+    from tests.conftest import tiny_llama
+
+    cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(window=16, slots=8, recent=16, sink=2, evict="use",
+                                                          protect=1.2, use_decay=0.99))
+    ids = torch.randint(0, 101, (1, 120), generator=torch.Generator().manual_seed(0))
+    a = cm.score(ids).token_nll
+    banks = [rt.state.memory for rt in cm.runtimes]
+    assert all(bool((b.score[..., :8] > 0).all()) for b in banks)  # every slot scored by attention
+    assert any(bool(b.pinned.any()) for b in banks)
+    changed = ids.clone()
+    changed[0, 100] = (changed[0, 100] + 7) % 101
+    b = cm.score(changed).token_nll
+    assert torch.equal(a[:, :99], b[:, :99])  # still causal
+
+
+@pytest.mark.parametrize("bad", [{"evict": "lru"}, {"protect": -1}, {"reserve": -1}, {"use_decay": 0},
+                                 {"value_threshold": 2}, {"merge_target": 1.5}])
+def test_bad_rules_are_refused(bad):
+    with pytest.raises(ValueError):
+        WriteRule(**bad)
