@@ -318,3 +318,18 @@ def test_every_family_runs_causally(fam):
         assert any(rt.state.memory.n_blocks > 2 for rt in cm.runtimes if rt.state.memory is not None)
     assert torch.isfinite(a).all()
     assert torch.equal(a[:, :69], b[:, :69])
+
+
+def test_state_dict_round_trip_keeps_blocks_and_pending():
+    """LayerState.to(device) moves a memory through its state dict: nothing may be lost."""
+    mem = BlockMemory(block_size=4, repr_topk=2, read_blocks=1)
+    mem.write(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), received=torch.rand(1, 2, 10))
+    copy = BlockMemory(block_size=4, repr_topk=2, read_blocks=1)
+    copy.load_state_dict(mem.state_dict())
+    for a, b in zip(mem.blocks(), copy.blocks()):
+        assert torch.equal(a, b)
+    assert copy.pending == 2 and torch.equal(copy.pending_scores, mem.pending_scores)
+    more = (torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), torch.rand(1, 2, 2))
+    mem.write(*more[:2], received=more[2])
+    copy.write(*more[:2], received=more[2])
+    assert copy.n_blocks == mem.n_blocks == 3 and torch.equal(copy.reprs[:, :, :3], mem.reprs[:, :, :3])
