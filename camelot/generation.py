@@ -20,7 +20,6 @@ classifier-free guidance (an extra unconditional pass) and left-padded batches.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from camelot.interfaces import Wrapper
 
 DEFAULT_MAX_NEW_TOKENS = 32  # camelot's default when neither max_new_tokens nor max_length is given
-_CAMELOT_ONLY = ("seed",)  # keyword arguments of camelot's generate that transformers does not have
 _REFUSED = {
     "assistant_model": "assisted generation rolls back rejected draft tokens, but generated tokens are "
                        "written into camelot's memory as they are stepped",
@@ -40,15 +38,6 @@ _REFUSED = {
     "past_key_values": "camelot keeps its own state (the open segment and memory), not an HF cache",
     "inputs_embeds": "camelot steps token ids through the model; give input_ids",
 }
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, FutureWarning, stacklevel=3)
-
-
 def check_settings(max_new_tokens: int | None, do_sample: bool, temperature: float | None, top_p: float | None,
                    top_k: int | None, repetition_penalty: float | None) -> None:
     """Refuse settings transformers would refuse late or silently misread, before any forward."""

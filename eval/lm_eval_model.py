@@ -100,32 +100,52 @@ class CamelotLM(TemplateLM):
 
     # ------------------------------------------------------------------ requests
     @torch.no_grad()
-    def continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """(log-prob of `continuation` after `context`, whether it is the greedy continuation), from
-        an empty memory, the context read segment by segment through memory first."""
-        ids = torch.tensor([context + continuation], dtype=torch.long)
-        n, first = ids.shape[1], len(context)  # token t is predicted by the logits at t-1
+    def continuation_logprobs(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """(log-prob of each continuation after `context`, whether it is the greedy continuation),
+        from an empty memory. The context is read once, segment by segment through memory; each
+        continuation is then scored from a checkpoint of that state (multiple-choice tasks ask
+        for several continuations of one context in a row)."""
+        dev = self.cm.device
         self.cm.reset()
-        total, greedy = 0.0, True
-        ids = ids.to(self.cm.device)
-        for a, e in self.cm.segments(n):
-            logits = self.cm.step(ids[:, a:e])
-            lo, hi = max(a, first - 1), min(e, n - 1)  # positions whose next token is scored
-            if lo >= hi:
+        ctx = torch.tensor([context], dtype=torch.long, device=dev)
+        last = None
+        for a, e in self.cm.segments(len(context)):
+            last = self.cm.step(ctx[:, a:e])[0, -1]
+        first = torch.log_softmax(last.float(), dim=-1)  # predicts each continuation's first token
+        cp = self.cm.memory.checkpoint() if len(continuations) > 1 else None
+        out = []
+        for i, cont in enumerate(continuations):
+            if not cont:
+                out.append((0.0, True))
                 continue
-            lp = torch.log_softmax(logits[0, lo - a : hi - a].float(), dim=-1)
-            tgt = ids[0, lo + 1 : hi + 1]
-            total += float(lp.gather(-1, tgt[:, None]).sum())
-            greedy = greedy and bool((lp.argmax(-1) == tgt).all())
+            if i and cp is not None:
+                self.cm.memory.restore(cp)
+            tgt = torch.tensor(cont, dtype=torch.long, device=dev)
+            total, greedy = first[tgt[0]], bool(first.argmax() == tgt[0])
+            if len(cont) > 1:  # the continuation's own tokens predict its next ones
+                rows = [self.cm.step(tgt[None, a:e])[0] for a, e in self.cm.segments(len(cont) - 1)]
+                lp = torch.log_softmax(torch.cat(rows).float(), dim=-1)
+                total = total + lp.gather(-1, tgt[1:, None]).sum()
+                greedy = greedy and bool((lp.argmax(-1) == tgt[1:]).all())
+            out.append((float(total), greedy))
         self.cm.reset()
-        return total, greedy
+        return out
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
-        out = []
-        for key, context, continuation in tqdm(requests, disable=disable_tqdm, desc="camelot loglikelihood"):
-            res = self.continuation_logprob(list(context), list(continuation))
-            out.append(res)
-            self.cache_hook.add_partial("loglikelihood", key, res)
+        out: list[tuple[float, bool]] = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="camelot loglikelihood")
+        i = 0
+        while i < len(requests):  # consecutive requests with the same context share its reading
+            j = i + 1
+            while j < len(requests) and list(requests[j][1]) == list(requests[i][1]):
+                j += 1
+            res = self.continuation_logprobs(list(requests[i][1]), [list(r[2]) for r in requests[i:j]])
+            for (key, _, _), r in zip(requests[i:j], res):
+                out.append(r)
+                self.cache_hook.add_partial("loglikelihood", key, r)
+            bar.update(j - i)
+            i = j
+        bar.close()
         return out
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:

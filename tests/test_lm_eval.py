@@ -135,12 +135,14 @@ def test_a_long_context_is_read_through_memory(llama):
     ctx = torch.randint(3, 100, (70,), generator=torch.Generator().manual_seed(1)).tolist()
     cont = [7, 8, 9]
     lm = _lm(llama, tok, window=16, slots=8, read_top_k=2, recent=0, sink=0)
-    lp, _ = lm.continuation_logprob(ctx, cont)
+    (lp, _), (lp2, _) = lm.continuation_logprobs(ctx, [cont, [11, 12]])  # the second from a checkpoint
     nll = lm.cm.score(ctx + cont).token_nll[0, -3:]
     assert lp == pytest.approx(-float(nll.double().sum()), rel=1e-5)
+    assert lp2 == pytest.approx(-float(lm.cm.score(ctx + [11, 12]).token_nll[0, -2:].double().sum()), rel=1e-5)
+    assert lm.continuation_logprobs(ctx, [[11, 12]])[0][0] == pytest.approx(lp2, rel=1e-6)
     lm.cm.unwrap()
     window_only = _lm(llama, tok, window=16, strategy="window")
-    assert abs(window_only.continuation_logprob(ctx, cont)[0] - lp) > 1e-3
+    assert abs(window_only.continuation_logprobs(ctx, [cont])[0][0] - lp) > 1e-3
 
 
 def test_bad_model_args_are_named():
