@@ -194,3 +194,23 @@ def test_smollm2_agrees_with_camelot_icl_and_ppl(smollm2, tmp_path: Path, long_t
         assert rolling_ppl == pytest.approx(ppl, rel=0.01)
     finally:
         lm.cm.unwrap()
+
+
+def test_the_registered_name_with_model_args(tmp_path: Path):
+    """`model="camelot"` + a model_args string, as lm_eval's command line builds it (device cuda
+    falls back to cpu without CUDA, as the harness's own HF model does)."""
+    import camelot.eval.lm_eval_model  # noqa: F401  (registers "camelot")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "tiny"
+    tiny_llama(seed=5).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    _jsonl(tmp_path / "mc.jsonl", [{"text": "w5 w6 w7", "label": "w10"}, {"text": "w8 w9", "label": "w13"}])
+    names = ["w10", "w13"]
+    (tmp_path / "mc.yaml").write_text(MC_YAML.format(name="toy_named", path=tmp_path / "mc.jsonl", template="{{text}}",
+                                                     choices=json.dumps(names), choices_py=repr(names)))
+    res = lm_eval.simple_evaluate(model="camelot", model_args=f"pretrained={folder},window=16,slots=8,threads=1",
+                                  tasks=["toy_named"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  device="cuda", bootstrap_iters=0)
+    assert 0.0 <= res["results"]["toy_named"]["acc,none"] <= 1.0
