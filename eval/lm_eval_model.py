@@ -16,8 +16,9 @@ Each request starts from an empty memory (reset), reads its text segment by segm
 - loglikelihood_rolling: the whole document streamed through memory (long-document perplexity);
 - loglikelihood: the context streamed through memory, the continuation scored after it;
 - generate_until: the context fed, then `CamelotModel.generate` with the task's stop sequences.
-Requests run one at a time: rows of a batch must have the same length (camelot reads without
-padding), which independent requests rarely have.
+`--apply_chat_template` uses the tokenizer's chat template. Requests run one at a time: rows of a
+batch must have the same length (camelot reads without padding), which independent requests rarely
+have; consecutive requests with one context (multiple choice) read it once.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class CamelotLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "camelot").replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The tokenizer's chat template, for the harness's --apply_chat_template."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return list(self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"])

@@ -143,6 +143,7 @@ def test_a_long_context_is_read_through_memory(llama):
     lm.cm.unwrap()
     window_only = _lm(llama, tok, window=16, strategy="window")
     assert abs(window_only.continuation_logprobs(ctx, [cont])[0][0] - lp) > 1e-3
+    assert window_only.apply_chat_template([{"role": "user", "content": "w5"}]) == "<s> w5 </s> <s>"
 
 
 def test_bad_model_args_are_named():
