@@ -109,8 +109,8 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     book = tmp_path / "book.txt"
     book.write_text(TEXT * 4)
     out = tmp_path / "out"
-    argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number,vt", "--lengths", "800,1100",
-            "--depths", "10,90", "--trials", "2", "--window", "64", "--budget", "200", "--recent", "64",
+    argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number,vt", "--lengths", "700,1100",
+            "--depths", "50", "--trials", "1", "--window", "128", "--budget", "300", "--recent", "128",
             "--max-new-tokens", "4", "--haystack", str(book), "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -122,12 +122,12 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     cfg = {s: r["config"] for s, r in runs.items() if r["config"]}
     budget = {s: c["slots"] + c["sink"] + (c["recent"] if s == "camelot" else 0) for s, c in cfg.items()
               if s in ("sliding", "camelot")}
-    assert budget == {"sliding": 200, "camelot": 200}
+    assert budget == {"sliding": 300, "camelot": 300}
     keys = {s: sorted((t["task"], t["length"], t["depth"], tuple(t["expected"])) for t in r["trials"])
             for s, r in runs.items()}
-    assert all(len(k) == 2 * 2 * 2 * 2 and k == keys["window"] for s, k in keys.items() if s != "full")
-    assert {t["length"] for t in runs["full"]["trials"]} == {800}
-    assert runs["window"]["by_task_length"]["vt@800"]["n"] == 4
+    assert all(len(k) == 2 * 2 and k == keys["window"] for s, k in keys.items() if s != "full")
+    assert {t["length"] for t in runs["full"]["trials"]} == {700}
+    assert runs["window"]["by_task_length"]["vt@700"]["n"] == 1
     assert len(list(out.glob("heatmap_*.png"))) == 5 and (out / "retrieval.md").exists()
 
 
