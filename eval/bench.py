@@ -65,6 +65,10 @@ def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[s
         for b in backends:
             rows.append(run_wrapped(model, ids, base.replace(strategy="knn", search=b), f"knn {b}",
                                     progress=progress))
+    if "infllm" in strategies:  # blocks of 128 at the budget of the smallest bank
+        budget = max(base.block_size, min(slots) // base.block_size * base.block_size)
+        rows.append(run_wrapped(model, ids, base.replace(strategy="infllm", slots=budget, placement="fixed"),
+                                f"infllm {budget // base.block_size}x{base.block_size}", progress=progress))
     if "camelot" in strategies:
         if base.read_top_k is None:  # every slot is read: nothing to pick
             retrieves = ("query",)
@@ -208,7 +212,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "paper's rule, the slots nearest the token's key")
     p.add_argument("--slots", default="512,2048,8192", help="camelot slots per KV head to time")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"from {','.join(BACKENDS)}")
-    p.add_argument("--strategies", default="recurrent,knn,camelot", help="besides window, which to time")
+    p.add_argument("--strategies", default="recurrent,knn,infllm,camelot", help="besides window, which to time")
     p.add_argument("--tokens", type=int, default=2048, help="document length of the speed and recall tables")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the speed table's runs this many times, interleaved, and pool their segments")
@@ -236,7 +240,7 @@ def run_cli(args: argparse.Namespace) -> int:
     slots = _ints(args.slots, "slots")
     lengths = _ints(args.lengths, "lengths")
     backends = _names(args.backends, BACKENDS, "backends")
-    strategies = _names(args.strategies, ("recurrent", "knn", "camelot"), "strategies")
+    strategies = _names(args.strategies, ("recurrent", "knn", "infllm", "camelot"), "strategies")
     growth = _names(args.growth_strategies, ("window", "camelot", "knn", "full", "recurrent"), "growth-strategies")
     skip = set(_names(args.skip, TABLES, "skip")) if args.skip else set()
     decode_lengths = _ints(args.decode_lengths, "decode-lengths")

@@ -34,6 +34,7 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     labels = [r["label"] for r in report["speed"]]
     assert labels[0] == "window" and labels[-1] == "window (again)"
     assert "camelot slots=32 faiss-ivf" in labels and "knn faiss" in labels and "recurrent" in labels
+    assert "infllm 1x128" in labels
     assert "camelot slots=32 torch by group" in labels and "camelot slots=32 faiss by group" in labels
     # two interleaved rounds pooled: every row holds both rounds' segments
     assert all(r["segments"] == 8 and r["tokens"] == 128 and len(r["seg_times"]) == 8 for r in report["speed"])
