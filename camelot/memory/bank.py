@@ -290,6 +290,8 @@ class SlotBank:
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """keys, values, counts, ages, telemetry. The write rules' slot scores and protection
+        (score, pinned) are not saved: after a load, or a move with LayerState.to, they start at 0."""
         if not self.allocated:
             return {}
         s = self.slots
