@@ -25,10 +25,12 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------- value parsers
-def parse_top_k(text: str) -> int | None:
-    """--read-top-k: an integer, or 'all' (None: every slot)."""
+def parse_top_k(text: str) -> int | None | str:
+    """--read-top-k: an integer, 'all' (None: every slot) or 'auto' (camelot.config's rule)."""
     if str(text).strip().lower() == "all":
         return None
+    if str(text).strip().lower() == "auto":
+        return "auto"
     try:
         return int(text)
     except ValueError:
@@ -72,6 +74,8 @@ def parse_layers(text: str) -> list[int] | str | None:
 # how a field's text becomes its value, where its type alone does not say
 PARSERS = {"read_top_k": parse_top_k, "count_bias": parse_count_bias, "memory_distance": parse_distance,
            "layers": parse_layers}
+# fields that read_top_k="auto" may set where the user left them: their flags default to "not given"
+AUTO_SET = ("search", "retrieve")
 # how a value is shown back as a flag's text (the default in --help)
 SHOWN = {"read_top_k": lambda v: "all" if v is None else str(v), "memory_distance": lambda v: "default" if v is None
          else str(v), "layers": lambda v: "default" if v is None else (v if isinstance(v, str) else
@@ -115,12 +119,17 @@ def add_config_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, only: 
             continue
         default = defaults.get(f.name, f.default)
         help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if f.name in AUTO_SET and f.name not in defaults:
+            # not given unless given: read_top_k='auto' may choose these (camelot.config)
+            help_text += f" (default: {f.default}, or what read_top_k=auto chooses)"
+            default = None
         shown = SHOWN.get(f.name, str)
         if sweep and f.metadata["sweep"]:
             sep = "/" if f.name == "layers" else ","
             help_text += f" ('{sep}' separates values to sweep)"
-            p.add_argument(_flag(f.name), dest=f.name, default=default if isinstance(default, str) and f.name
-                           not in SHOWN else shown(default), help=help_text)
+            plain_text = isinstance(default, str) and f.name not in SHOWN
+            text = default if (default is None and f.name in AUTO_SET) or plain_text else shown(default)
+            p.add_argument(_flag(f.name), dest=f.name, default=text, help=help_text)
         else:
             choices = f.metadata.get("choices")
             p.add_argument(_flag(f.name), dest=f.name, type=_parser(f), default=default, help=help_text,
@@ -132,7 +141,9 @@ def add_config_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, only: 
 
 
 def sweep_values(args: argparse.Namespace, name: str) -> tuple:
-    """The values a sweep flag names, each parsed like its field."""
+    """The values a sweep flag names, each parsed like its field; (None,) for a flag not given."""
+    if getattr(args, name) is None:
+        return (None,)
     text = str(getattr(args, name))
     sep = "/" if name == "layers" else ","
     f = {f.name: f for f in fields(CamelotConfig)}[name]
@@ -152,6 +163,7 @@ def sweep_values(args: argparse.Namespace, name: str) -> tuple:
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
     """The CamelotConfig that the plain flags describe; a bad value is a UserError."""
     values = {f.name: getattr(args, f.name) for f in fields(CamelotConfig) if hasattr(args, f.name)}
+    values = {k: v for k, v in values.items() if not (k in AUTO_SET and v is None)}  # not given
     try:
         return CamelotConfig(**{**values, **fixed})
     except ValueError as e:

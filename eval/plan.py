@@ -12,7 +12,7 @@ from typing import Any
 
 from camelot import options
 from camelot.config import STRATEGIES, CamelotConfig
-from camelot.options import UserError, parse_top_k
+from camelot.options import AUTO_SET, UserError, parse_top_k
 
 ALL_STRATEGIES = (*STRATEGIES, "full")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
@@ -32,13 +32,13 @@ class Sweep:
     count_biases: tuple[float, ...] = (CamelotConfig.count_bias,)
     memory_distances: tuple[int | None, ...] = (None,)
     placements: tuple[str, ...] = (CamelotConfig.placement,)
-    retrieves: tuple[str, ...] = (CamelotConfig.retrieve,)
+    retrieves: tuple[str | None, ...] = (None,)  # None: not given (read_top_k="auto" may choose)
     layers: tuple[list[int] | None, ...] = (None,)
     recents: tuple[int, ...] = (CamelotConfig.recent,)
     sinks: tuple[int, ...] = (CamelotConfig.sink,)
     block_sizes: tuple[int, ...] = (CamelotConfig.block_size,)  # infllm
     repr_topks: tuple[int, ...] = (CamelotConfig.repr_topk,)
-    search: str = CamelotConfig.search
+    search: str | None = None  # None: not given (read_top_k="auto" may choose)
     write_mode: str = CamelotConfig.write_mode
 
 
@@ -117,9 +117,12 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
                                 retrieve=sweep.retrieves, layers=sweep.layers)
             for params in grid:
                 try:
-                    cfg = CamelotConfig(window=w, strategy=strategy, **base, **params)
+                    given = {k: v for k, v in {**base, **params}.items() if not (k in AUTO_SET and v is None)}
+                    cfg = CamelotConfig(window=w, strategy=strategy, **given)
                 except ValueError as e:
                     raise UserError(f"{strategy} with window={w} {params}: {e}") from None
+                if params.get("read_top_k") == "auto":  # the table names the read that ran
+                    params = {**params, "read_top_k": cfg.read_top_k}
                 specs.append(RunSpec(strategy, w, _shown(params, sweep), cfg))
     if "full" in sweep.strategies:
         specs.append(RunSpec("full", None, {}, None))

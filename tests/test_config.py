@@ -24,7 +24,8 @@ def test_defaults_and_replace():
     cfg = CamelotConfig()
     assert cfg.distance == cfg.window + cfg.recent  # memory sits right before the raw tail
     assert cfg.paper().distance == cfg.window and cfg.paper().read_top_k == 1
-    assert cfg.paper().retrieve == "key" and cfg.retrieve == "query"  # the paper reads the slot nearest the key
+    assert cfg.paper().retrieve == "key"  # the paper reads the slot nearest the key
+    assert CamelotConfig(slots=512).retrieve == "query"
     other = cfg.replace(window=64, layers=[3, 1, 1])
     assert other.window == 64 and other.layers == [1, 3] and cfg.window == 128
     assert CamelotConfig(memory_distance=0).distance == 0
@@ -61,3 +62,20 @@ def test_every_option_has_help_and_its_flag_is_built_from_the_field():
         p.parse_args(["--retrieve", "nearest"])  # not one of the field's Literal values
     with pytest.warns(FutureWarning, match="--read-top-k"):
         assert config_from_args(p.parse_args(["--top-k", "3"])).read_top_k == 3
+
+
+def test_auto_read_is_exact_for_small_banks_and_the_grouped_fast_read_for_large_ones():
+    from camelot.config import AUTO_EVERY_SLOT_MAX
+
+    small = CamelotConfig(slots=AUTO_EVERY_SLOT_MAX)
+    assert (small.read_top_k, small.retrieve, small.search) == (None, "query", "torch")
+    big = CamelotConfig(slots=AUTO_EVERY_SLOT_MAX + 1)
+    assert (big.read_top_k, big.retrieve, big.search) == (8, "group", "torch-bf16")
+    assert CamelotConfig().read_top_k == 8  # the default bank (2048 slots) reads fast
+    # what the user gives stays: an exact search, another rule, or every slot
+    assert CamelotConfig(slots=2048, search="torch").search == "torch"
+    assert CamelotConfig(slots=2048, retrieve="query").retrieve == "query"
+    assert CamelotConfig(slots=2048, read_top_k=None).read_top_k is None
+    assert CamelotConfig(slots=256, search="faiss").read_top_k == 8  # a top-k backend gets a top-k
+    assert CamelotConfig(strategy="knn").read_top_k is None and CamelotConfig(strategy="sliding").read_top_k is None
+    assert CamelotConfig(slots=4096).replace(slots=512).read_top_k == 8  # resolved once, then concrete
