@@ -109,13 +109,11 @@ class SlotBank:
     # ---------------------------------------------------------------- write
     @property
     def wants_received(self) -> bool:
-        """Whether the layer should hand each written token's attention received (while in the
-        open segment and the raw tail) to `write`: the rule ranks tokens and slots by it."""
+        """The layer hands `write` each token's attention received: the rule ranks by it."""
         return self.rule.scored
 
     def observe_reads(self, mass: torch.Tensor) -> None:
-        """Add the attention mass [B, H, S] each slot received in a read to its score (only
-        where the rule uses scores)."""
+        """Add the attention mass [B, H, S] slots received in a read to their scores (scored rules)."""
         if self.rule.scored and self.allocated:
             self.score[..., : self.slots] += mass.to(self.score.dtype)
 
@@ -145,12 +143,10 @@ class SlotBank:
     def _write_segment(self, k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor | None = None) -> None:
         b, h, t, _ = k.shape
         s = self.slots
-        dev = k.device
         finite = finite_rows(k, v)  # [B,H,T]
         # Non-finite states are skipped, but made finite so no NaN reaches arithmetic via 0 * NaN.
         k = k.nan_to_num(0.0, 0.0, 0.0)
         v = v.nan_to_num(0.0, 0.0, 0.0)
-
         used = self.counts[..., :s] > 0  # [B,H,S]
         kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
         mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
@@ -167,19 +163,17 @@ class SlotBank:
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
                 return
-            surprising = torch.zeros_like(finite)
             merge = finite & (best_sim >= self.threshold)
         else:
-            if importance is None:
-                importance = torch.zeros(b, h, t, device=dev)
+            importance = k.new_zeros(b, h, t, dtype=torch.float32) if importance is None else importance
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
             if rule.use_decay < 1:
                 self.score *= rule.use_decay ** t
         novel = finite & ~merge
-        touched = self._merge(k, v, merge, best, importance)
+        touched = _merge(self, k, v, merge, best, importance)
         if rule.plain:
-            place, was_free = self._place_by_age(k, v, novel, touched)
+            place, was_free = _place_by_age(self, k, v, novel, touched)
         else:
             if rule.evict == "merge":
                 need = novel.sum(-1) - (self.counts[..., :s] == 0).sum(-1)
@@ -188,96 +182,12 @@ class SlotBank:
             place, was_free = place_novel(rule, self.keys, self.values, self.counts, self.ages, self.score,
                                           self.pinned, touched, k, v, novel, surprising, importance)
         self._clear_scratch()
-        self.telemetry += torch.stack([
-            merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(), (novel & ~place).sum(),
-            (~finite).sum(),
-        ])
+        self.telemetry += torch.stack([merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(),
+                                       (novel & ~place).sum(), (~finite).sum()])
 
-    def _merge(self, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor, best: torch.Tensor,
-               importance: torch.Tensor | None) -> torch.Tensor:
-        """Merge the `merge` tokens into their `best` slots; returns which slots were merged into."""
-        b, h, t, _ = k.shape
-        s = self.slots
-        dev = k.device
-        # --- consolidation: weighted running average, several tokens per slot at once. Computed
-        # per token (T rows) and scattered back, never over the whole bank: tokens merging into
-        # the same slot see the same sums and write the same row.
-        tgt = torch.where(merge, best, s)  # non-merging tokens go to the scratch slot
-        same = (tgt[..., :, None] == tgt[..., None, :]) & merge[..., None, :]  # [B,H,T,T]
-        n_add = same.sum(-1)  # [B,H,T] tokens merging into each token's slot
-        steps = torch.arange(t, device=dev).expand(b, h, t)
-        last_touch = torch.where(same, steps[..., None, :], -1).amax(-1)  # latest step into that slot
-        same = same.to(self.dtype)
-        sum_k, sum_v = torch.matmul(same, k), torch.matmul(same, v)
-        c_old = self.counts.gather(2, tgt)
-        c_new = c_old + n_add
-        denom = c_new.clamp(min=1).to(self.dtype)[..., None]
-        c_old_f = c_old.to(self.dtype)[..., None]
-        copy_rows_(self.keys, tgt, (c_old_f * gather_rows(self.keys, tgt) + sum_k) / denom)
-        copy_rows_(self.values, tgt, (c_old_f * gather_rows(self.values, tgt) + sum_v) / denom)
-        self.counts.scatter_(2, tgt, c_new)
-        # Ages: as if written token by token, a slot last touched at step i is t-1-i old.
-        self.ages += t
-        self.ages.scatter_(2, tgt, (t - 1) - last_touch)
-        touched = torch.zeros_like(self.counts, dtype=torch.bool).scatter_(2, tgt, merge)
-        touched[..., s] = False
-        if importance is not None and self.rule.scored:  # a slot's score gathers its tokens' importance
-            self.score.scatter_add_(2, tgt, torch.where(merge, importance, 0.0))
-        return touched
-
-    def _place_by_age(self, k: torch.Tensor, v: torch.Tensor, novel: torch.Tensor,
-                      touched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The paper's rule (reference of the C kernel): novel tokens take free slots, then the
-        oldest not merged into; returns (placed, was_free) [B, H, T]."""
-        b, h, t, _ = k.shape
-        s = self.slots
-        dev = k.device
-        steps = torch.arange(t, device=dev).expand(b, h, t)
-
-        # --- novelty: free slots first (lowest index), then the oldest untouched slot
-        free = self.counts == 0
-        priority = torch.where(free, _FREE_PRIORITY, self.ages.clamp(max=_FREE_PRIORITY - 1))
-        priority = torch.where(touched, -1, priority)
-        priority[..., s] = -2  # scratch slot is never a target
-        # Only the first T places can be taken: a top-T of a unique key (ties broken towards the
-        # lower slot, as a stable sort would) instead of sorting all S+1.
-        if s < _UNIQUE_KEY_SLOTS:
-            key = priority * (s + 1) + torch.arange(s, -1, -1, device=dev)
-            order = key.topk(min(t, s + 1), dim=-1).indices  # [B,H,min(T,S+1)]
-        else:  # the key would overflow int64
-            order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-        available = (priority[..., :s] >= 0).sum(-1, keepdim=True)  # [B,H,1]
-        n_novel = novel.sum(-1, keepdim=True)
-        # With more novel tokens than places, the earliest would be evicted by later ones
-        # within this segment anyway: keep the latest `available`.
-        rank = novel.long().cumsum(-1) - 1 - (n_novel - available).clamp(min=0)
-        place = novel & (rank >= 0)
-        slot = torch.where(place, order.gather(2, rank.clamp(min=0)), s)  # [B,H,T]
-        was_free = free.gather(2, slot) & place
-        copy_rows_(self.keys, slot, k)
-        copy_rows_(self.values, slot, v)
-        self.counts.scatter_(2, slot, torch.where(place, 1, 0))
-        self.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
-        return place, was_free
-
-    def _native_bookkeeping(self, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
-                            finite: torch.Tensor) -> bool:
-        """The rest of the write (merges, ages, novel tokens' places, telemetry) in the C kernel
-        (camelot/csrc/consolidate.c) for a float32 bank on CPU; False where it does not apply
-        (the torch code below then does it: the two are tested against each other)."""
-        if self.dtype != torch.float32 or k.device.type != "cpu" or k.requires_grad:
-            return False
-        lib = native_library()
-        state = (self.keys, self.values, self.counts, self.ages, self.telemetry)
-        if lib is None or not all(x.is_contiguous() for x in state):
-            return False
-        b, h, t, d = k.shape
-        inputs = (k.contiguous(), v.contiguous(), best.contiguous(), best_sim.float().contiguous(),
-                  finite.to(torch.uint8).contiguous())
-        rc = lib.camelot_consolidate_f32(b * h, t, self.slots, d, v.shape[-1], self.threshold,
-                                         *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
-                                         self.telemetry.data_ptr())
-        return rc == 0
+    def _native_bookkeeping(self, *args: torch.Tensor) -> bool:
+        """`_native` (the C kernel) where it applies; tests replace this method to compare."""
+        return _native(self, *args)
 
     def _clear_scratch(self) -> None:
         s = self.slots
@@ -318,3 +228,93 @@ class SlotBank:
         self.telemetry.copy_(state["telemetry"].to(dev, torch.long))
         self.empty = not bool((self.counts > 0).any())
         self.version += 1
+
+
+# ------------------------------------------------ parts of the write (module level: the class stays small)
+
+
+def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor, best: torch.Tensor,
+           importance: torch.Tensor | None) -> torch.Tensor:
+    """Merge the `merge` tokens into their `best` slots; returns which slots were merged into."""
+    b, h, t, _ = k.shape
+    s = bank.slots
+    dev = k.device
+    # --- consolidation: weighted running average, several tokens per slot at once. Computed
+    # per token (T rows) and scattered back, never over the whole bank: tokens merging into
+    # the same slot see the same sums and write the same row.
+    tgt = torch.where(merge, best, s)  # non-merging tokens go to the scratch slot
+    same = (tgt[..., :, None] == tgt[..., None, :]) & merge[..., None, :]  # [B,H,T,T]
+    n_add = same.sum(-1)  # [B,H,T] tokens merging into each token's slot
+    steps = torch.arange(t, device=dev).expand(b, h, t)
+    last_touch = torch.where(same, steps[..., None, :], -1).amax(-1)  # latest step into that slot
+    same = same.to(bank.dtype)
+    sum_k, sum_v = torch.matmul(same, k), torch.matmul(same, v)
+    c_old = bank.counts.gather(2, tgt)
+    c_new = c_old + n_add
+    denom = c_new.clamp(min=1).to(bank.dtype)[..., None]
+    c_old_f = c_old.to(bank.dtype)[..., None]
+    copy_rows_(bank.keys, tgt, (c_old_f * gather_rows(bank.keys, tgt) + sum_k) / denom)
+    copy_rows_(bank.values, tgt, (c_old_f * gather_rows(bank.values, tgt) + sum_v) / denom)
+    bank.counts.scatter_(2, tgt, c_new)
+    # Ages: as if written token by token, a slot last touched at step i is t-1-i old.
+    bank.ages += t
+    bank.ages.scatter_(2, tgt, (t - 1) - last_touch)
+    touched = torch.zeros_like(bank.counts, dtype=torch.bool).scatter_(2, tgt, merge)
+    touched[..., s] = False
+    if importance is not None and bank.rule.scored:  # a slot's score gathers its tokens' importance
+        bank.score.scatter_add_(2, tgt, torch.where(merge, importance, 0.0))
+    return touched
+
+def _place_by_age(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, novel: torch.Tensor,
+                  touched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's rule (reference of the C kernel): novel tokens take free slots, then the
+    oldest not merged into; returns (placed, was_free) [B, H, T]."""
+    b, h, t, _ = k.shape
+    s = bank.slots
+    dev = k.device
+    steps = torch.arange(t, device=dev).expand(b, h, t)
+
+    # --- novelty: free slots first (lowest index), then the oldest untouched slot
+    free = bank.counts == 0
+    priority = torch.where(free, _FREE_PRIORITY, bank.ages.clamp(max=_FREE_PRIORITY - 1))
+    priority = torch.where(touched, -1, priority)
+    priority[..., s] = -2  # scratch slot is never a target
+    # Only the first T places can be taken: a top-T of a unique key (ties broken towards the
+    # lower slot, as a stable sort would) instead of sorting all S+1.
+    if s < _UNIQUE_KEY_SLOTS:
+        key = priority * (s + 1) + torch.arange(s, -1, -1, device=dev)
+        order = key.topk(min(t, s + 1), dim=-1).indices  # [B,H,min(T,S+1)]
+    else:  # the key would overflow int64
+        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    available = (priority[..., :s] >= 0).sum(-1, keepdim=True)  # [B,H,1]
+    n_novel = novel.sum(-1, keepdim=True)
+    # With more novel tokens than places, the earliest would be evicted by later ones
+    # within this segment anyway: keep the latest `available`.
+    rank = novel.long().cumsum(-1) - 1 - (n_novel - available).clamp(min=0)
+    place = novel & (rank >= 0)
+    slot = torch.where(place, order.gather(2, rank.clamp(min=0)), s)  # [B,H,T]
+    was_free = free.gather(2, slot) & place
+    copy_rows_(bank.keys, slot, k)
+    copy_rows_(bank.values, slot, v)
+    bank.counts.scatter_(2, slot, torch.where(place, 1, 0))
+    bank.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
+    return place, was_free
+
+def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
+            finite: torch.Tensor) -> bool:
+    """The rest of the write (merges, ages, novel tokens' places, telemetry) in the C kernel
+    (camelot/csrc/consolidate.c) for a float32 bank on CPU; False where it does not apply
+    (_merge and _place_by_age then do it in torch: the two are tested against each other)."""
+    if bank.dtype != torch.float32 or k.device.type != "cpu" or k.requires_grad:
+        return False
+    lib = native_library()
+    state = (bank.keys, bank.values, bank.counts, bank.ages, bank.telemetry)
+    if lib is None or not all(x.is_contiguous() for x in state):
+        return False
+    b, h, t, d = k.shape
+    inputs = (k.contiguous(), v.contiguous(), best.contiguous(), best_sim.float().contiguous(),
+              finite.to(torch.uint8).contiguous())
+    rc = lib.camelot_consolidate_f32(b * h, t, bank.slots, d, v.shape[-1], bank.threshold,
+                                     *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
+                                     bank.telemetry.data_ptr())
+    return rc == 0
