@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from camelot.snapshot import USER_PREFIX, layer_stats, read_snapshot
+from camelot.snapshot_format import metadata_value
 
 
 def snapshot_stats(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
@@ -35,7 +36,8 @@ def snapshot_stats(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> di
 def describe(path: Path, meta: dict[str, str], stats: dict[str, Any]) -> str:
     """Human-readable summary: metadata, then one table row per memory layer."""
     cfg = json.loads(meta.get("config", "{}"))
-    arch = {k: _load_json(meta.get(k)) for k in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")}
+    arch = {k: metadata_value(meta.get(k))
+            for k in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")}
     size = path.stat().st_size
     lines = [
         f"{path}  ({size / 2**20:.1f} MiB, format {meta.get('format')} v{meta.get('format_version')}, "
@@ -100,13 +102,6 @@ def plot_histograms(stats: dict[str, Any], path: Path, title: str) -> Path | Non
     return path
 
 
-def _load_json(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text is not None else None
-    except json.JSONDecodeError:
-        return text
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect", help="show what a memory snapshot holds (and plot its histograms)",
@@ -130,7 +125,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(describe(path, meta, stats))
     if not args.no_plot:
         out = Path(args.plot) if args.plot else path.with_suffix(path.suffix + ".png")
-        title = f"{path.name}: {_load_json(meta.get('model_type'))}, {stats['strategy']}"
+        title = f"{path.name}: {metadata_value(meta.get('model_type'))}, {stats['strategy']}"
         written = plot_histograms(stats, out, title)
         if written:
             print(f"wrote {written}", flush=True)

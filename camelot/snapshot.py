@@ -29,10 +29,10 @@ from camelot.snapshot_format import (  # noqa: F401  (re-exported: the snapshot 
     FORMAT_VERSION,
     USER_PREFIX,
     SnapshotError,
-    _json,
     _read_tensors,
     _version,
     architecture,
+    metadata_value,
     model_fingerprint,
     read_metadata,
     read_snapshot,
@@ -234,7 +234,7 @@ def _copied(state: LayerState) -> LayerState:
 # ---------------------------------------------------------------------------- loading checks
 def _check_compatible(path, meta: dict[str, str], cm: Wrapper) -> None:
     mine = architecture(cm)
-    theirs = {k: _json(meta.get(k)) for k in mine}
+    theirs = {k: metadata_value(meta.get(k)) for k in mine}
     diff = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine if theirs[k] != mine[k]]
     if diff:
         raise SnapshotError(f"{path}: made with another model ({theirs['model_type']}): " + ", ".join(diff)
@@ -242,11 +242,11 @@ def _check_compatible(path, meta: dict[str, str], cm: Wrapper) -> None:
     if meta.get("fingerprint") != model_fingerprint(cm):
         raise SnapshotError(f"{path}: made with another {mine['model_type']} checkpoint (weights fingerprint "
                             f"{meta.get('fingerprint')} vs this model's {model_fingerprint(cm)})")
-    saved = _json(meta.get("config")) or {}
+    saved = metadata_value(meta.get("config")) or {}
     cfg = cm.config
     if saved.get("strategy") != cfg.strategy:
         raise SnapshotError(f"{path}: holds a {saved.get('strategy')!r} memory, this wrapper uses {cfg.strategy!r}")
-    layers = _json(meta.get("memory_layers"))
+    layers = metadata_value(meta.get("memory_layers"))
     mine_layers = [rt.layer_idx for rt in cm.runtimes if rt.state.memory is not None]
     if layers != mine_layers:
         raise SnapshotError(f"{path}: has memory on layers {layers}, this wrapper on {mine_layers}")

@@ -148,7 +148,8 @@ def _check_format(path: Path, meta: dict[str, str]) -> None:
                             f"({FORMAT_VERSION}); upgrade camelot")
 
 
-def _json(text: str | None) -> Any:
+def metadata_value(text: str | None) -> Any:
+    """A metadata entry parsed as JSON where it is JSON (else the text itself, None if absent)."""
     try:
         return json.loads(text) if text is not None else None
     except json.JSONDecodeError:
@@ -171,3 +172,4 @@ def _json_or_none(text: str | None) -> Any:
 def _short(text: str | None) -> str:
     s = repr(text)
     return s if len(s) <= 40 else s[:37] + "..."
+

@@ -90,6 +90,16 @@ def _ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def haystack_text(spec: str) -> str | None:
+    """The text a --filler / --haystack spec names (a data spec of camelot.documents), or None
+    for "repeat" (the built-in filler sentences)."""
+    if spec == "repeat":
+        return None
+    from camelot.documents import load_documents
+
+    return "\n".join(doc.text for doc in load_documents(spec))
+
+
 def build_haystack(tok, max_len: int, filler_text: str | None = None) -> Haystack:
     """Filler: FILLER repeated (default) or a real text (cycled), as one token stream of at least
     `max_len` tokens. Needles are only inserted after a sentence end."""
@@ -366,13 +376,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.trials < 1 or args.max_new_tokens < 1:
         raise UserError("--trials and --max-new-tokens must be >= 1")
     specs = plan_runs(sweep_from_args(args))
-    filler_text = None
-    if args.filler != "repeat":
-        from camelot.documents import load_documents
-
-        filler_text = "\n".join(doc.text for doc in load_documents(args.filler))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    filler_text = haystack_text(args.filler)
     model, tok = load_model_from_args(args)
     hay = build_haystack(tok, max(lengths), filler_text)
     cases = make_cases(hay, lengths, depths, args.trials, args.max_new_tokens, args.seed)

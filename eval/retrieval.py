@@ -26,8 +26,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from camelot.eval.passkey import build_haystack, fitting_cases, format_length, parse_length, run_camelot, run_full
+from camelot.eval.passkey import (
+    build_haystack,
+    fitting_cases,
+    format_length,
+    haystack_text,
+    parse_length,
+    run_camelot,
+    run_full,
+)
 from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_from_args
 from camelot.eval.retrieval_tasks import TASKS, RetrievalCase, make_cases, make_prompt, score, task_haystack
 
@@ -269,13 +276,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("--trials must be >= 1 and --max-new-tokens >= 0")
     args.slots = budget_slots(args)
     specs = plan_runs(sweep_from_args(args))
-    text = None
-    if args.haystack != "repeat":
-        from camelot.documents import load_documents
-
-        text = "\n".join(doc.text for doc in load_documents(args.haystack))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    text = haystack_text(args.haystack)
     model, tok = load_model_from_args(args)
     prompt = make_prompt(tok, chat_template=not args.no_chat_template)
     new_tokens = {t: args.max_new_tokens or NEW_TOKENS[t] for t in tasks}
