@@ -115,7 +115,7 @@ class LayerRuntime:
             out = mem.add_output(out, probs, n_vals)
             if self.record_reads:
                 self.last_read = mem.attribution(probs, n_plain)
-            if st.tracks_received and hasattr(st.memory, "observe_reads"):  # a write rule ranks slots by use
+            if st.memory.observes_reads:  # a write rule ranks slots by use
                 note_reads(st.memory, mem.attribution(probs, n_plain))
         # attention each open / tail token received, per KV head, for a memory that wants it
         received = probs[..., : l0 + m + p].sum(dim=(2, 3)) if st.tracks_received else None

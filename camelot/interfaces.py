@@ -22,9 +22,14 @@ class Memory(Protocol):
 
     version: int
     telemetry: torch.Tensor | None
+    wants_received: bool  # write() also takes received= (the attention each token got in the window)
+    observes_reads: bool  # observe_reads() takes the attention mass each entry got when read
 
     @property
     def allocated(self) -> bool: ...
+
+    def observe_reads(self, mass: torch.Tensor) -> None:
+        """Attention mass [B, Hkv, S] each entry received in a read (where `observes_reads`)."""
 
     def reset(self) -> None: ...
 

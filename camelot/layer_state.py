@@ -45,7 +45,7 @@ class LayerState:
     @property
     def tracks_received(self) -> bool:
         """The memory wants the attention its tokens received while in the local window."""
-        return self.memory is not None and getattr(self.memory, "wants_received", False)
+        return self.memory is not None and self.memory.wants_received
 
     # ------------------------------------------------------------------ the open segment
     def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

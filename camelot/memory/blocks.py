@@ -30,6 +30,10 @@ class BlockMemory:
     """
 
     wants_received = True
+    observes_reads = False  # representatives come from the window's attention, not from reads
+
+    def observe_reads(self, mass: torch.Tensor) -> None:
+        """Not used: `observes_reads` is False."""
 
     def __init__(self, block_size: int = 128, repr_topk: int = 4, read_blocks: int = 4,
                  dtype: torch.dtype = torch.float32) -> None:

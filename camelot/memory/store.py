@@ -12,10 +12,16 @@ class TokenStore:
     """Every past token's position-free key and value, unbounded (Memorizing-Transformer style
     kNN memory). Capacity doubles as it fills, so appends stay amortised O(1)."""
 
+    wants_received = False  # keeps every token: nothing to rank
+    observes_reads = False
+
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
         self.reset()
+
+    def observe_reads(self, mass: torch.Tensor) -> None:
+        """Not used: `observes_reads` is False."""
 
     def reset(self) -> None:
         self.keys: torch.Tensor | None = None
