@@ -115,6 +115,9 @@ class CamelotConfig:
                                                  "slot's value also reaches this (None: keys only)")
     merge_target: float | None = option(None, "camelot: per-head thresholds, each head merging this fraction of "
                                               "a segment's tokens (None: the global threshold)")
+    span_reserve: int = option(0, "camelot: the last span_reserve slots per head keep whole spans of `span` tokens "
+                                  "raw, those that received the most attention (a multiple of span; 0: off)")
+    span: int = option(8, "camelot: tokens per span of the span reserve")
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
+from camelot.memory.spans import choose_spans
 from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
@@ -37,6 +38,8 @@ class SlotBank:
                  rule: WriteRule | None = None) -> None:
         self.slots = slots
         self.rule = rule or WriteRule()
+        if self.rule.span_reserve >= slots:
+            raise ValueError(f"span_reserve ({self.rule.span_reserve}) must be below slots ({slots})")
         # dtype of the nearest-slot scores: bfloat16 picks the nearest slot approximately (much
         # cheaper where the hardware has bf16 dot products); the threshold test stays exact fp32.
         self.search_dtype = search_dtype
@@ -51,13 +54,14 @@ class SlotBank:
         # rules beyond the paper's (rules.py): attention received, decayed; protected (kept raw)
         self.score: torch.Tensor | None = None  # [B, H, S+1] float32
         self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
+        self.span_score: torch.Tensor | None = None  # [B, H, spans+1] float32, -inf: empty (spans.py)
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
         self.keys = self.values = self.counts = self.ages = self.telemetry = None
-        self.score = self.pinned = None
+        self.score = self.pinned = self.span_score = None
         self.empty = True
         self.version += 1
 
@@ -85,6 +89,7 @@ class SlotBank:
         self.keys, self.values, self.counts, self.ages = keys, values, counts, ages
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
+        self.span_score = torch.full((b, h, self.rule.span_reserve // self.rule.span + 1), float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:
@@ -156,20 +161,30 @@ class SlotBank:
         mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
         # unused slots enter as an additive -inf inside the matmul, not as a fill over [T, S]
         # (protected slots stay raw: they are no merge target either)
-        unused = torch.where(used & ~self.pinned[..., :s], 0.0, float("-inf")).flatten(0, 1)[:, None, :]
+        rule = self.rule
+        base = s - rule.span_reserve  # slots [base, s) are the span reserve: raw, never merged into
+        nomerge = self.pinned[..., :s]
+        if rule.span_reserve:
+            nomerge = nomerge.clone()
+            nomerge[..., base:] = True
+        unused = torch.where(used & ~nomerge, 0.0, float("-inf")).flatten(0, 1)[:, None, :]
         sd = self.search_dtype
         sim = torch.baddbmm(unused.to(sd), kn.to(sd), mn.to(sd).transpose(-1, -2))  # [B*H,T,S]
         best_sim, best = (x[..., 0] for x in rowwise_topk(sim.view(b, h, t, s), 1))  # [B,H,T]
         if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
             chosen = gather_rows(mn.view(b, h, s, -1), best)
             best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
-        rule = self.rule
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
                 return
             merge = finite & (best_sim >= self.threshold)
         else:
             importance = k.new_zeros(b, h, t, dtype=torch.float32) if importance is None else importance
+            held = None
+            if rule.span_reserve:
+                held, span_slot, self.span_score = choose_spans(self.span_score, importance, finite, rule.span,
+                                                                base, s)
+                finite = finite & ~held  # the reserve's tokens skip the consolidated part
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
             if rule.use_decay < 1:
@@ -179,12 +194,18 @@ class SlotBank:
         if rule.plain:
             place, was_free = _place_by_age(self, k, v, novel, touched)
         else:
+            if rule.span_reserve:  # the main rule neither evicts nor merges reserve slots
+                touched = touched.clone()
+                touched[..., base:s] = True
             if rule.evict == "merge":
                 need = novel.sum(-1) - (self.counts[..., :s] == 0).sum(-1)
                 free_by_pair_merge(self.keys, self.values, self.counts, self.ages, self.score, self.pinned,
                                    touched, need)
             place, was_free = place_novel(rule, self.keys, self.values, self.counts, self.ages, self.score,
                                           self.pinned, touched, k, v, novel, surprising, importance)
+            if held is not None:
+                _write_spans(self, k, v, held, span_slot, importance)
+                place, was_free, finite = place | held, was_free | held, finite | held  # telemetry: as new
         self._clear_scratch()
         self.telemetry += torch.stack([merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(),
                                        (novel & ~place).sum(), (~finite).sum()])
@@ -303,6 +324,20 @@ def _place_by_age(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, novel: torch
     bank.counts.scatter_(2, slot, torch.where(place, 1, 0))
     bank.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
     return place, was_free
+
+def _write_spans(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
+                 importance: torch.Tensor) -> None:
+    """Write the span reserve's chosen tokens raw (count 1) into their slots, aged as the rest of
+    the segment (after _merge has aged the bank), so recency placement keeps their order."""
+    t = k.shape[2]
+    steps = torch.arange(t, device=k.device).expand_as(held)
+    copy_rows_(bank.keys, slot, k)
+    copy_rows_(bank.values, slot, v)
+    bank.counts.scatter_(2, slot, held.long())
+    bank.ages.scatter_(2, slot, torch.where(held, (t - 1) - steps, 0))
+    bank.score.scatter_(2, slot, torch.where(held, importance, 0.0).to(bank.score.dtype))
+    bank.pinned.scatter_(2, slot, torch.zeros_like(held))
+
 
 def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
             finite: torch.Tensor) -> bool:

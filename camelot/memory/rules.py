@@ -14,7 +14,7 @@ decayed per written token (`use_decay`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +43,10 @@ class WriteRule:
     merge_target: per-head thresholds from the similarity distribution: each head merges this
         fraction of the segment's tokens (its threshold is the matching quantile of the tokens'
         best similarities) instead of one global threshold. None: the global threshold.
+    span_reserve: the last span_reserve slots of each head keep whole spans of `span`
+        consecutive tokens raw, those that received the most attention (camelot/memory/spans.py);
+        a multiple of span. 0: off.
+    span: tokens per reserved span.
     """
 
     evict: str = "age"
@@ -51,6 +55,8 @@ class WriteRule:
     use_decay: float = 1.0
     value_threshold: float | None = None
     merge_target: float | None = None
+    span_reserve: int = 0
+    span: int = 8
 
     def __post_init__(self) -> None:
         if self.evict not in EVICTIONS:
@@ -66,16 +72,22 @@ class WriteRule:
             raise ValueError(f"value_threshold must be None or a cosine in [-1, 1], got {self.value_threshold!r}")
         if self.merge_target is not None and not 0 <= self.merge_target <= 1:
             raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
+            raise ValueError(f"span must be an integer >= 1, got {self.span!r}")
+        if (isinstance(self.span_reserve, bool) or not isinstance(self.span_reserve, int) or self.span_reserve < 0
+                or self.span_reserve % self.span):
+            raise ValueError(f"span_reserve must be an integer >= 0 and a multiple of span ({self.span}), "
+                             f"got {self.span_reserve!r}")
 
     @property
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
-        return self == WriteRule()
+        return self.span_reserve == 0 and replace(self, span=WriteRule.span) == WriteRule()  # span alone: no change
 
     @property
     def scored(self) -> bool:
         """Whether slots need a score (attention received)."""
-        return self.evict == "use" or self.protect > 0
+        return self.evict == "use" or self.protect > 0 or self.span_reserve > 0
 
 
 def merge_mask(rule: WriteRule, threshold: float, best_sim: torch.Tensor, finite: torch.Tensor,
@@ -202,6 +214,7 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
 
 def rule_from_config(cfg: object) -> WriteRule:
     """The write rule a CamelotConfig names (its fields evict, protect, reserve, use_decay,
-    value_threshold, merge_target); raises ValueError on a bad one."""
+    value_threshold, merge_target, span_reserve, span); raises ValueError on a bad one."""
     return WriteRule(evict=cfg.evict, protect=cfg.protect, reserve=cfg.reserve, use_decay=cfg.use_decay,
-                     value_threshold=cfg.value_threshold, merge_target=cfg.merge_target)
+                     value_threshold=cfg.value_threshold, merge_target=cfg.merge_target,
+                     span_reserve=cfg.span_reserve, span=cfg.span)
