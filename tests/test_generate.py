@@ -31,7 +31,7 @@ def _state(cm):
 def test_greedy_equals_hf_generate_inside_the_window(llama):
     prompt = _doc(12, batch=2)
     ref = llama.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 12:]
-    cm = camelot.wrap(llama, bare(window=64, slots=16, top_k=2))
+    cm = camelot.wrap(llama, bare(window=64, slots=16, read_top_k=2))
     assert torch.equal(cm.generate(prompt, max_new_tokens=20), ref)
 
 
@@ -39,7 +39,7 @@ def test_greedy_equals_hf_generate_inside_the_window(llama):
 def test_generated_tokens_flow_into_memory_like_fed_tokens(llama, strategy):
     """Generating past several window boundaries leaves exactly the state of feeding the prompt and
     then the new tokens one by one (the same forwards), bit for bit."""
-    cm = camelot.wrap(llama, bare(window=16, slots=12, top_k=2, threshold=0.5, strategy=strategy))
+    cm = camelot.wrap(llama, bare(window=16, slots=12, read_top_k=2, threshold=0.5, strategy=strategy))
     prompt = _doc(21)
     new = cm.generate(prompt, max_new_tokens=40, do_sample=True, temperature=1.5, seed=4)
     assert new.shape == (1, 40)
@@ -63,7 +63,7 @@ def test_generate_leaves_the_state_of_feeding_prompt_plus_new_at_once(llama, str
     rounding may flip a near tie in which slots are read. camelot is left to the exact test above:
     its layer-0 keys repeat exactly for repeated tokens, so a merge target can be an exact tie
     that rounding breaks either way."""
-    cm = camelot.wrap(llama, bare(window=16, slots=64, top_k=64, threshold=0.5, strategy=strategy))
+    cm = camelot.wrap(llama, bare(window=16, slots=64, read_top_k=64, threshold=0.5, strategy=strategy))
     prompt = _doc(21)
     new = cm.generate(prompt, max_new_tokens=40, do_sample=True, temperature=1.5, seed=4)
     generated_state = _state(cm)
@@ -79,7 +79,7 @@ def test_generate_leaves_the_state_of_feeding_prompt_plus_new_at_once(llama, str
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(llama):
-    cm = camelot.wrap(llama, bare(window=32, slots=8, top_k=2))
+    cm = camelot.wrap(llama, bare(window=32, slots=8, read_top_k=2))
     prompt = _doc(8)
     runs = []
     for seed in (1, 1, 2):
@@ -93,7 +93,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llama):
 
 
 def test_eos_stops_rows_and_pads_finished_ones(llama):
-    cm = camelot.wrap(llama, bare(window=64, slots=8, top_k=2))
+    cm = camelot.wrap(llama, bare(window=64, slots=8, read_top_k=2))
     prompt = _doc(6, batch=2, seed=3)
     free = cm.generate(prompt, max_new_tokens=12)
     eos = int(free[0, 2])  # row 0 produces this token at step 3
@@ -110,7 +110,7 @@ def test_eos_stops_rows_and_pads_finished_ones(llama):
 
 
 def test_stopping_criteria_and_stop_strings(llama):
-    cm = camelot.wrap(llama, bare(window=64, slots=8, top_k=2))
+    cm = camelot.wrap(llama, bare(window=64, slots=8, read_top_k=2))
     prompt = _doc(6)
     calls = []
 
@@ -152,7 +152,7 @@ def test_bad_generation_settings_are_refused(llama):
 
 def test_one_rows_document_never_changes_another_rows_generation():
     model = tiny_llama(seed=1)
-    cm = camelot.wrap(model, bare(window=16, slots=8, top_k=2, threshold=0.4))
+    cm = camelot.wrap(model, bare(window=16, slots=8, read_top_k=2, threshold=0.4))
     a, b, c = _doc(70, seed=1), _doc(70, seed=2), _doc(70, seed=3)
     outs, logits = [], []
     for other in (b, c):

@@ -58,7 +58,7 @@ def test_generation_config_equals_transformers_on_the_unwrapped_model(case):
     gc = GenerationConfig(max_new_tokens=20, eos_token_id=4, pad_token_id=0, **HF_CASES[case])
     torch.manual_seed(11)
     ref = model.generate(full, generation_config=gc)[:, full.shape[1]:]
-    cm = camelot.wrap(model, bare(window=64, slots=16, top_k=2))
+    cm = camelot.wrap(model, bare(window=64, slots=16, read_top_k=2))
     torch.manual_seed(11)
     out = cm.generate(full, generation_config=gc)
     assert torch.equal(out, ref)
@@ -70,7 +70,7 @@ def test_generation_config_equals_transformers_on_the_unwrapped_model(case):
 def test_greedy_equals_the_step_loop_across_segments(llama):
     """Beyond the window (memory written and read): transformers' greedy path equals the plain
     loop camelot used before (argmax of the last logits, each token stepped in)."""
-    cm = camelot.wrap(llama, bare(window=16, slots=8, top_k=2, threshold=0.5))
+    cm = camelot.wrap(llama, bare(window=16, slots=8, read_top_k=2, threshold=0.5))
     prompt = _doc(37)
     cm.feed(_doc(90, seed=5), progress=False)
     logits, ref = None, []
@@ -95,7 +95,7 @@ def test_chat_template_call_reads_memory_and_streams():
     enc = tok.apply_chat_template([{"role": "user", "content": "w9 w10 w11"}], return_dict=True,
                                   return_tensors="pt", add_generation_prompt=True)
     gc = GenerationConfig(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    cm = camelot.wrap(model, bare(window=16, slots=8, top_k=2))
+    cm = camelot.wrap(model, bare(window=16, slots=8, read_top_k=2))
 
     class Captured(TextStreamer):
         text = ""
@@ -116,7 +116,7 @@ def test_chat_template_call_reads_memory_and_streams():
 
 def test_stop_strings_with_a_real_tokenizer(llama):
     tok = word_tokenizer()
-    cm = camelot.wrap(llama, bare(window=64, slots=8, top_k=2))
+    cm = camelot.wrap(llama, bare(window=64, slots=8, read_top_k=2))
     prompt = _doc(6)
     free = cm.generate(prompt, max_new_tokens=15, eos_token_id=None)
     stop = tok.convert_ids_to_tokens(int(free[0, 6]))
@@ -132,7 +132,7 @@ def test_stop_strings_with_a_real_tokenizer(llama):
 
 def test_eos_from_the_model_config_and_old_keywords(llama):
     """No eos given: the model's generation_config's, as transformers does; old keywords keep working."""
-    cm = camelot.wrap(llama, bare(window=64, slots=8, top_k=2))
+    cm = camelot.wrap(llama, bare(window=64, slots=8, read_top_k=2))
     prompt = _doc(6)
     free = cm.generate(prompt, max_new_tokens=10, eos_token_id=None)
     llama.generation_config.eos_token_id = int(free[0, 3])

@@ -13,7 +13,7 @@ from camelot.documents import load_documents
 from camelot.snapshot import SnapshotError
 from tests.conftest import tiny_llama
 
-LIVE = dict(window=16, slots=8, top_k=2, threshold=0.5, recent=0, sink=0)
+LIVE = dict(window=16, slots=8, read_top_k=2, threshold=0.5, recent=0, sink=0)
 
 
 def _fed(strategy: str = "camelot"):

@@ -117,9 +117,7 @@ class SlotBank:
         """The layer hands `write` each token's attention received: the rule ranks by it."""
         return self.rule.scored
 
-    @property
-    def observes_reads(self) -> bool:
-        return self.rule.scored
+    observes_reads = wants_received  # a scored rule adds the mass slots get when read, too
 
     def observe_reads(self, mass: torch.Tensor) -> None:
         """Add the attention mass [B, H, S] slots received in a read to their scores (scored rules)."""
