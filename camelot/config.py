@@ -118,6 +118,8 @@ class CamelotConfig:
     span_reserve: int = option(0, "camelot: the last span_reserve slots per head keep whole spans of `span` tokens "
                                   "raw, those that received the most attention (a multiple of span; 0: off)")
     span: int = option(8, "camelot: tokens per span of the span reserve")
+    span_score: str = option("relative", "camelot: span reserve ranking. relative: attention a span received over "
+                                         "its segment's mean; sum: the attention received", choices=("relative", "sum"))
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():

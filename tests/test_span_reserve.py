@@ -50,7 +50,7 @@ def test_a_high_attention_span_survives_a_flood_contiguous_and_unmerged(reserve)
 
 
 def test_the_lowest_held_span_gives_way_to_a_better_one_and_ties_keep_the_held():
-    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=4, span=2))  # two spans of 2 in slots 6..9
+    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=4, span=2, span_score="sum"))  # two spans of 2 in slots 6..9
     g = torch.Generator().manual_seed(0)
     spans = [torch.randn(2, 8, generator=g) for _ in range(4)]
     _write(bank, torch.cat(spans[:2]), torch.tensor([0.5, 0.5, 1.5, 1.5]))  # scores 1 and 3

@@ -181,7 +181,7 @@ class SlotBank:
             held = None
             if rule.span_reserve:
                 held, span_slot, self.span_score = choose_spans(self.span_score, importance, finite, rule.span,
-                                                                base, s)
+                                                                base, s, rule.span_score)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)

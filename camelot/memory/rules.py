@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from camelot.memory.spans import SPAN_SCORES
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
@@ -47,6 +48,8 @@ class WriteRule:
         consecutive tokens raw, those that received the most attention (camelot/memory/spans.py);
         a multiple of span. 0: off.
     span: tokens per reserved span.
+    span_score: how spans are ranked, "relative" (attention received over the segment's mean)
+        or "sum" (attention received); spans.py.
     """
 
     evict: str = "age"
@@ -57,6 +60,7 @@ class WriteRule:
     merge_target: float | None = None
     span_reserve: int = 0
     span: int = 8
+    span_score: str = "relative"
 
     def __post_init__(self) -> None:
         if self.evict not in EVICTIONS:
@@ -74,6 +78,8 @@ class WriteRule:
             raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
         if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
             raise ValueError(f"span must be an integer >= 1, got {self.span!r}")
+        if self.span_score not in SPAN_SCORES:
+            raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
         if (isinstance(self.span_reserve, bool) or not isinstance(self.span_reserve, int) or self.span_reserve < 0
                 or self.span_reserve % self.span):
             raise ValueError(f"span_reserve must be an integer >= 0 and a multiple of span ({self.span}), "
@@ -82,7 +88,7 @@ class WriteRule:
     @property
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
-        return self.span_reserve == 0 and replace(self, span=WriteRule.span) == WriteRule()  # span alone: no change
+        return self.span_reserve == 0 and replace(self, span=WriteRule.span, span_score=WriteRule.span_score) == WriteRule()  # span alone: no change
 
     @property
     def scored(self) -> bool:
@@ -214,7 +220,7 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
 
 def rule_from_config(cfg: object) -> WriteRule:
     """The write rule a CamelotConfig names (its fields evict, protect, reserve, use_decay,
-    value_threshold, merge_target, span_reserve, span); raises ValueError on a bad one."""
+    value_threshold, merge_target, span_reserve, span, span_score); raises ValueError on a bad one."""
     return WriteRule(evict=cfg.evict, protect=cfg.protect, reserve=cfg.reserve, use_decay=cfg.use_decay,
                      value_threshold=cfg.value_threshold, merge_target=cfg.merge_target,
-                     span_reserve=cfg.span_reserve, span=cfg.span)
+                     span_reserve=cfg.span_reserve, span=cfg.span, span_score=cfg.span_score)

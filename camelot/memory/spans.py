@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import torch
 
+SPAN_SCORES = ("relative", "sum")
+
 
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
-                 base: int, scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 base: int, scratch: int, how: str = "relative") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """span_score [B, H, n+1]: the held spans' scores (-inf: empty; index n is a scratch entry);
-    importance, finite [B, H, T]. Returns (held [B, H, T]: the tokens the reserve takes, slot
+    importance, finite [B, H, T]. how: "sum", a span's score is the attention its tokens received;
+    "relative", that sum over the mean of the segment's spans, so segments compare fairly (early in
+    a document a token competes with few keys and receives much more: by the plain sum the first
+    spans of the document filled the reserve and stayed). Returns (held [B, H, T]: the tokens the reserve takes, slot
     [B, H, T]: the slot each goes to (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
     n = span_score.shape[-1] - 1
@@ -29,7 +34,10 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     cut = m * span
     imp = importance[..., :cut].reshape(b, h, m, span).float()
     whole = finite[..., :cut].reshape(b, h, m, span).all(-1)
-    new = torch.where(whole, imp.sum(-1), float("-inf"))  # [B,H,m]
+    new = imp.sum(-1)  # [B,H,m]
+    if how == "relative":
+        new = new / new.mean(-1, keepdim=True).clamp(min=1e-9)
+    new = torch.where(whole, new, float("-inf"))
     cand = torch.cat([span_score[..., :n], new], dim=-1)  # held spans first: they win ties
     order = cand.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n + m, device=dev).expand_as(order).contiguous())
