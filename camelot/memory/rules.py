@@ -88,7 +88,8 @@ class WriteRule:
     @property
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
-        return self.span_reserve == 0 and replace(self, span=WriteRule.span, span_score=WriteRule.span_score) == WriteRule()  # span alone: no change
+        # span and span_score change nothing while span_reserve is 0
+        return self.span_reserve == 0 and replace(self, span=8, span_score="relative") == WriteRule()
 
     @property
     def scored(self) -> bool:
