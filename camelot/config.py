@@ -119,7 +119,8 @@ class CamelotConfig:
                                   "raw, those that received the most attention (a multiple of span; 0: off)")
     span: int = option(8, "camelot: tokens per span of the span reserve")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: attention a span received over "
-                                         "its segment's mean; sum: the attention received", choices=("relative", "sum"))
+                                         "its segment's mean; sum: the attention received; shared: relative, max "
+                                         "over the layer's KV heads", choices=("relative", "sum", "shared"))
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():

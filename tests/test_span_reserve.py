@@ -71,3 +71,16 @@ def test_span_alone_changes_nothing_and_bad_reserves_are_refused():
             WriteRule(**bad)
     with pytest.raises(ValueError):
         SlotBank(8, 0.9, rule=WriteRule(span_reserve=8, span=4))
+
+
+def test_a_shared_score_keeps_in_every_head_the_span_one_head_singled_out():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 8, 8, generator=g)
+    imp = torch.ones(1, 2, 8)
+    imp[0, 0, 4:] = 9.0  # only head 0 singles out the second span
+    kept = {}
+    for how in ("relative", "shared"):
+        bank = SlotBank(6, 0.99, rule=WriteRule(span_reserve=4, span=4, span_score=how))
+        bank.write(k, k, received=imp)
+        kept[how] = [torch.equal(bank.keys[0, h, 2:6], k[0, h, 4:]) for h in range(2)]
+    assert kept == {"relative": [True, False], "shared": [True, True]}

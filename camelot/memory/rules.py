@@ -49,7 +49,7 @@ class WriteRule:
         a multiple of span. 0: off.
     span: tokens per reserved span.
     span_score: how spans are ranked, "relative" (attention received over the segment's mean)
-        or "sum" (attention received); spans.py.
+        "sum" (attention received) or "shared" (relative, max over the layer's KV heads); spans.py.
     """
 
     evict: str = "age"

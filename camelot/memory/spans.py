@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-SPAN_SCORES = ("relative", "sum")
+SPAN_SCORES = ("relative", "sum", "shared")
 
 
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
@@ -25,8 +25,11 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     importance, finite [B, H, T]. how: "sum", a span's score is the attention its tokens received;
     "relative", that sum over the mean of the segment's spans, so segments compare fairly (early in
     a document a token competes with few keys and receives much more: by the plain sum the first
-    spans of the document filled the reserve and stayed). Returns (held [B, H, T]: the tokens the reserve takes, slot
-    [B, H, T]: the slot each goes to (`scratch` for the others), new span_score [B, H, n+1])."""
+    spans of the document filled the reserve and stayed); "shared", the relative score's max over
+    the layer's KV heads, so every head keeps the spans any head singled out (the needle probe
+    found the needle's digits in the reserve of a few heads only). Returns (held [B, H, T]: the
+    tokens the reserve takes, slot [B, H, T]: the slot each goes to (`scratch` for the others),
+    new span_score [B, H, n+1])."""
     b, h, t = importance.shape
     n = span_score.shape[-1] - 1
     m = t // span
@@ -35,8 +38,10 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     imp = importance[..., :cut].reshape(b, h, m, span).float()
     whole = finite[..., :cut].reshape(b, h, m, span).all(-1)
     new = imp.sum(-1)  # [B,H,m]
-    if how == "relative":
+    if how != "sum":
         new = new / new.mean(-1, keepdim=True).clamp(min=1e-9)
+    if how == "shared":
+        new = new.amax(1, keepdim=True).expand_as(new)
     new = torch.where(whole, new, float("-inf"))
     cand = torch.cat([span_score[..., :n], new], dim=-1)  # held spans first: they win ties
     order = cand.argsort(dim=-1, descending=True, stable=True)
