@@ -225,35 +225,42 @@ class SlotBank:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """keys, values, counts, ages, telemetry. The write rules' slot scores and protection
         (score, pinned) are not saved: after a load, or a move with LayerState.to, they start at 0."""
-        if not self.allocated:
-            return {}
-        s = self.slots
-        return {
-            "keys": self.keys[..., :s, :], "values": self.values[..., :s, :],
-            "counts": self.counts[..., :s], "ages": self.ages[..., :s],
-            "telemetry": self.telemetry,
-        }
+        return _state_of(self)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
-        if not state:
-            self.reset()
-            return
-        keys, values = state["keys"], state["values"]
-        dev = device or keys.device
-        b, h, s, d = keys.shape
-        if s != self.slots:
-            raise ValueError(f"snapshot has {s} slots per head, this memory has {self.slots}")
-        self._allocate(torch.empty(b, h, 1, d, device=dev), torch.empty(b, h, 1, values.shape[-1], device=dev))
-        self.keys[..., :s, :] = keys.to(dev, self.dtype)
-        self.values[..., :s, :] = values.to(dev, self.dtype)
-        self.counts[..., :s] = state["counts"].to(dev, torch.long)
-        self.ages[..., :s] = state["ages"].to(dev, torch.long)
-        self.telemetry.copy_(state["telemetry"].to(dev, torch.long))
-        self.empty = not bool((self.counts > 0).any())
-        self.version += 1
+        _load_state(self, state, device)
 
 
 # ------------------------------------------------ parts of the write (module level: the class stays small)
+
+
+def _state_of(bank: SlotBank) -> dict[str, torch.Tensor]:
+    if not bank.allocated:
+        return {}
+    s = bank.slots
+    return {"keys": bank.keys[..., :s, :], "values": bank.values[..., :s, :], "counts": bank.counts[..., :s],
+            "ages": bank.ages[..., :s], "telemetry": bank.telemetry}
+
+
+def _load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:
+    if not state:
+        bank.reset()
+        return
+    keys, values = state["keys"], state["values"]
+    dev = device or keys.device
+    b, h, s, d = keys.shape
+    if s != bank.slots:
+        raise ValueError(f"snapshot has {s} slots per head, this memory has {bank.slots}")
+    bank._allocate(torch.empty(b, h, 1, d, device=dev), torch.empty(b, h, 1, values.shape[-1], device=dev))
+    bank.keys[..., :s, :] = keys.to(dev, bank.dtype)
+    bank.values[..., :s, :] = values.to(dev, bank.dtype)
+    bank.counts[..., :s] = state["counts"].to(dev, torch.long)
+    bank.ages[..., :s] = state["ages"].to(dev, torch.long)
+    bank.telemetry.copy_(state["telemetry"].to(dev, torch.long))
+    bank.empty = not bool((bank.counts > 0).any())
+    bank.version += 1
+
+
 
 
 def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor, best: torch.Tensor,
