@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from camelot.interfaces import Memory, PositionBias
+from camelot.interfaces import Memory
 from camelot.rope import RopeSpec, cos_sin, place_keys, place_queries_for_memory, unrotate_keys
 
 _RANGES_KEPT = 8  # the tail, the sinks and a whole segment: only generation asks for new ranges
@@ -37,6 +37,7 @@ class Positions:
     def reset(self) -> None:
         self._ranges: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fixed_pos: torch.Tensor | None = None
 
     def _range_cos_sin(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (start, end, device)
@@ -83,7 +84,9 @@ class Positions:
     def memory_positions(self, memory: Memory, tail: int, device: torch.device) -> torch.Tensor:
         """Where memory keys sit: [1] (fixed), [S] or [B, Hkv, S] (recency), negative."""
         if self.placement != "recency":
-            return torch.tensor([-self.distance], device=device)
+            if self._fixed_pos is None or self._fixed_pos.device != device:  # no host-to-device copy per read
+                self._fixed_pos = torch.tensor([-self.distance], device=device)
+            return self._fixed_pos
         pos = memory.positions().to(device) - tail  # the raw tail sits between memory and the segment
         return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
 
@@ -95,7 +98,3 @@ class Positions:
     def placed_memory(self, keys: torch.Tensor, memory: Memory, tail: int) -> torch.Tensor:
         return place_keys(self.rope, keys, self.memory_positions(memory, tail, keys.device))
 
-
-def position_bias(bias: PositionBias | None, positions: torch.Tensor, hkv: int, g: int) -> torch.Tensor | float:
-    """The bias rule's term for keys at `positions` (0 without one)."""
-    return 0.0 if bias is None else bias.bias(positions, hkv, g)

@@ -97,24 +97,25 @@ class CountBias:
 
     def __init__(self, factor: float) -> None:
         self.factor = float(factor)
-        self._key: tuple | None = None
-        self.cached: torch.Tensor | None = None  # the last bias read, [B, Hkv, S]
         self.reset()
 
     def reset(self) -> None:
-        self._key, self.cached = None, None
+        # the memory itself is kept, not its id: a freed memory's id may return with an equal version
+        self._memory: Memory | None = None
+        self._key: tuple[int, float] | None = None  # (its version, factor) when `cached` was made
+        self.cached: torch.Tensor | None = None  # the last bias read, [B, Hkv, S]
 
     def __call__(self, memory: Memory, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
         if not self.factor:
             return None
-        key = (id(memory), memory.version, self.factor)
-        if self._key == key and self.cached is not None:
+        key = (memory.version, self.factor)
+        if self._memory is memory and self._key == key:
             return self.cached
         # as log(max(1, c / max(1, mean))): the same value in fewer passes; a free slot (c = 0)
         # gets 0 like a slot of one token
         mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
         self.cached = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.factor)
-        self._key = key
+        self._memory, self._key = memory, key
         return self.cached
 
 

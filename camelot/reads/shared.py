@@ -19,7 +19,6 @@ class GroupTopK(QueryTopK):
         k = self.k_of(n)
         if k >= n:  # every entry anyway: nothing to share
             return super().select(inp, scaling, softcap, raw_key)
-        b, hkv, _, d = inp.queries.shape
         idx = self.search.indices(self.choosers(inp, raw_key), self.searched_keys(inp), inp.valid, k)
         return shared_result(inp, idx, scaling, softcap)
 
