@@ -86,7 +86,26 @@ def _parser(f: Field) -> Any:
     if f.name in PARSERS:
         return PARSERS[f.name]
     hint = typing.get_type_hints(CamelotConfig)[f.name]
-    return hint if hint in (int, float) else str
+    if hint in (int, float):
+        return hint
+    for kind in (int, float):  # `int | None` and `float | None` fields: "None" is None
+        if set(typing.get_args(hint)) == {kind, type(None)}:
+            return _optional(kind)
+    return str
+
+
+def _optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        if str(text).strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or None, "
+                                             f"got {text!r}") from None
+
+    parse.__name__ = f"{kind.__name__} or None"
+    return parse
 
 
 def _flag(name: str) -> str:

@@ -15,6 +15,9 @@ from camelot.config import STRATEGIES, CamelotConfig
 from camelot.options import AUTO_SET, UserError, parse_top_k
 
 ALL_STRATEGIES = (*STRATEGIES, "full")
+# camelot's write rule (camelot/memory/rules.py): swept like the other memory settings
+RULE_FIELDS = ("evict", "protect", "reserve", "use_decay", "value_threshold", "merge_target", "span_reserve", "span",
+               "span_score", "importance")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
 
 
@@ -40,6 +43,7 @@ class Sweep:
     repr_topks: tuple[int, ...] = (CamelotConfig.repr_topk,)
     search: str | None = None  # None: not given (read_top_k="auto" may choose)
     write_mode: str = CamelotConfig.write_mode
+    rules: dict[str, tuple] = field(default_factory=dict)  # RULE_FIELDS -> values (camelot)
 
 
 @dataclass
@@ -114,7 +118,7 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
                 grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
                                 read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
-                                retrieve=sweep.retrieves, layers=sweep.layers)
+                                retrieve=sweep.retrieves, layers=sweep.layers, **sweep.rules)
             for params in grid:
                 try:
                     given = {k: v for k, v in {**base, **params}.items() if not (k in AUTO_SET and v is None)}
@@ -151,6 +155,8 @@ def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
             continue
         if k in ("recent", "sink") and v == 0 and len(getattr(sweep, k + "s")) == 1:
             continue
+        if k in RULE_FIELDS and len(sweep.rules.get(k, ())) <= 1 and v == getattr(CamelotConfig, k):
+            continue  # the write rule's settings only where they differ from the default
         out[k] = v
     return out
 
@@ -210,7 +216,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         recents=v("recent"), sinks=v("sink"), count_biases=v("count_bias"),
         memory_distances=v("memory_distance"), placements=v("placement"), retrieves=v("retrieve"),
         layers=parse_layers(args.layers), search=args.search, write_mode=args.write_mode,
-        block_sizes=v("block_size"), repr_topks=v("repr_topk"),
+        block_sizes=v("block_size"), repr_topks=v("repr_topk"), rules={name: v(name) for name in RULE_FIELDS},
     )
 
 

@@ -47,6 +47,27 @@ def test_plan_multiplies_only_memory_settings():
     assert [s.label.split()[-1] for s in swept["camelot"]] == ["retrieve=query", "retrieve=group"]
 
 
+def test_write_rule_flags_reach_the_camelot_runs_and_name_them():
+    import argparse
+
+    from camelot.eval.plan import add_sweep_args, sweep_from_args
+
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    args = p.parse_args(["--strategies", "sliding,camelot", "--span-reserve", "0,64", "--importance", "surprise",
+                         "--span", "16", "--value-threshold", "0.5", "--reserve", "none"])
+    runs = _by_strategy_specs(plan_runs(sweep_from_args(args)))
+    cam = runs["camelot"]
+    assert [(s.config.span_reserve, s.config.importance, s.config.span) for s in cam] == [(0, "surprise", 16),
+                                                                                         (64, "surprise", 16)]
+    assert "span_reserve=64" in cam[1].label and "importance=surprise" in cam[1].label
+    assert cam[0].config.value_threshold == 0.5 and cam[0].config.reserve is None  # `float | None` fields parsed
+    with pytest.raises(UserError, match="or None"):
+        sweep_from_args(p.parse_args(["--reserve", "many"]))
+    assert "evict" not in cam[1].label  # a rule setting left at its default is not named
+    assert len(runs["sliding"]) == 1  # the rule multiplies camelot's runs only
+
+
 def _by_strategy_specs(specs) -> dict[str, list]:
     out: dict[str, list] = {}
     for s in specs:
