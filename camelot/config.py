@@ -14,7 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from camelot.backends import BACKENDS
-from camelot.memory.rules import EVICTIONS, rule_from_config
+from camelot.memory.rules import EVICTIONS, IMPORTANCES, rule_from_config
+from camelot.memory.spans import SPAN_SCORES
 
 Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
 WriteMode = Literal["segment", "token"]
@@ -115,12 +116,16 @@ class CamelotConfig:
                                                  "slot's value also reaches this (None: keys only)")
     merge_target: float | None = option(None, "camelot: per-head thresholds, each head merging this fraction of "
                                               "a segment's tokens (None: the global threshold)")
-    span_reserve: int = option(0, "camelot: the last span_reserve slots per head keep whole spans of `span` tokens "
-                                  "raw, those that received the most attention (a multiple of span; 0: off)")
-    span: int = option(8, "camelot: tokens per span of the span reserve")
-    span_score: str = option("relative", "camelot: span reserve ranking. relative: attention a span received over "
-                                         "its segment's mean; sum: the attention received; shared: relative, max "
-                                         "over the layer's KV heads", choices=("relative", "sum", "shared"))
+    span_reserve: int = option(0, "camelot: the last span_reserve slots per head keep tokens raw, one per slot: "
+                                  "those of the most important windows of `span` tokens (0: off)")
+    span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
+    span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
+                                         "segment's mean; sum: its importance; shared: relative, max over the "
+                                         "layer's KV heads", choices=SPAN_SCORES)
+    importance: str = option("attention", "camelot: the token importance evict=use, protect and the span reserve "
+                                          "rank by. attention: attention received in the window (per KV head); "
+                                          "surprise: the model's own NLL of the token (same for every head)",
+                             choices=IMPORTANCES)
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():

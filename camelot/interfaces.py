@@ -23,6 +23,7 @@ class Memory(Protocol):
     version: int
     telemetry: torch.Tensor | None
     wants_received: bool  # write() also takes received= (the attention each token got in the window)
+    wants_surprise: bool  # write() takes received= as each token's NLL under the model instead
     observes_reads: bool  # observe_reads() takes the attention mass each entry got when read
 
     @property

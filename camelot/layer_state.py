@@ -30,7 +30,8 @@ class LayerState:
         self._raw_for: torch.Tensor | None = None
         # attention received per KV head by each open / raw-tail token (summed over its query
         # heads and the queries), kept only for a memory that `wants_received` (InfLLM picks
-        # block representatives by it); fp32 [B, Hkv, local_len] and [B, Hkv, tail]
+        # block representatives by it); fp32 [B, Hkv, local_len] and [B, Hkv, tail]. For a memory
+        # that `wants_surprise` they hold each token's NLL instead (`note_surprise`).
         self.received_open: torch.Tensor | None = None
         self.received_tail: torch.Tensor | None = None
 
@@ -46,6 +47,18 @@ class LayerState:
     def tracks_received(self) -> bool:
         """The memory wants the attention its tokens received while in the local window."""
         return self.memory is not None and self.memory.wants_received
+
+    @property
+    def tracks_surprise(self) -> bool:
+        """The memory wants each token's NLL under the model (the wrapper hands it over)."""
+        return self.memory is not None and self.memory.wants_surprise
+
+    def note_surprise(self, nll: torch.Tensor) -> None:
+        """nll [B, m]: the model's NLL of the open segment's last m tokens (kept already)."""
+        like = self.local_k[:, :, :, 0]
+        got = _fit(self.received_open, like, at_end=False).clone()
+        got[:, :, like.shape[2] - nll.shape[1]:] = nll.to(got.device, torch.float32)[:, None, :]
+        self.received_open = got
 
     # ------------------------------------------------------------------ the open segment
     def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +99,7 @@ class LayerState:
         if self.memory is not None or self.prefix is not None or self.sink is not None:
             raw, v = self.raw_open(unplace), self.local_v
             got = None
-            if self.tracks_received:
+            if self.tracks_received or self.tracks_surprise:
                 got = _fit(self.received_open, raw[..., 0], at_end=False)
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)

@@ -324,6 +324,8 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
                      "counts": take("memory.counts", 3, False), "telemetry": take("memory.telemetry", 1, False)}
             if "ages" in names or hasattr(rt.state.memory, "ages"):
                 state["ages"] = take("memory.ages", 3, False)
+            if "span_score" in names:  # a span reserve's ranking; its shape is checked by load_state_dict
+                state["span_score"] = take("memory.span_score", 3, True)
             check_kv("memory", state["keys"], state["values"])
             for name in ("counts", "ages"):
                 if name in state and state[name].shape != state["keys"].shape[:3]:

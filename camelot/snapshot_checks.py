@@ -9,7 +9,8 @@ In the order `MemoryView.load` runs them:
    >= 1), and all of them together fit in this machine's memory. A small (e.g. sparse) file
    declaring a huge tensor is refused here, before a byte of tensor data is read or hashed.
 3. `check_values`: after reading, floats are finite in the dtype they will be kept in (1e300 is
-   finite in float64 but inf in float32), and counts, ages and telemetry lie in [0, MAX_COUNT].
+   finite in float64 but inf in float32), counts, ages and telemetry lie in [0, MAX_COUNT], and a
+   span reserve's scores (`memory.span_score`, only for a memory with a reserve) are >= -1.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # Counts, ages and telemetry are token counts: 2^40 (1.1e12 tokens) is far beyond any document,
 # and keeps sums over slots (2^22 slots at most) far below int64's 2^63.
 MAX_COUNT = 1 << 40
-_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\.(keys|values|counts|ages|telemetry|finite)")
+_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\.(keys|values|counts|ages|telemetry|finite|span_score)")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
                 "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -75,12 +76,21 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
         if cap is None:
             raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (not written by this camelot layout)")
         field = m[3]
-        floating = field in ("keys", "values")
+        reserve = _span_reserve(rt) if m[2] == "memory" else 0
+        if field == "span_score" and not reserve:
+            raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (span reserve scores; this wrapper's "
+                                f"{m[2]} of layer {m[1]} keeps no span reserve: span_reserve=0)")
+        floating = field in ("keys", "values", "span_score")
         if dtype not in _DTYPE_BYTES or dtype.startswith(("F", "BF")) != floating:
             raise SnapshotError(f"{path}: {name} has dtype {dtype}")
         if field == "telemetry":
             if shape != [len(TELEMETRY_FIELDS)]:
                 raise SnapshotError(f"{path}: {name} has shape {shape}, expected [{len(TELEMETRY_FIELDS)}]")
+        elif field == "span_score":
+            if len(shape) != 3 or shape[1:] != [h, reserve]:
+                raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper takes [batch, {h} kv heads, "
+                                    f"{reserve} span reserve places]")
+            batches.add(shape[0])
         else:
             last = [] if not floating else [d if field == "keys" else None]
             if len(shape) != 3 + len(last) or shape[1] != h or shape[2] > cap or \
@@ -109,6 +119,11 @@ def _capacity(rt: LayerRuntime, part: str, window: int, open_len: int) -> float 
     return store.length
 
 
+def _span_reserve(rt: LayerRuntime) -> int:
+    """Slots per head of the layer's memory kept for raw spans (WriteRule.span_reserve); 0: none."""
+    return getattr(getattr(rt.state.memory, "rule", None), "span_reserve", 0)
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:
@@ -125,7 +140,8 @@ def _physical_memory() -> int | None:
 
 # ---------------------------------------------------------------------------- 3. values
 def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> None:
-    """Floats finite in the dtype they will be kept in; counts, ages, telemetry in [0, MAX_COUNT]."""
+    """Floats finite in the dtype they will be kept in; counts, ages, telemetry in [0, MAX_COUNT];
+    span scores >= -1 (-1: an empty place)."""
     layer_dtypes = {}
     for module, rt in zip(cm.modules, cm.runtimes):
         p = next(module.parameters(), None)
@@ -135,7 +151,11 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> N
         m = _NAME.fullmatch(name)
         if m is None or int(m[1]) not in layer_dtypes:
             continue  # check_header refused these; the layer build reports any left
-        if t.is_floating_point():
+        if m[3] == "span_score":  # kept in float32 whatever the memory's dtype
+            if t.numel() and not (torch.isfinite(t.float()).all() and float(t.min()) >= -1):
+                raise SnapshotError(f"{path}: {name} holds non-finite values or values below -1 "
+                                    "(scores are >= 0, -1 marks an empty place)")
+        elif t.is_floating_point():
             model_dtype, memory_dtype = layer_dtypes[int(m[1])]
             for dt in {model_dtype, memory_dtype if m[2] == "memory" else model_dtype} - {None}:
                 if t.numel() and not torch.isfinite(t.to(dt)).all():

@@ -262,3 +262,41 @@ def test_the_c_bookkeeping_of_a_write_matches_the_torch_one(seed, rows, heads, s
     finally:
         SlotBank._native_bookkeeping = real
     assert calls and all(calls)  # the kernel did every write of `fast`
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), heads=st.integers(1, 3), slots=st.integers(3, 12), reserve=st.integers(1, 6),
+       span=st.integers(1, 3), thr=st.sampled_from([0.0, 0.9, 1.0]), steps=st.integers(1, 5))
+def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads, slots, reserve, span, thr, steps):
+    """The paper's rule plus a span reserve: the kernel does the consolidated slots, torch the
+    reserve; the same bank as the torch write of the whole rule (camelot/memory/spans.py)."""
+    from camelot import topk as native
+    from camelot.memory.rules import WriteRule
+
+    if native.native_library() is None:
+        pytest.skip("no C compiler: the torch bookkeeping is the only one")
+    reserve = min(reserve, slots - 1)
+    rule = WriteRule(span_reserve=reserve, span=span, span_score="sum", importance="surprise")
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(3, D, generator=g)
+    calls = []
+
+    class Counted(SlotBank):
+        def _native_bookkeeping(self, *args) -> bool:
+            calls.append(args[-1])  # the slots the kernel manages
+            return super()._native_bookkeeping(*args)
+
+    fast, ref = Counted(slots, thr, rule=rule), _TorchBookkeeping(slots, thr, rule=rule)
+    for _ in range(steps):
+        t = int(torch.randint(1, 2 * slots + 4, (), generator=g))
+        k = protos[torch.randint(0, 3, (1, heads, t), generator=g)] + 0.05 * torch.randn(1, heads, t, D, generator=g)
+        k[..., 1] = torch.where(torch.rand(1, heads, t, generator=g) < 0.1, float("nan"), k[..., 1])
+        v = torch.randn(1, heads, t, 3, generator=g)
+        imp = torch.rand(1, heads, t, generator=g) * 4
+        fast.write(k, v, received=imp)
+        ref.write(k, v, received=imp)
+        for name in ("counts", "ages", "telemetry", "span_score"):
+            assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+        for name in ("keys", "values"):
+            assert torch.allclose(getattr(fast, name), getattr(ref, name), atol=1e-6, rtol=1e-5), name
+    assert calls == [slots - reserve] * steps  # the kernel did the consolidated part of every write

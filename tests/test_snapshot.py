@@ -211,3 +211,79 @@ def test_a_header_length_that_looks_like_a_pickle_opcode_still_loads(fed, tmp_pa
     # cut short, the same file is truncated, not pickle
     (tmp_path / "cut.camelot").write_bytes(path.read_bytes()[:5])
     _refused(cm, tmp_path / "cut.camelot", "truncated or empty")
+
+
+# ---------------------------------------------------------------------------- the span reserve
+def _reserve_cfg(**kw):
+    # recent=0 and saves at a segment boundary: no open segment and no raw tail, whose tokens'
+    # importance (LayerState.received_open / received_tail) snapshots do not carry
+    return camelot.CamelotConfig(**{"window": 16, "slots": 12, "recent": 0, "sink": 2, "span_reserve": 6, "span": 2,
+                                    "span_score": "sum", "importance": "attention", **kw})
+
+
+def test_a_loaded_span_reserve_continues_like_the_original(tmp_path):
+    """Without span_score in the file the loaded reserve looks empty and the next write replaces
+    its tokens: keys, counts and the continuation's NLL then differ."""
+    doc = _doc(96 + 60, seed=3)
+    cm = camelot.wrap(tiny_llama(), _reserve_cfg())
+    cm.feed(doc[:, :96], progress=False)
+    assert all(bool(torch.isfinite(rt.state.memory.span_score[..., :6]).all()) for rt in cm.runtimes)  # full
+    path = cm.memory.save(tmp_path / "reserve.camelot")
+    other = camelot.wrap(tiny_llama(), _reserve_cfg())
+    other.memory.load(path)
+    nll = [w.score(doc[:, 96:], keep_memory=True).token_nll for w in (cm, other)]
+    assert torch.equal(nll[0], nll[1])
+    for a, b in zip(cm.runtimes, other.runtimes):
+        for name in ("keys", "values", "counts", "ages", "span_score"):
+            assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
+
+
+def test_empty_reserve_places_roundtrip_as_minus_one():
+    from camelot.memory import SlotBank
+    from camelot.memory.rules import WriteRule
+
+    rule = WriteRule(span_reserve=6, span=2, span_score="sum")
+    bank = SlotBank(12, 0.99, rule=rule)
+    k = torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(0))
+    bank.write(k, k, received=torch.ones(1, 2, 3))  # 3 tokens held, 3 places empty
+    state = bank.state_dict()
+    assert state["span_score"].shape == (1, 2, 6) and int((state["span_score"] == -1).sum()) == 2 * 3
+    loaded = SlotBank(12, 0.99, rule=rule)
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.span_score, bank.span_score)  # -1 back to -inf, the scratch entry too
+    for bad, needle in [(SlotBank(12, 0.99), "no reserve"), (SlotBank(12, 0.99, rule=WriteRule(span_reserve=4)),
+                                                             r"\[1, 2, 4\]")]:
+        with pytest.raises(ValueError, match=needle):
+            bad.load_state_dict(state)
+    older = {n: t for n, t in state.items() if n != "span_score"}  # a snapshot from before span_score
+    loaded.load_state_dict(older)
+    assert bool(torch.isneginf(loaded.span_score).all())
+
+
+def test_span_scores_that_do_not_fit_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from camelot.snapshot import tensor_digest
+
+    cm = camelot.wrap(tiny_llama(), _reserve_cfg())
+    cm.feed(_doc(48, seed=3), progress=False)
+    path = cm.memory.save(tmp_path / "reserve.camelot")
+    model = cm.unwrap()
+    plain = camelot.wrap(model, _reserve_cfg(span_reserve=0))
+    plain.feed(_doc(40, seed=4), progress=False)
+    _refused(plain, path, "layer 0 keeps no span reserve")
+    plain.unwrap()
+    cm = camelot.wrap(model, _reserve_cfg())
+    cm.feed(_doc(40, seed=4), progress=False)
+    meta = read_metadata(path)
+    name = "layer0.memory.span_score"
+    for edit, needle in [(lambda t: t.update({name: t[name][..., :4].clone()}), "6 span reserve places"),
+                         (lambda t: t[name].__setitem__((0, 0, 0), -2.0), "below -1"),
+                         (lambda t: t[name].__setitem__((0, 0, 0), float("inf")), "non-finite"),
+                         (lambda t: t.update({name: t[name].long()}), "dtype"),
+                         (lambda t: t.update({"layer0.open.span_score": t.pop(name)}), "keeps no span reserve")]:
+        tensors = load_file(str(path))
+        edit(tensors)
+        bad = tmp_path / "bad.camelot"
+        save_file(tensors, str(bad), metadata={**meta, "digest": tensor_digest(tensors)})
+        _refused(cm, bad, needle)

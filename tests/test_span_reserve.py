@@ -1,5 +1,5 @@
-"""The span reserve (WriteRule.span_reserve, camelot/memory/spans.py): whole spans of tokens
-that received the most attention stay raw, together, in order."""
+"""The span reserve (WriteRule.span_reserve, camelot/memory/spans.py): the tokens of the most
+important windows stay raw, together, in order."""
 
 from __future__ import annotations
 
@@ -49,24 +49,42 @@ def test_a_high_attention_span_survives_a_flood_contiguous_and_unmerged(reserve)
     assert torch.equal(bank.values[0, 0, where], fact * 2)
 
 
-def test_the_lowest_held_span_gives_way_to_a_better_one_and_ties_keep_the_held():
-    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=4, span=2, span_score="sum"))  # two spans of 2 in slots 6..9
+def test_a_token_scores_as_its_best_window_and_the_lowest_held_gives_way_ties_keep_the_held():
+    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=4, span=2, span_score="sum"))  # four places, slots 6..9
     g = torch.Generator().manual_seed(0)
-    spans = [torch.randn(2, 8, generator=g) for _ in range(4)]
-    _write(bank, torch.cat(spans[:2]), torch.tensor([0.5, 0.5, 1.5, 1.5]))  # scores 1 and 3
-    assert int(bank.counts[0, 0, :6].sum()) == 0  # reserved tokens skip the consolidated part
-    _write(bank, torch.cat([spans[2], spans[3]]), torch.tensor([1.0, 1.0, 0.5, 0.5]))  # 2 (better), 1 (tie)
-    held = bank.keys[0, 0, 6:10]
-    assert torch.equal(held[2:], spans[1])  # score 3 stays where it was
-    assert torch.equal(held[:2], spans[2])  # score 2 took the place of score 1
-    assert sorted(bank.span_score[0, 0, :2].tolist()) == [2.0, 3.0]
+    w1, w2, w3 = (torch.randn(8, 8, generator=g) for _ in range(3))
+    # windows of 2 sum to 3.1 6 3.1 .2 .2 1.1 2: tokens 1, 2 score 6, tokens 0, 3 score 3.1
+    _write(bank, w1, torch.tensor([0.1, 3, 3, 0.1, 0.1, 0.1, 1, 1]))
+    assert torch.equal(bank.keys[0, 0, 6:10], w1[0:4])  # in token order
+    assert bank.span_score[0, 0, :4].tolist() == pytest.approx([3.1, 6, 6, 3.1])
+    # windows 4 2 0 .5 1 .5 0: tokens 0, 1 score 4 and take the places of the held 3.1s
+    _write(bank, w2, torch.tensor([2, 2, 0, 0, 0.5, 0.5, 0, 0]))
+    assert torch.equal(bank.keys[0, 0, 6:10], torch.stack([w2[0], w1[1], w1[2], w2[1]]))
+    assert int(bank.counts[0, 0, 6:10].sum()) == 4 and int(bank.counts[0, 0, :6].sum()) == 6  # 16 - 4 kept raw
+    _write(bank, w3, torch.tensor([0, 0, 0, 2, 2, 0, 0, 0]))  # new 4s tie the held 4s: the held stay
+    assert torch.equal(bank.keys[0, 0, 6:10], torch.stack([w2[0], w1[1], w1[2], w2[1]]))
     t = bank.telemetry.tolist()
-    assert t[1] + t[2] + t[0] + t[3] == 8 and t[4] == 0  # every token accounted for, none skipped
+    assert t[1] + t[2] + t[0] + t[3] == 24 and t[4] == 0  # every token accounted for, none skipped
+
+
+def test_a_fact_across_two_windows_is_kept_whole_where_a_fixed_grid_cut_it():
+    from camelot.memory.spans import choose_spans
+
+    imp = torch.zeros(1, 1, 16)
+    imp[0, 0, 2:8] = torch.tensor([9.0, 9, 1, 1, 1, 1])  # a surprising start, then the fact's tail
+    held, slot, _ = choose_spans(torch.full((1, 1, 9), float("-inf")), imp, torch.ones_like(imp, dtype=torch.bool),
+                                 4, 0, 99, "sum")
+    assert held[0, 0, 2:8].all()  # token 7's best window (4..7) scores 4: above every window of zeros
+    assert len(set(slot[0, 0][held[0, 0]].tolist())) == int(held[0, 0].sum())  # one slot per token
+    nonfinite = torch.ones_like(imp, dtype=torch.bool)
+    nonfinite[0, 0, 3] = False
+    held, _, _ = choose_spans(torch.full((1, 1, 9), float("-inf")), imp, nonfinite, 4, 0, 99, "sum")
+    assert not held[0, 0, 3]  # a skipped token is never kept
 
 
 def test_span_alone_changes_nothing_and_bad_reserves_are_refused():
     assert WriteRule(span=16).plain and not WriteRule(span_reserve=16, span=16).plain
-    for bad in ({"span": 0}, {"span_reserve": 6, "span": 4}, {"span_reserve": -8}):
+    for bad in ({"span": 0}, {"span_reserve": True}, {"span_reserve": -8}):
         with pytest.raises(ValueError):
             WriteRule(**bad)
     with pytest.raises(ValueError):

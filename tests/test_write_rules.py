@@ -173,8 +173,36 @@ def test_a_wrapped_model_with_a_scored_rule_feeds_importance_and_reads_to_the_ba
     assert torch.equal(a[:, :99], b[:, :99])  # still causal
 
 
+def test_importance_by_surprise_hands_each_token_its_nll_under_the_model_to_every_layer():
+    import camelot
+    from tests.conftest import tiny_llama
+
+    cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(window=16, slots=12, recent=16, sink=2, span_reserve=8,
+                                                          span=4, span_score="sum", importance="surprise"))
+    banks = [rt.state.memory for rt in cm.runtimes]
+    assert all(b.wants_surprise and not b.wants_received for b in banks)
+    got: dict[int, list[torch.Tensor]] = {id(b): [] for b in banks}
+    for b in banks:  # record what each layer's bank is handed as importance
+        b.write = (lambda f, out: lambda k, v, received=None: (out.append(received), f(k, v, received=received))[1])(
+            b.write, got[id(b)])
+    ids = torch.randint(0, 101, (1, 90), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second document after score()'s reset: nothing carried over
+        nll = cm.score(ids).token_nll[0]
+        for b in banks:
+            seen = torch.cat(got[id(b)], dim=2)
+            assert torch.allclose(seen[0, 0], nll[1 : 1 + seen.shape[2]], atol=1e-5)  # token i: NLL of i (sinks 0, 1)
+            assert torch.equal(seen[0, 0], seen[0, 1])  # the same for every head
+            got[id(b)].clear()
+    cm.reset()
+    cm.feed(ids[:, :21], progress=False)  # in pieces that cut a step: the first token of a step is scored too
+    cm.feed(ids[:, 21:], progress=False)
+    seen = torch.cat(got[id(banks[0])], dim=2)[0, 0]
+    assert seen.numel() == 90 - 2 - 16 - 10 and torch.allclose(seen, nll[1 : 1 + seen.numel()], atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [{"evict": "lru"}, {"protect": -1}, {"reserve": -1}, {"use_decay": 0},
-                                 {"value_threshold": 2}, {"merge_target": 1.5}])
+                                 {"value_threshold": 2}, {"merge_target": 1.5},
+                                 {"importance": "nll"}])
 def test_bad_rules_are_refused(bad):
     with pytest.raises(ValueError):
         WriteRule(**bad)

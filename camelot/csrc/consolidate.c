@@ -57,11 +57,12 @@ static int by_order(const void *a, const void *b) {
     return before(x, y) ? -1 : before(y, x) ? 1 : 0;
 }
 
-/* rows: B*H. keys [rows, S+1, D], values [rows, S+1, DV], counts/ages [rows, S+1] (slot S is the
- * scratch slot, left untouched here); k [rows, T, D], v [rows, T, DV]; best [rows, T] nearest
+/* rows: B*H. keys [rows, R, D], values [rows, R, DV], counts/ages [rows, R] with R >= S+1: the
+ * write manages slots [0, S) and leaves the others untouched (the scratch slot, and the span
+ * reserve of camelot/memory/spans.py, which the caller writes); k [rows, T, D], v [rows, T, DV]; best [rows, T] nearest
  * slot, sim [rows, T] its cosine (-inf: none), finite [rows, T]. telemetry[5] += merged, new,
  * evicted, dropped, skipped. Returns nonzero on a failed allocation (nothing written then). */
-int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t D, int64_t DV, float threshold,
+int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV, float threshold,
                             float *keys, float *values, int64_t *counts, int64_t *ages,
                             const float *k, const float *v, const int64_t *best, const float *sim,
                             const uint8_t *finite, int64_t *telemetry) {
@@ -72,8 +73,8 @@ int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t D, int64
     cand *heap = malloc(sizeof(cand) * (T + 1));
     int ok = lead && n_add && last && sum_k && sum_v && touched && merge && was_free && heap;
     for (int64_t r = 0; ok && r < rows; r++) {
-        float *K = keys + r * (S + 1) * D, *V = values + r * (S + 1) * DV;
-        int64_t *C = counts + r * (S + 1), *A = ages + r * (S + 1);
+        float *K = keys + r * R * D, *V = values + r * R * DV;
+        int64_t *C = counts + r * R, *A = ages + r * R;
         const float *kr = k + r * T * D, *vr = v + r * T * DV, *sr = sim + r * T;
         const int64_t *br = best + r * T;
         const uint8_t *fr = finite + r * T;

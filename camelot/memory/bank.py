@@ -54,7 +54,12 @@ class SlotBank:
         # rules beyond the paper's (rules.py): attention received, decayed; protected (kept raw)
         self.score: torch.Tensor | None = None  # [B, H, S+1] float32
         self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
-        self.span_score: torch.Tensor | None = None  # [B, H, spans+1] float32, -inf: empty (spans.py)
+        self.span_score: torch.Tensor | None = None  # [B, H, span_reserve+1] float32, -inf: empty (spans.py)
+        # what the layer hands `write` as `received` for a rule that ranks tokens: the attention each
+        # token received in the window, or its NLL under the model; such a rule adds read mass too
+        self.wants_received = self.rule.scored and self.rule.importance == "attention"
+        self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
+        self.observes_reads = self.rule.scored
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
@@ -89,7 +94,7 @@ class SlotBank:
         self.keys, self.values, self.counts, self.ages = keys, values, counts, ages
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
-        self.span_score = torch.full((b, h, self.rule.span_reserve // self.rule.span + 1), float("-inf"), device=dev)
+        self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:
@@ -112,13 +117,6 @@ class SlotBank:
         return -(self.ages[..., : self.slots] + 1)
 
     # ---------------------------------------------------------------- write
-    @property
-    def wants_received(self) -> bool:
-        """The layer hands `write` each token's attention received: the rule ranks by it."""
-        return self.rule.scored
-
-    observes_reads = wants_received  # a scored rule adds the mass slots get when read, too
-
     def observe_reads(self, mass: torch.Tensor) -> None:
         """Add the attention mass [B, H, S] slots received in a read to their scores (scored rules)."""
         if self.rule.scored and self.allocated:
@@ -126,8 +124,8 @@ class SlotBank:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None = None) -> None:
         """Consolidate position-free keys k [B, H, T, D] and values v [B, H, T, Dv]; received
-        [B, H, T]: attention each token received before it left the raw window (its importance,
-        for rules that score)."""
+        [B, H, T]: each token's importance for rules that score (the attention it received before
+        it left the raw window, or its surprise: `WriteRule.importance`)."""
         importance = received
         if k.shape[2] == 0:
             return
@@ -183,6 +181,9 @@ class SlotBank:
                 held, span_slot, self.span_score = choose_spans(self.span_score, importance, finite, rule.span,
                                                                 base, s, rule.span_score)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
+                if rule.plain_but_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
+                                                                     span_slot, importance):
+                    return
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
             if rule.use_decay < 1:
@@ -223,8 +224,9 @@ class SlotBank:
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """keys, values, counts, ages, telemetry. The write rules' slot scores and protection
-        (score, pinned) are not saved: after a load, or a move with LayerState.to, they start at 0."""
+        """keys, values, counts, ages, telemetry; span_score with a span reserve (-1: an empty place).
+        The write rules' slot scores and protection (score, pinned) are not saved: after a load, or
+        a move with LayerState.to, they start at 0."""
         return _state_of(self)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
@@ -238,8 +240,11 @@ def _state_of(bank: SlotBank) -> dict[str, torch.Tensor]:
     if not bank.allocated:
         return {}
     s = bank.slots
-    return {"keys": bank.keys[..., :s, :], "values": bank.values[..., :s, :], "counts": bank.counts[..., :s],
-            "ages": bank.ages[..., :s], "telemetry": bank.telemetry}
+    state = {"keys": bank.keys[..., :s, :], "values": bank.values[..., :s, :], "counts": bank.counts[..., :s],
+             "ages": bank.ages[..., :s], "telemetry": bank.telemetry}
+    if bank.rule.span_reserve:  # the reserve's ranking (scratch entry dropped); an empty place (-inf) as -1:
+        state["span_score"] = bank.span_score[..., :-1].clamp(min=-1.0)  # real scores are >= 0
+    return state
 
 
 def _load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:
@@ -251,12 +256,19 @@ def _load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.de
     b, h, s, d = keys.shape
     if s != bank.slots:
         raise ValueError(f"snapshot has {s} slots per head, this memory has {bank.slots}")
+    n, spans = bank.rule.span_reserve, state.get("span_score")  # absent (older snapshot): the reserve looks empty
+    if spans is not None and (not n or tuple(spans.shape) != (b, h, n)):
+        raise ValueError(f"span_score of shape {tuple(spans.shape)} does not fit this memory's span reserve "
+                         f"[{b}, {h}, {n}]" + ("" if n else " (span_reserve=0: no reserve)"))
     bank._allocate(torch.empty(b, h, 1, d, device=dev), torch.empty(b, h, 1, values.shape[-1], device=dev))
     bank.keys[..., :s, :] = keys.to(dev, bank.dtype)
     bank.values[..., :s, :] = values.to(dev, bank.dtype)
     bank.counts[..., :s] = state["counts"].to(dev, torch.long)
     bank.ages[..., :s] = state["ages"].to(dev, torch.long)
     bank.telemetry.copy_(state["telemetry"].to(dev, torch.long))
+    if spans is not None:
+        spans = spans.to(dev, torch.float32)
+        bank.span_score[..., :n] = torch.where(spans < 0, float("-inf"), spans)
     bank.empty = not bool((bank.counts > 0).any())
     bank.version += 1
 
@@ -344,11 +356,29 @@ def _write_spans(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, held: torch.T
     bank.pinned.scatter_(2, slot, torch.zeros_like(held))
 
 
+def _native_beside_reserve(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor,
+                           best_sim: torch.Tensor, finite: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
+                           importance: torch.Tensor) -> bool:
+    """The paper's rule on the consolidated slots in the C kernel, then the span reserve's tokens
+    (`held`, skipped by the kernel) into their slots; False where the kernel does not apply."""
+    base, s = bank.slots - bank.rule.span_reserve, bank.slots
+    if not bank._native_bookkeeping(k, v, best, best_sim, finite, base):
+        return False
+    bank.ages[..., base:s] += k.shape[2]  # the kernel ages only the slots it manages
+    _write_spans(bank, k, v, held, slot, importance)
+    bank._clear_scratch()
+    n = held.sum()  # the kernel counted them as skipped: they are new
+    bank.telemetry[1] += n
+    bank.telemetry[4] -= n
+    return True
+
+
 def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
-            finite: torch.Tensor) -> bool:
+            finite: torch.Tensor, slots: int | None = None) -> bool:
     """The rest of the write (merges, ages, novel tokens' places, telemetry) in the C kernel
-    (camelot/csrc/consolidate.c) for a float32 bank on CPU; False where it does not apply
-    (_merge and _place_by_age then do it in torch: the two are tested against each other)."""
+    (camelot/csrc/consolidate.c) for a float32 bank on CPU, over its first `slots` slots (all:
+    None); False where it does not apply (_merge and _place_by_age then do it in torch: the two
+    are tested against each other)."""
     if bank.dtype != torch.float32 or k.device.type != "cpu" or k.requires_grad:
         return False
     lib = native_library()
@@ -358,7 +388,8 @@ def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor
     b, h, t, d = k.shape
     inputs = (k.contiguous(), v.contiguous(), best.contiguous(), best_sim.float().contiguous(),
               finite.to(torch.uint8).contiguous())
-    rc = lib.camelot_consolidate_f32(b * h, t, bank.slots, d, v.shape[-1], bank.threshold,
+    rc = lib.camelot_consolidate_f32(b * h, t, bank.slots if slots is None else slots, bank.slots + 1, d,
+                                     v.shape[-1], bank.threshold,
                                      *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
                                      bank.telemetry.data_ptr())
     return rc == 0

@@ -30,6 +30,7 @@ class BlockMemory:
     """
 
     wants_received = True
+    wants_surprise = False
     observes_reads = False  # representatives come from the window's attention, not from reads
 
     def observe_reads(self, mass: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from camelot.memory.spans import SPAN_SCORES
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
+IMPORTANCES = ("attention", "surprise")
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -44,12 +45,16 @@ class WriteRule:
     merge_target: per-head thresholds from the similarity distribution: each head merges this
         fraction of the segment's tokens (its threshold is the matching quantile of the tokens'
         best similarities) instead of one global threshold. None: the global threshold.
-    span_reserve: the last span_reserve slots of each head keep whole spans of `span`
-        consecutive tokens raw, those that received the most attention (camelot/memory/spans.py);
-        a multiple of span. 0: off.
-    span: tokens per reserved span.
-    span_score: how spans are ranked, "relative" (attention received over the segment's mean)
-        "sum" (attention received) or "shared" (relative, max over the layer's KV heads); spans.py.
+    span_reserve: the last span_reserve slots of each head keep tokens raw, one per slot: those
+        in the most important windows of `span` consecutive tokens (camelot/memory/spans.py).
+        0: off.
+    span: tokens per window the span reserve ranks (a token scores as its best window).
+    span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
+        (importance) or "shared" (relative, max over the layer's KV heads); spans.py.
+    importance: what a token's importance is, for every rule above that ranks by it. "attention":
+        the attention it received while in the window and raw tail (per KV head); "surprise": the
+        model's own NLL of the token (the same for every head and layer, so all keep the same
+        tokens; EM-LLM's signal), handed to the write by the wrapper.
     """
 
     evict: str = "age"
@@ -61,6 +66,7 @@ class WriteRule:
     span_reserve: int = 0
     span: int = 8
     span_score: str = "relative"
+    importance: str = "attention"
 
     def __post_init__(self) -> None:
         if self.evict not in EVICTIONS:
@@ -78,18 +84,24 @@ class WriteRule:
             raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
         if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
             raise ValueError(f"span must be an integer >= 1, got {self.span!r}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
-        if (isinstance(self.span_reserve, bool) or not isinstance(self.span_reserve, int) or self.span_reserve < 0
-                or self.span_reserve % self.span):
-            raise ValueError(f"span_reserve must be an integer >= 0 and a multiple of span ({self.span}), "
-                             f"got {self.span_reserve!r}")
+        if isinstance(self.span_reserve, bool) or not isinstance(self.span_reserve, int) or self.span_reserve < 0:
+            raise ValueError(f"span_reserve must be an integer >= 0, got {self.span_reserve!r}")
 
     @property
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
-        # span and span_score change nothing while span_reserve is 0
-        return self.span_reserve == 0 and replace(self, span=8, span_score="relative") == WriteRule()
+        # span, span_score and importance change nothing while no rule ranks tokens
+        return self.span_reserve == 0 and replace(self, span=8, span_score="relative",
+                                                  importance="attention") == WriteRule()
+
+    @property
+    def plain_but_reserve(self) -> bool:
+        """The paper's rule plus a span reserve: the C kernel does the consolidated part."""
+        return self.span_reserve > 0 and replace(self, span_reserve=0).plain
 
     @property
     def scored(self) -> bool:
@@ -221,7 +233,9 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
 
 def rule_from_config(cfg: object) -> WriteRule:
     """The write rule a CamelotConfig names (its fields evict, protect, reserve, use_decay,
-    value_threshold, merge_target, span_reserve, span, span_score); raises ValueError on a bad one."""
+    value_threshold, merge_target, span_reserve, span, span_score, importance); raises ValueError
+    on a bad one."""
     return WriteRule(evict=cfg.evict, protect=cfg.protect, reserve=cfg.reserve, use_decay=cfg.use_decay,
                      value_threshold=cfg.value_threshold, merge_target=cfg.merge_target,
-                     span_reserve=cfg.span_reserve, span=cfg.span, span_score=cfg.span_score)
+                     span_reserve=cfg.span_reserve, span=cfg.span, span_score=cfg.span_score,
+                     importance=cfg.importance)

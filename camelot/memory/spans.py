@@ -2,14 +2,16 @@
 
 Why: on the needle probe the consolidated write keeps some digits of a fact but loses their
 order (1424500 for 142450): each token is judged alone, and merging folds look-alike digit
-slots together. The span reserve keeps whole runs of `span` consecutive tokens RAW: the last
-`span_reserve` slots of each head hold span_reserve // span spans, each written contiguously,
-one token per slot with count 1, never merged into and never evicted by the main rule. As
-tokens leave the raw tail, each full span of a segment (cut from the segment's start) is
-scored by the attention its tokens received while in the window (sum over the span); the
-best spans among those held and the new ones stay, the lowest-scoring held span giving way
-to a better new one. Tokens of a chosen span skip the consolidated part of the bank; a span
-that loses its place is dropped.
+slots together. The span reserve keeps the tokens of the best runs RAW: the last
+`span_reserve` slots of each head hold one token each, count 1, never merged into and never
+evicted by the main rule. A token's score is that of the best window of `span` consecutive
+tokens containing it (the sum of their importance: attention received in the window, or the
+model's surprise, WriteRule.importance), so a window that wins is kept whole, and a fact that
+straddles two windows keeps both: with spans cut on a fixed grid, or one span per peak, a
+needle's digits fell just outside the kept span. As tokens leave the raw tail, the best tokens
+among those held and the new ones stay, a held token giving way only to a better new one.
+Tokens the reserve takes skip the consolidated part of the bank; a token that loses its place
+is dropped.
 """
 
 from __future__ import annotations
@@ -21,45 +23,40 @@ SPAN_SCORES = ("relative", "sum", "shared")
 
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                  base: int, scratch: int, how: str = "relative") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """span_score [B, H, n+1]: the held spans' scores (-inf: empty; index n is a scratch entry);
-    importance, finite [B, H, T]. how: "sum", a span's score is the attention its tokens received;
-    "relative", that sum over the mean of the segment's spans, so segments compare fairly (early in
-    a document a token competes with few keys and receives much more: by the plain sum the first
-    spans of the document filled the reserve and stayed); "shared", the relative score's max over
-    the layer's KV heads, so every head keeps the spans any head singled out (the needle probe
-    found the needle's digits in the reserve of a few heads only). Returns (held [B, H, T]: the
-    tokens the reserve takes, slot [B, H, T]: the slot each goes to (`scratch` for the others),
-    new span_score [B, H, n+1])."""
+    """span_score [B, H, n+1]: the held tokens' scores (-inf: empty; index n is a scratch entry);
+    importance, finite [B, H, T]. how: "sum", a window's score is its tokens' importance;
+    "relative", that sum over the mean of the segment's windows, so segments compare fairly (early
+    in a document a token competes with few keys and receives much more attention: by the plain
+    sum the first tokens of the document filled the reserve and stayed); "shared", the relative
+    score's max over the layer's KV heads, so every head keeps what any head singled out.
+    Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
+    (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
     n = span_score.shape[-1] - 1
-    m = t // span
     dev = importance.device
-    cut = m * span
-    imp = importance[..., :cut].reshape(b, h, m, span).float()
-    whole = finite[..., :cut].reshape(b, h, m, span).all(-1)
-    new = imp.sum(-1)  # [B,H,m]
+    if t < span:  # no whole window: the segment's tokens go to the consolidated part
+        return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
+                torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
+    win = importance.float().unfold(-1, span, 1).sum(-1)  # [B,H,W]: the window starting at each token
     if how != "sum":
-        new = new / new.mean(-1, keepdim=True).clamp(min=1e-9)
+        win = win / win.mean(-1, keepdim=True).clamp(min=1e-9)
     if how == "shared":
-        new = new.amax(1, keepdim=True).expand_as(new)
-    new = torch.where(whole, new, float("-inf"))
-    cand = torch.cat([span_score[..., :n], new], dim=-1)  # held spans first: they win ties
+        win = win.amax(1, keepdim=True).expand_as(win)
+    win = torch.where(finite.unfold(-1, span, 1).all(-1), win, float("-inf"))
+    # token i lies in the windows starting at i-span+1 .. i: its score is their max
+    padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (span - 1, span - 1), value=float("-inf"))
+    new = torch.nn.functional.max_pool1d(padded, span, stride=1).view(b, h, t)
+    cand = torch.cat([span_score[..., :n], new], dim=-1)  # held tokens first: they win ties
     order = cand.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n + m, device=dev).expand_as(order).contiguous())
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n + t, device=dev).expand_as(order).contiguous())
     keep = (rank < n) & torch.isfinite(cand)
     kept_old, chosen = keep[..., :n], keep[..., n:]
-    # a chosen new span takes a place not kept (empty or lost), lowest index first, in span order
+    # a chosen new token takes a place not kept (empty or lost), lowest index first, in token order
     freed = kept_old.long().argsort(dim=-1, stable=True)  # [B,H,n]: places not kept come first
-    r = (chosen.long().cumsum(-1) - 1).clamp(min=0)
-    dest = torch.where(chosen, freed.gather(-1, r.clamp(max=max(n - 1, 0))), n)  # [B,H,m]
+    r = (chosen.long().cumsum(-1) - 1).clamp(min=0, max=max(n - 1, 0))
+    dest = torch.where(chosen, freed.gather(-1, r), n)  # [B,H,T]
     score = torch.where(kept_old, span_score[..., :n], float("-inf"))
     score = torch.cat([score, span_score.new_full((b, h, 1), float("-inf"))], dim=-1)
     score.scatter_(-1, dest, torch.where(chosen, new, float("-inf")))
     score[..., n] = float("-inf")
-    offs = torch.arange(span, device=dev)
-    slot = torch.where(chosen[..., None], base + dest[..., None] * span + offs, scratch).reshape(b, h, cut)
-    held = chosen[..., None].expand(b, h, m, span).reshape(b, h, cut)
-    if cut < t:  # the ragged end of a segment is never reserved
-        slot = torch.cat([slot, slot.new_full((b, h, t - cut), scratch)], dim=-1)
-        held = torch.cat([held, held.new_zeros(b, h, t - cut)], dim=-1)
-    return held, slot, score
+    return chosen, torch.where(chosen, base + dest, scratch), score

@@ -13,6 +13,7 @@ class TokenStore:
     kNN memory). Capacity doubles as it fills, so appends stay amortised O(1)."""
 
     wants_received = False  # keeps every token: nothing to rank
+    wants_surprise = False
     observes_reads = False
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
