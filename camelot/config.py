@@ -20,7 +20,7 @@ from camelot.memory.spans import SPAN_SCORES
 Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
 WriteMode = Literal["segment", "token"]
 MemoryDtype = Literal["float32", "bfloat16", "float16"]
-Placement = Literal["fixed", "recency"]
+Placement = Literal["fixed", "recency", "mixed"]
 Retrieve = Literal["query", "group", "key"]
 
 STRATEGIES: tuple[str, ...] = ("window", "recurrent", "sliding", "knn", "infllm", "camelot")
@@ -82,7 +82,9 @@ class CamelotConfig:
         "log(count) drifts in long runs: perplexity 16 -> 29 over 600k tokens). 0 (off) to 4")
     placement: Placement = option(
         "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
-        "positions before the segment. recency: each slot at its last write", choices=PLACEMENTS)
+        "positions before the segment. recency: each slot at its last write. mixed: raw entries (the span "
+        "reserve's tokens, never merged) at their last write, which is their exact place, and consolidated "
+        "slots fixed", choices=PLACEMENTS)
     memory_distance: int | None = option(
         None, "positions between memory and the segment's first token (rotary models); None: right "
         "before the raw tail (window + recent)")

@@ -22,7 +22,9 @@ class Positions:
 
     rope: the layer's rotary embedding, None where keys carry no rotation (absolute, ALiBi).
     distance: how far before the segment memory sits (fixed placement).
-    placement: "fixed" (every slot at `-distance`) or "recency" (each at its last write).
+    placement: "fixed" (every slot at `-distance`), "recency" (each at its last write) or
+        "mixed" (entries from the memory's `raw_from` on, one raw token each, at their last write;
+        the consolidated ones fixed).
     max_distance: farthest a memory key may be placed (recency), from the model's range.
     """
 
@@ -82,18 +84,21 @@ class Positions:
         return self.memory_query(plain * self.rope.scaling if self.rope.scaling != 1.0 else plain)
 
     def memory_positions(self, memory: Memory, tail: int, device: torch.device) -> torch.Tensor:
-        """Where memory keys sit: [1] (fixed), [S] or [B, Hkv, S] (recency), negative."""
-        if self.placement != "recency":
+        """Where memory keys sit: [1] (fixed), [S] or [B, Hkv, S] (recency, mixed), negative."""
+        if self.placement == "fixed":
             if self._fixed_pos is None or self._fixed_pos.device != device:  # no host-to-device copy per read
                 self._fixed_pos = torch.tensor([-self.distance], device=device)
             return self._fixed_pos
         pos = memory.positions().to(device) - tail  # the raw tail sits between memory and the segment
+        if self.placement == "mixed":  # a merged slot's last write is not where its tokens were: fixed
+            consolidated = torch.arange(pos.shape[-1], device=device) < memory.raw_from
+            pos = pos.masked_fill(consolidated, -self.distance)
         return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
 
     @property
     def rotates_memory(self) -> bool:
-        """Recency placement on a rotary model rotates the bank itself (each slot its own place)."""
-        return self.placement == "recency" and self.rope is not None
+        """Recency or mixed placement on a rotary model rotates the bank itself (each slot its own place)."""
+        return self.placement != "fixed" and self.rope is not None
 
     def placed_memory(self, keys: torch.Tensor, memory: Memory, tail: int) -> torch.Tensor:
         return place_keys(self.rope, keys, self.memory_positions(memory, tail, keys.device))

@@ -59,6 +59,38 @@ def test_memory_behind_a_tail_sits_at_its_true_positions(strategy, extra):
     assert (out.token_nll - _full_nll(cm.unwrap(), ids)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("placement", ["mixed", "fixed"])
+def test_span_reserve_tokens_sit_at_their_true_positions_with_mixed_placement(placement):
+    """A span reserve big enough for every token that leaves the tail (windows of one token) holds
+    them all raw: with placement="mixed" memory + tail + segment is then every past token at its
+    true position (full attention); with "fixed" they all sit at one distance and it is not."""
+    model = tiny_llama(max_pos=256)
+    ids = _distinct(90)
+    cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, sink=0, slots=100, span_reserve=96, span=1,
+                                           importance="surprise", span_score="sum", placement=placement))
+    out = cm.score(ids)
+    bank = cm.runtimes[1].state.memory
+    assert bank.raw_from == 4 and not bank.empty and int(bank.counts[..., :4].sum()) == 0  # all in the reserve
+    gap = (out.token_nll - _full_nll(cm.unwrap(), ids)).abs().max()
+    assert gap <= 1e-4 if placement == "mixed" else gap > 1e-3  # the tiny model: 1.4e-3
+
+
+def test_mixed_placement_puts_consolidated_slots_at_the_fixed_distance():
+    from camelot.memory import SlotBank
+    from camelot.memory.rules import WriteRule
+    from camelot.positions import Positions
+
+    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=4, span=1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        k = torch.randn(1, 1, 5, 8, generator=g)
+        bank.write(k, k, received=torch.rand(1, 1, 5, generator=g))
+    pos = Positions(None, distance=50, placement="mixed").memory_positions(bank, tail=7, device=torch.device("cpu"))
+    recency = bank.positions() - 7
+    assert torch.equal(pos[..., :6], torch.full_like(pos[..., :6], -50))
+    assert torch.equal(pos[..., 6:], recency[..., 6:]) and bool((recency[..., 6:] != -50).all())
+
+
 def test_each_token_reaches_memory_once_when_it_leaves_the_tail():
     model = tiny_llama(layers=2, kv_heads=2)
     cm = camelot.wrap(model, CamelotConfig(window=16, slots=32, read_top_k=2, recent=24, sink=3, threshold=0.5))

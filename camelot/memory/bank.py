@@ -60,6 +60,7 @@ class SlotBank:
         self.wants_received = self.rule.scored and self.rule.importance == "attention"
         self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
         self.observes_reads = self.rule.scored
+        self.raw_from = slots - self.rule.span_reserve  # the span reserve: raw tokens, never merged
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
