@@ -26,12 +26,14 @@ class SurpriseFeed:
         wanting = [st for st in states if st.tracks_surprise]
         if not wanting:
             return
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        # NLL = logsumexp(row) - row[next id]: no [B, m, V] log-softmax is made (V is 150k for Qwen)
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)  # [B, m]
         nll = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
-        nll[:, 1:] = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        nll[:, 1:] = lse[:, :-1] - logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
         prev = self.last_logp
         if prev is not None and prev.shape[0] == ids.shape[0]:
             nll[:, 0] = -prev.gather(-1, ids[:, :1])[:, 0]
-        self.last_logp = logp[:, -1]
+        self.last_logp = logits[:, -1] - lse[:, -1:]
         for st in wanting:
             st.note_surprise(nll)
