@@ -12,12 +12,10 @@ from typing import Any
 
 from camelot import options
 from camelot.config import STRATEGIES, CamelotConfig
+from camelot.memory.rules import RULE_FIELDS
 from camelot.options import AUTO_SET, UserError, parse_top_k
 
 ALL_STRATEGIES = (*STRATEGIES, "full")
-# camelot's write rule (camelot/memory/rules.py): swept like the other memory settings
-RULE_FIELDS = ("evict", "protect", "reserve", "use_decay", "value_threshold", "merge_target", "span_reserve", "span",
-               "span_score", "importance")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
 
 

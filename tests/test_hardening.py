@@ -106,3 +106,16 @@ def test_calls_wait_for_the_wrapper_lock(call, tmp_path):
         assert not done.wait(0.3), f"{call} ran while another thread held the wrapper"
     t.join(10)
     assert done.is_set()
+
+
+@pytest.mark.parametrize("command", [["icl"], ["soak"], ["ask", "q"]])
+def test_single_config_commands_take_the_write_rule_flags(command):
+    """ask, icl and soak build one CamelotConfig: every write-rule field is a flag of theirs too."""
+    from camelot.cli import build_parser, memory_config
+    from camelot.memory.rules import RULE_FIELDS
+
+    args = build_parser().parse_args([*command, "--span-reserve", "64", "--span", "16", "--importance", "surprise",
+                                      "--evict", "use", "--reserve", "none"])
+    cfg = memory_config(args)
+    assert (cfg.span_reserve, cfg.span, cfg.importance, cfg.evict, cfg.reserve) == (64, 16, "surprise", "use", None)
+    assert all(hasattr(args, name) for name in RULE_FIELDS)

@@ -14,7 +14,7 @@ decayed per written token (`use_decay`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -232,10 +232,10 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
 
 
 def rule_from_config(cfg: object) -> WriteRule:
-    """The write rule a CamelotConfig names (its fields evict, protect, reserve, use_decay,
-    value_threshold, merge_target, span_reserve, span, span_score, importance); raises ValueError
-    on a bad one."""
-    return WriteRule(evict=cfg.evict, protect=cfg.protect, reserve=cfg.reserve, use_decay=cfg.use_decay,
-                     value_threshold=cfg.value_threshold, merge_target=cfg.merge_target,
-                     span_reserve=cfg.span_reserve, span=cfg.span, span_score=cfg.span_score,
-                     importance=cfg.importance)
+    """The write rule a CamelotConfig names (its fields of the same names, RULE_FIELDS); raises
+    ValueError on a bad one."""
+    return WriteRule(**{name: getattr(cfg, name) for name in RULE_FIELDS})
+
+
+# the CamelotConfig fields (and CLI flags) that make the write rule: WriteRule's own fields
+RULE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(WriteRule))
