@@ -102,3 +102,11 @@ def test_a_shared_score_keeps_in_every_head_the_span_one_head_singled_out():
         bank.write(k, k, received=imp)
         kept[how] = [torch.equal(bank.keys[0, h, 2:6], k[0, h, 4:]) for h in range(2)]
     assert kept == {"relative": [True, False], "shared": [True, True]}
+
+
+def test_only_rules_that_place_by_slot_scores_make_reads_report_their_mass():
+    """The read's per-slot attention mass feeds evict=use and protect; a reserve alone ranks
+    incoming tokens only, so its reads skip that work."""
+    assert not SlotBank(12, 0.9, rule=WriteRule(span_reserve=4, importance="surprise")).observes_reads
+    assert SlotBank(12, 0.9, rule=WriteRule(evict="use")).observes_reads
+    assert SlotBank(12, 0.9, rule=WriteRule(protect=2.0, span_reserve=4)).observes_reads

@@ -56,10 +56,10 @@ class SlotBank:
         self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
         self.span_score: torch.Tensor | None = None  # [B, H, span_reserve+1] float32, -inf: empty (spans.py)
         # what the layer hands `write` as `received` for a rule that ranks tokens: the attention each
-        # token received in the window, or its NLL under the model; such a rule adds read mass too
+        # token received in the window, or its NLL under the model
         self.wants_received = self.rule.scored and self.rule.importance == "attention"
         self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
-        self.observes_reads = self.rule.scored
+        self.observes_reads = self.rule.ranks_slots  # reads add the mass slots got to their scores
         self.raw_from = slots - self.rule.span_reserve  # the span reserve: raw tokens, never merged
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive

@@ -108,6 +108,12 @@ class WriteRule:
         """Whether slots need a score (attention received)."""
         return self.evict == "use" or self.protect > 0 or self.span_reserve > 0
 
+    @property
+    def ranks_slots(self) -> bool:
+        """Whether places go by the slots' scores, which reads add their attention mass to (the
+        span reserve alone ranks incoming tokens only)."""
+        return self.evict == "use" or self.protect > 0
+
 
 def merge_mask(rule: WriteRule, threshold: float, best_sim: torch.Tensor, finite: torch.Tensor,
                v: torch.Tensor, slot_values: torch.Tensor, best: torch.Tensor,
