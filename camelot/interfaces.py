@@ -107,6 +107,7 @@ class Wrapper(Protocol):
     adapter: Any  # camelot.adapters.base.Adapter
     modules: list  # attention modules, by layer index
     runtimes: list  # camelot.attention.LayerRuntime per attention module
+    surprise: Any  # camelot.surprise.SurpriseFeed: the last step's next-token log-probs
 
     @property
     def open_len(self) -> int: ...

@@ -86,6 +86,7 @@ class Checkpoint:
 
     layers: list[LayerState]  # per runtime, a copy (the open segment's tensors shared: never written into)
     owner: Any = None  # weakref to the wrapper that took it: restoring into another one is refused
+    last_logp: torch.Tensor | None = None  # the wrapper's SurpriseFeed: scores the next step's first token
 
 
 class MemoryView:
@@ -122,7 +123,8 @@ class MemoryView:
     def checkpoint(self) -> Checkpoint:
         """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
         read several continuations of one shared prefix without re-reading it."""
-        return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes], weakref.ref(self.cm))
+        return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes], weakref.ref(self.cm),
+                          self.cm.surprise.last_logp)
 
     @exclusive_view
     def restore(self, cp: Checkpoint) -> None:
@@ -134,6 +136,7 @@ class MemoryView:
         for rt, held in zip(self.cm.runtimes, cp.layers):
             rt.state.load_state_dict(_copied(held))
             rt.last_read = None
+        self.cm.surprise.last_logp = cp.last_logp
 
     def open_segment(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """A free handle on every layer's open segment (attention never edits those tensors in
@@ -212,6 +215,7 @@ class MemoryView:
             new.local_k, new.local_v = k, v
             rt.state.load_state_dict(new)
             rt.last_read = None
+        self.cm.surprise.reset()  # a snapshot does not carry the last prediction: no leak from before
         return meta
 
 

@@ -74,7 +74,7 @@ class CamelotModel:
         model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
         model._camelot_wrapper = self
-        self._surprise = SurpriseFeed()  # each token's NLL, for write rules that rank by surprise
+        self.surprise = SurpriseFeed()  # each token's NLL, for write rules that rank by surprise
 
     # ------------------------------------------------------------------ lifecycle
     @exclusive
@@ -82,7 +82,7 @@ class CamelotModel:
         """Forget everything: memory, prefixes and the open segment."""
         for rt in self.runtimes:
             rt.reset()
-        self._surprise.reset()
+        self.surprise.reset()
 
     @exclusive
     def unwrap(self) -> nn.Module:
@@ -157,7 +157,7 @@ class CamelotModel:
         # a device-to-host sync every segment. camelot's mask function ignores it anyway.
         mask = torch.ones(b, m, dtype=torch.long, device=ids.device)
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
-        self._surprise.note([rt.state for rt in self.runtimes], ids, out.logits)
+        self.surprise.note([rt.state for rt in self.runtimes], ids, out.logits)
         if start + m == self.config.window:
             self.flush()
         return out.logits

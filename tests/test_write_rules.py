@@ -200,6 +200,29 @@ def test_importance_by_surprise_hands_each_token_its_nll_under_the_model_to_ever
     assert seen.numel() == 90 - 2 - 16 - 10 and torch.allclose(seen, nll[1 : 1 + seen.numel()], atol=1e-5)
 
 
+def test_a_checkpoint_carries_the_last_prediction_and_a_loaded_snapshot_starts_without_one(tmp_path):
+    """The first token of the next step is scored from the previous step's last row: restore
+    brings back the checkpoint's, so a continuation's importance does not depend on what was
+    read in between; after a load nothing of the document read before is used."""
+    import camelot
+    from tests.conftest import tiny_llama
+
+    cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(window=16, slots=12, recent=16, sink=2, span_reserve=8,
+                                                          span=4, span_score="sum", importance="surprise"))
+    ids = torch.randint(0, 101, (1, 90), generator=torch.Generator().manual_seed(0))
+    cm.feed(ids[:, :40], progress=False)
+    cp = cm.memory.checkpoint()
+    held = cm.surprise.last_logp.clone()
+    cm.feed(ids[:, 40:], progress=False)
+    assert not torch.equal(cm.surprise.last_logp, held)
+    cm.memory.restore(cp)
+    assert torch.equal(cm.surprise.last_logp, held)
+    path = cm.memory.save(tmp_path / "s.camelot")
+    cm.feed(ids[:, 40:], progress=False)
+    cm.memory.load(path)
+    assert cm.surprise.last_logp is None
+
+
 @pytest.mark.parametrize("bad", [{"evict": "lru"}, {"protect": -1}, {"reserve": -1}, {"use_decay": 0},
                                  {"value_threshold": 2}, {"merge_target": 1.5},
                                  {"importance": "nll"}])
