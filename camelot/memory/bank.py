@@ -119,8 +119,8 @@ class SlotBank:
 
     # ---------------------------------------------------------------- write
     def observe_reads(self, mass: torch.Tensor) -> None:
-        """Add the attention mass [B, H, S] slots received in a read to their scores (scored rules)."""
-        if self.rule.scored and self.allocated:
+        """Add a read's attention mass [B, H, S] per slot to the scores (where `observes_reads`)."""
+        if self.observes_reads and self.allocated:
             self.score[..., : self.slots] += mass.to(self.score.dtype)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None = None) -> None:
