@@ -22,12 +22,14 @@ WriteMode = Literal["segment", "token"]
 MemoryDtype = Literal["float32", "bfloat16", "float16"]
 Placement = Literal["fixed", "recency", "mixed"]
 Retrieve = Literal["query", "group", "key"]
+CountMode = Literal["relative", "absolute"]
 
 STRATEGIES: tuple[str, ...] = ("window", "recurrent", "sliding", "knn", "infllm", "camelot")
 WRITE_MODES: tuple[str, ...] = get_args(WriteMode)
 MEMORY_DTYPES: tuple[str, ...] = get_args(MemoryDtype)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
+COUNT_MODES: tuple[str, ...] = get_args(CountMode)
 
 # read_top_k="auto": every slot up to this many slots, the grouped bf16 top-k above (measured in the README)
 AUTO_EVERY_SLOT_MAX = 1024
@@ -80,6 +82,12 @@ class CamelotConfig:
         0.7, "add count_bias * max(0, log(count / mean count)) to a slot's logit: slots that merged more "
         "tokens than average weigh more, a slot of one token weighs like a raw token (the paper's absolute "
         "log(count) drifts in long runs: perplexity 16 -> 29 over 600k tokens). 0 (off) to 4")
+    count_mode: CountMode = option(
+        "relative", "what the count bias compares a slot's count with. relative: the head's mean count, "
+        "clipped at 0 (above). absolute: the paper's count_bias * log(count), so a slot of n merged tokens "
+        "takes the softmax mass of n raw copies of its key: what keeps many-shot in-context learning "
+        "(subj 256 shots: 50% relative, 80%+ absolute; README), at the price of memory outweighing the "
+        "window over very long streams", choices=COUNT_MODES)
     placement: Placement = option(
         "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
         "positions before the segment. recency: each slot at its last write. mixed: raw entries (the span "

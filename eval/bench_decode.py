@@ -25,7 +25,7 @@ def default_rows(model, ids: torch.Tensor, window: int, progress: bool) -> list[
             run_wrapped(model, ids, cfg, f"camelot defaults ({cfg.slots} slots + {cfg.recent} tail)",
                         prefill=True, progress=progress),
             run_wrapped(model, ids, cfg.replace(strategy="sliding", slots=budget), f"sliding {budget} (same budget)",
-                        progress=progress)]
+                        prefill=True, progress=progress)]
 
 
 def defaults_table(rows: list[Row]) -> str:

@@ -99,20 +99,27 @@ class Row:
 
 
 def fill_banks(cm, seed: int = 0) -> None:
-    """Put every camelot bank in its steady state: all slots used (random keys/values, count 1,
-    distinct ages), so the timed segments pay for a full bank and for evictions."""
+    """Put every layer in its steady state: every camelot bank with all slots used (random
+    keys/values, count 1, distinct ages), so the timed segments pay for a full bank and for
+    evictions, and every raw cache (camelot's tail, `sliding`'s whole budget) at its full length,
+    so that a short timed document does not time `sliding` with a cache it has not filled yet."""
     from camelot.memory import SlotBank
 
     cfg = cm.model.config
     g = torch.Generator().manual_seed(seed)
     for rt in cm.runtimes:
-        if not isinstance(rt.state.memory, SlotBank):
-            continue
         attn = cm.modules[rt.layer_idx]
         h = cfg.num_key_value_heads
         d = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        s = rt.state.memory.slots
         dev = next(attn.parameters()).device
+        raw = rt.state.prefix
+        if raw is not None and raw.size < raw.length:  # a raw cache (sliding's whole budget) at its full length
+            raw.reset()
+            raw.write(torch.randn(1, h, raw.length, d, generator=g).to(dev),
+                      torch.randn(1, h, raw.length, d, generator=g).to(dev))
+        if not isinstance(rt.state.memory, SlotBank):
+            continue
+        s = rt.state.memory.slots
         state = {"keys": torch.randn(1, h, s, d, generator=g), "values": torch.randn(1, h, s, d, generator=g),
                  "counts": torch.ones(1, h, s, dtype=torch.long),
                  "ages": torch.randperm(s, generator=g).expand(1, h, s).contiguous(),

@@ -185,6 +185,39 @@ def test_count_bias_lifts_slots_above_the_mean_count_and_leaves_the_rest_like_ra
         assert torch.allclose(out.transpose(1, 2), expected(b), atol=1e-5)
 
 
+def test_absolute_count_bias_makes_a_merged_slot_weigh_like_its_raw_copies():
+    """count_mode="absolute", factor 1: a slot of n identical merged tokens takes exactly the
+    softmax mass n raw copies of that token would (the vote many-shot ICL needs); the relative
+    mode does not, which shows the check can fail."""
+    from camelot.memory import SlotBank
+
+    torch.manual_seed(6)
+    d, n = 8, 5
+    key, val = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    other, val2 = -key, torch.randn(1, 1, 1, d)
+    q, k_loc, v_loc = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    raw = TokenStore(torch.float32)  # n copies of key, one of other, each its own entry
+    raw.write(torch.cat([key] * n + [other], 2), torch.cat([val] * n + [val2], 2))
+    rt_raw = LayerRuntime.build(0, None, raw, None, TorchExactSearch(), top_k=None, distance=0, count_bias=False)
+    want = rt_raw.attend(q, k_loc, v_loc, 1.0, None, None)
+
+    def merged(mode):
+        bank = SlotBank(4, 0.99, torch.float32)
+        for _ in range(n):  # a segment's tokens match the bank as it was: one write per copy
+            bank.write(key, val)
+        bank.write(other, val2)
+        assert bank.state_dict()["counts"][0, 0].tolist() == [n, 1, 0, 0]
+        rt = LayerRuntime.build(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0,
+                                count_mode=mode)
+        return rt.attend(q, k_loc, v_loc, 1.0, None, None)
+
+    torch.testing.assert_close(merged("absolute"), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged("relative"), want, atol=1e-3)
+    with pytest.raises(ValueError, match="relative or absolute"):
+        LayerRuntime.build(0, None, raw, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0,
+                           count_mode="log")
+
+
 def test_count_bias_follows_every_change_of_the_memory():
     """The bias is kept between reads of an unchanged memory: a write, a reset or a load must
     each be seen by the next read."""

@@ -98,3 +98,22 @@ def test_one_camelot_segment_has_no_host_sync_in_camelot_code():
         cfg2 = cfg.replace(window=32)
         prof2 = bench.profile_segment(tiny_llama(), torch.randint(0, 101, (1, 128)), cfg2)
         assert prof2["aten_ops"] == prof["aten_ops"]
+
+
+def test_fill_banks_puts_every_layer_in_its_steady_state():
+    """The speed tables time a short document: a `sliding` cache it has not filled yet would
+    be timed at a fraction of its budget, flattering it against a pre-filled camelot bank."""
+    from camelot.eval.bench_measure import fill_banks
+
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    with camelot.wrap(model, camelot.CamelotConfig(window=16, slots=40, strategy="sliding")) as cm:
+        fill_banks(cm)
+        assert {rt.state.prefix.size for rt in cm.runtimes} == {40}
+        cm.step(torch.randint(0, 101, (1, 16)))  # and it still runs, at full length
+        assert {rt.state.prefix.size for rt in cm.runtimes} == {40}
+    with camelot.wrap(model, camelot.CamelotConfig(window=16, slots=32, recent=8)) as cm:
+        fill_banks(cm)
+        assert {rt.state.prefix.size for rt in cm.runtimes} == {8}
+        assert all(bool((rt.state.memory.counts[..., :32] > 0).all()) for rt in cm.runtimes)

@@ -14,9 +14,10 @@ from camelot.reads.shared import GroupTopK, KeyTopK
 READS: dict[str, type[Read]] = {"query": QueryTopK, "group": GroupTopK, "key": KeyTopK}
 
 
-def make_read(search: SearchBackend, top_k: int | None, retrieve: str, count_bias: float) -> Read:
+def make_read(search: SearchBackend, top_k: int | None, retrieve: str, count_bias: float,
+              count_mode: str = "relative") -> Read:
     rule = EverySlotRead if top_k is None else READS[retrieve]
-    return rule(search, top_k, count_bias)
+    return rule(search, top_k, count_bias, count_mode)
 
 
 __all__ = ["READS", "SPARSE_BELOW", "BlockRead", "CountBias", "DenseResult", "EverySlotRead", "GroupTopK", "KeyTopK",

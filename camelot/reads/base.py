@@ -92,11 +92,19 @@ class CountBias:
     never below 0, because a rare fact sits in a slot of count 1 and must not sink under the
     window (pass key at 4k: 100% vs 33% for the unclipped ratio).
 
+    mode "absolute" is the paper's factor * log(count): with factor 1 a slot of n merged tokens
+    takes the softmax mass of n raw copies of its key, which is what a vote over many similar
+    entries needs (many-shot ICL: the template tokens of 250 demonstrations merge into slots of
+    count ~250, and the relative bias leaves them ~1/15 of the mass their raw copies had).
+
     Kept while the memory is unchanged: it depends only on the counts, and a memory changes once
     per segment, not once per forward."""
 
-    def __init__(self, factor: float) -> None:
+    def __init__(self, factor: float, mode: str = "relative") -> None:
+        if mode not in ("relative", "absolute"):
+            raise ValueError(f"count bias mode must be relative or absolute, got {mode!r}")
         self.factor = float(factor)
+        self.mode = mode
         self.reset()
 
     def reset(self) -> None:
@@ -111,10 +119,11 @@ class CountBias:
         key = (memory.version, self.factor)
         if self._memory is memory and self._key == key:
             return self.cached
-        # as log(max(1, c / max(1, mean))): the same value in fewer passes; a free slot (c = 0)
-        # gets 0 like a slot of one token
-        mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
-        self.cached = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.factor)
+        if self.mode == "absolute":  # a free slot (c = 0) gets 0 like a slot of one token
+            self.cached = torch.log(counts.float().clamp(min=1)).mul_(self.factor)
+        else:  # as log(max(1, c / max(1, mean))): the same value in fewer passes
+            mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+            self.cached = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.factor)
         self._memory, self._key = memory, key
         return self.cached
 
@@ -142,10 +151,11 @@ class Read:
 
     needs_raw_keys = False  # the rule searches by the token's own position-free key
 
-    def __init__(self, search: SearchBackend, top_k: int | None, count_bias: float) -> None:
+    def __init__(self, search: SearchBackend, top_k: int | None, count_bias: float,
+                 count_mode: str = "relative") -> None:
         self.search = search
         self.top_k = top_k
-        self.count_bias = CountBias(count_bias)
+        self.count_bias = CountBias(count_bias, count_mode)
 
     def read(self, query: torch.Tensor, memory: Memory, positions: Positions, tail: int, scaling: float,
              softcap: float | None, bias: PositionBias | None,
