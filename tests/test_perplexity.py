@@ -68,6 +68,21 @@ def test_write_rule_flags_reach_the_camelot_runs_and_name_them():
     assert len(runs["sliding"]) == 1  # the rule multiplies camelot's runs only
 
 
+def test_count_mode_flag_reaches_the_camelot_runs_and_names_them():
+    import argparse
+
+    from camelot.eval.plan import add_sweep_args, sweep_from_args
+
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    runs = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "camelot", "--count-mode", "relative,absolute"]))))["camelot"]
+    assert [s.config.count_mode for s in runs] == ["relative", "absolute"]
+    assert "count_mode=absolute" in runs[1].label
+    one = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(["--strategies", "camelot"]))))["camelot"]
+    assert "count_mode" not in one[0].label  # the default, not swept: not named
+
+
 def _by_strategy_specs(specs) -> dict[str, list]:
     out: dict[str, list] = {}
     for s in specs:
