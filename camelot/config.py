@@ -85,9 +85,9 @@ class CamelotConfig:
     count_mode: CountMode = option(
         "relative", "what the count bias compares a slot's count with. relative: the head's mean count, "
         "clipped at 0 (above). absolute: the paper's count_bias * log(count), so a slot of n merged tokens "
-        "takes the softmax mass of n raw copies of its key: what keeps many-shot in-context learning "
-        "(subj 256 shots: 50% relative, 80%+ absolute; README), at the price of memory outweighing the "
-        "window over very long streams", choices=COUNT_MODES)
+        "takes the softmax mass of n raw copies of its key, as a vote over many demonstrations needs "
+        "(docs/icl_memory.md); over very long streams memory then outweighs the window (README, 'Long "
+        "runs')", choices=COUNT_MODES)
     placement: Placement = option(
         "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
         "positions before the segment. recency: each slot at its last write. mixed: raw entries (the span "
