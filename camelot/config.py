@@ -16,20 +16,20 @@ from typing import Any, Literal, get_args
 from camelot.backends import BACKENDS
 from camelot.memory.rules import EVICTIONS, IMPORTANCES, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
+from camelot.reads.base import COUNT_MODES
 
 Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
 WriteMode = Literal["segment", "token"]
 MemoryDtype = Literal["float32", "bfloat16", "float16"]
 Placement = Literal["fixed", "recency", "mixed"]
 Retrieve = Literal["query", "group", "key"]
-CountMode = Literal["relative", "absolute"]
+CountMode = Literal["relative", "absolute"]  # = camelot.reads.base.COUNT_MODES, where the bias is
 
 STRATEGIES: tuple[str, ...] = ("window", "recurrent", "sliding", "knn", "infllm", "camelot")
 WRITE_MODES: tuple[str, ...] = get_args(WriteMode)
 MEMORY_DTYPES: tuple[str, ...] = get_args(MemoryDtype)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
-COUNT_MODES: tuple[str, ...] = get_args(CountMode)
 
 # read_top_k="auto": every slot up to this many slots, the grouped bf16 top-k above (measured in the README)
 AUTO_EVERY_SLOT_MAX = 1024

@@ -79,3 +79,15 @@ def test_auto_read_is_exact_for_small_banks_and_the_grouped_fast_read_for_large_
     assert CamelotConfig(slots=256, search="faiss").read_top_k == 8  # a top-k backend gets a top-k
     assert CamelotConfig(strategy="knn").read_top_k is None and CamelotConfig(strategy="sliding").read_top_k is None
     assert CamelotConfig(slots=4096).replace(slots=512).read_top_k == 8  # resolved once, then concrete
+
+
+def test_count_mode_choices_are_the_ones_the_bias_implements():
+    from typing import get_args
+
+    from camelot.config import CountMode
+    from camelot.reads.base import COUNT_MODES
+
+    assert get_args(CountMode) == COUNT_MODES
+    assert CamelotConfig(count_mode="absolute").count_mode == "absolute"
+    with pytest.raises(ValueError, match="count_mode must be one of relative, absolute"):
+        CamelotConfig(count_mode="log")

@@ -15,6 +15,8 @@ import torch
 from camelot.interfaces import Memory, PositionBias, SearchBackend
 from camelot.positions import Positions
 
+COUNT_MODES = ("relative", "absolute")  # what CountBias compares a slot's count with
+
 
 @dataclass
 class ReadAttribution:
@@ -101,8 +103,8 @@ class CountBias:
     per segment, not once per forward."""
 
     def __init__(self, factor: float, mode: str = "relative") -> None:
-        if mode not in ("relative", "absolute"):
-            raise ValueError(f"count bias mode must be relative or absolute, got {mode!r}")
+        if mode not in COUNT_MODES:
+            raise ValueError(f"count bias mode must be {' or '.join(COUNT_MODES)}, got {mode!r}")
         self.factor = float(factor)
         self.mode = mode
         self.reset()
