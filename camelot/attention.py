@@ -38,14 +38,14 @@ class LayerRuntime:
     @classmethod
     def build(cls, layer_idx: int, rope: RopeSpec | None, memory: Memory | None, prefix: RawWindow | None,
               search: SearchBackend, top_k: int | None, distance: int, count_bias: float, placement: str = "fixed",
-              count_mode: str = "relative",
+              count_mode: str = "relative", count_cap: float | None = None,
               sink: SinkTokens | None = None, max_distance: int | None = None, record_reads: bool = False,
               retrieve: str = "query", masks: MaskCache | None = None, read: Read | None = None) -> LayerRuntime:
         """A runtime from plain settings (what the wrapper and tests use); `read`: a rule the
         memory kind needs (InfLLM's block read) instead of the one `retrieve` names."""
         return cls(layer_idx, LayerState(memory, prefix, sink), Positions(rope, distance, placement, max_distance),
-                   make_read(search, top_k, retrieve, count_bias, count_mode) if read is None else read, masks,
-                   record_reads)
+                   make_read(search, top_k, retrieve, count_bias, count_mode, count_cap) if read is None else read,
+                   masks, record_reads)
 
     @property
     def search(self) -> SearchBackend:

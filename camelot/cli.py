@@ -26,7 +26,7 @@ from camelot.options import (  # noqa: F401  (re-exported: the subcommands' shar
 COMMAND_GROUP = "camelot.commands"
 # the flags of one memory configuration (`ask`, `icl`, `soak`); the rest are for sweeps and experts
 MEMORY_FLAGS = ("strategy", "window", "slots", "recent", "sink", "threshold", "read_top_k", "count_bias", "count_mode",
-                "placement", "retrieve", "search", *RULE_FIELDS)
+                "count_cap", "placement", "retrieve", "search", *RULE_FIELDS)
 
 
 def command_modules() -> list[str]:

@@ -88,6 +88,10 @@ class CamelotConfig:
         "takes the softmax mass of n raw copies of its key, as a vote over many demonstrations needs "
         "(docs/icl_memory.md); over very long streams memory then outweighs the window (README, 'Long "
         "runs')", choices=COUNT_MODES)
+    count_cap: float | None = option(
+        None, "the count bias of a slot stops growing at count_bias * log(count_cap): a slot weighs at most "
+        "like count_cap raw copies of its key (absolute) or count_cap times the mean (relative), so slots of "
+        "frequent tokens that merge without end cannot drown the window in a long run. None: no cap")
     placement: Placement = option(
         "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
         "positions before the segment. recency: each slot at its last write. mixed: raw entries (the span "
@@ -209,10 +213,7 @@ class CamelotConfig:
             _check_int("memory_distance", self.memory_distance, low=0)
         _check_infllm(self)
         rule_from_config(self)  # the write rule's options (evict, protect, ...) are checked there
-        # A truthy string ("no") would silently switch the bias on: demand a real number or bool.
-        if not isinstance(self.count_bias, (bool, int, float)) or not 0 <= self.count_bias <= 4:
-            raise ValueError(f"count_bias must be a number in [0, 4] or True/False (1/0), got {self.count_bias!r}")
-        object.__setattr__(self, "count_bias", float(self.count_bias))
+        _check_count_bias(self)
         if self.layers is not None and self.layers != "all":
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"layers must be None, 'all' or a non-empty list of ints, got {self.layers!r}")
@@ -253,6 +254,19 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _check_count_bias(cfg: CamelotConfig) -> None:
+    """count_bias and count_cap as floats, or ValueError."""
+    # A truthy string ("no") would silently switch the bias on: demand a real number or bool.
+    if not isinstance(cfg.count_bias, (bool, int, float)) or not 0 <= cfg.count_bias <= 4:
+        raise ValueError(f"count_bias must be a number in [0, 4] or True/False (1/0), got {cfg.count_bias!r}")
+    object.__setattr__(cfg, "count_bias", float(cfg.count_bias))
+    if cfg.count_cap is not None:
+        if isinstance(cfg.count_cap, bool) or not isinstance(cfg.count_cap, (int, float)) \
+                or not 1 <= cfg.count_cap < float("inf"):
+            raise ValueError(f"count_cap must be None or a number >= 1, got {cfg.count_cap!r}")
+        object.__setattr__(cfg, "count_cap", float(cfg.count_cap))
 
 
 def _check_infllm(cfg: CamelotConfig) -> None:

@@ -46,7 +46,7 @@ def describe(path: Path, meta: dict[str, str], stats: dict[str, Any]) -> str:
         f"{arch['num_kv_heads']} KV heads of dim {arch['head_dim']}, fingerprint {meta.get('fingerprint')}",
         "memory: " + ", ".join(f"{k}={cfg.get(k)}" for k in
                                ("strategy", "window", "slots", "threshold", "read_top_k", "top_k", "count_bias",
-                                "count_mode", "placement")
+                                "count_mode", "count_cap", "placement")
                                if k in cfg),
         f"open segment: {stats['open_tokens']} tokens; raw prefix: {stats['prefix_tokens']} tokens",
     ]

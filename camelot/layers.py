@@ -58,6 +58,6 @@ def build_runtime(adapter: Adapter, model: nn.Module, config: CamelotConfig, lay
     return LayerRuntime.build(
         layer_idx=layer_idx, masks=masks, rope=adapter.rope_spec(model, layer_idx), memory=memory, prefix=prefix,
         sink=sink, search=search, top_k=cfg.read_top_k, distance=cfg.distance, count_bias=cfg.count_bias,
-        count_mode=cfg.count_mode,
+        count_mode=cfg.count_mode, count_cap=cfg.count_cap,
         placement=cfg.placement, retrieve=cfg.retrieve, read=read,
         max_distance=None if max_positions is None else max_positions - cfg.window)

@@ -33,7 +33,9 @@ import torch
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("topk.c", "consolidate.c"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
 MIN_SLOTS = 64  # below this torch.topk is as cheap and the kernel is not worth a call
-ROWS_PER_THREAD = 64  # fewer rows than this per thread: splitting costs more than it saves
+# fewer rows than this per thread: splitting costs more than it saves (384 rows x 2048 bf16, a
+# write's k=1: 0.18 ms on 2 threads against 0.11 ms on one; k=8: equal)
+ROWS_PER_THREAD = 256
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

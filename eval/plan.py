@@ -32,6 +32,7 @@ class Sweep:
     knn_top_ks: tuple[int | None, ...] = (32,)  # knn reads k of every stored token (Memorizing Transformer)
     count_biases: tuple[float, ...] = (CamelotConfig.count_bias,)
     count_modes: tuple[str, ...] = (CamelotConfig.count_mode,)
+    count_caps: tuple[float | None, ...] = (CamelotConfig.count_cap,)
     memory_distances: tuple[int | None, ...] = (None,)
     placements: tuple[str, ...] = (CamelotConfig.placement,)
     retrieves: tuple[str | None, ...] = (None,)  # None: not given (read_top_k="auto" may choose)
@@ -116,7 +117,8 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
             else:
                 grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
                                 read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
-                                count_mode=sweep.count_modes, memory_distance=sweep.memory_distances,
+                                count_mode=sweep.count_modes, count_cap=sweep.count_caps,
+                                memory_distance=sweep.memory_distances,
                                 placement=sweep.placements,
                                 retrieve=sweep.retrieves, layers=sweep.layers, **sweep.rules)
             for params in grid:
@@ -152,6 +154,8 @@ def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
         if k == "retrieve" and len(sweep.retrieves) == 1:
             continue
         if k == "count_mode" and len(sweep.count_modes) == 1 and v == CamelotConfig.count_mode:
+            continue
+        if k == "count_cap" and len(sweep.count_caps) == 1 and v == CamelotConfig.count_cap:
             continue
         if k in ("block_size", "repr_topk") and len(getattr(sweep, k + "s")) == 1:
             continue
@@ -216,6 +220,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         windows=v("window"), slots=v("slots"), thresholds=v("threshold"), top_ks=v("read_top_k"),
         knn_top_ks=parse_list(args.knn_top_k, parse_top_k, "knn-top-k"),
         recents=v("recent"), sinks=v("sink"), count_biases=v("count_bias"), count_modes=v("count_mode"),
+        count_caps=v("count_cap"),
         memory_distances=v("memory_distance"), placements=v("placement"), retrieves=v("retrieve"),
         layers=parse_layers(args.layers), search=args.search, write_mode=args.write_mode,
         block_sizes=v("block_size"), repr_topks=v("repr_topk"), rules={name: v(name) for name in RULE_FIELDS},

@@ -218,6 +218,43 @@ def test_absolute_count_bias_makes_a_merged_slot_weigh_like_its_raw_copies():
                            count_mode="log")
 
 
+def test_count_cap_makes_a_merged_slot_weigh_like_cap_raw_copies():
+    """count_cap=c (absolute, factor 1): a slot of n > c merged tokens takes the softmax mass of
+    c raw copies of its key, not n; below the cap the slot is untouched. The uncapped read
+    differs, which shows the check can fail."""
+    from camelot.memory import SlotBank
+
+    torch.manual_seed(7)
+    d, n, cap = 8, 6, 3
+    key, val = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    other, val2 = -key, torch.randn(1, 1, 1, d)
+    q, k_loc, v_loc = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+
+    def raw_copies(c):
+        raw = TokenStore(torch.float32)
+        raw.write(torch.cat([key] * c + [other], 2), torch.cat([val] * c + [val2], 2))
+        rt = LayerRuntime.build(0, None, raw, None, TorchExactSearch(), top_k=None, distance=0, count_bias=False)
+        return rt.attend(q, k_loc, v_loc, 1.0, None, None)
+
+    bank = SlotBank(4, 0.99, torch.float32)
+    for _ in range(n):
+        bank.write(key, val)
+    bank.write(other, val2)
+
+    def read(count_cap):
+        rt = LayerRuntime.build(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0,
+                                count_mode="absolute", count_cap=count_cap)
+        return rt.attend(q, k_loc, v_loc, 1.0, None, None)
+
+    torch.testing.assert_close(read(cap), raw_copies(cap), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read(None), raw_copies(n), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read(n + 10), raw_copies(n), rtol=1e-5, atol=1e-5)  # a cap above every count
+    assert not torch.allclose(read(cap), read(None), atol=1e-3)
+    with pytest.raises(ValueError, match="cap must be None or >= 1"):
+        LayerRuntime.build(0, None, bank, None, TorchExactSearch(), top_k=None, distance=0, count_bias=1.0,
+                           count_cap=0.5)
+
+
 def test_count_bias_follows_every_change_of_the_memory():
     """The bias is kept between reads of an unchanged memory: a write, a reset or a load must
     each be seen by the next read."""

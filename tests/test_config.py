@@ -91,3 +91,7 @@ def test_count_mode_choices_are_the_ones_the_bias_implements():
     assert CamelotConfig(count_mode="absolute").count_mode == "absolute"
     with pytest.raises(ValueError, match="count_mode must be one of relative, absolute"):
         CamelotConfig(count_mode="log")
+    assert CamelotConfig(count_cap=32).count_cap == 32.0
+    for bad in (0.5, True, "32", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="count_cap must be None or a number >= 1"):
+            CamelotConfig(count_cap=bad)

@@ -79,8 +79,11 @@ def test_count_mode_flag_reaches_the_camelot_runs_and_names_them():
         ["--strategies", "camelot", "--count-mode", "relative,absolute"]))))["camelot"]
     assert [s.config.count_mode for s in runs] == ["relative", "absolute"]
     assert "count_mode=absolute" in runs[1].label
+    runs = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "camelot", "--count-mode", "absolute", "--count-cap", "32"]))))["camelot"]
+    assert [s.config.count_cap for s in runs] == [32.0] and "count_cap=32" in runs[0].label
     one = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(["--strategies", "camelot"]))))["camelot"]
-    assert "count_mode" not in one[0].label  # the default, not swept: not named
+    assert "count_mode" not in one[0].label and "count_cap" not in one[0].label  # defaults, not swept: not named
 
 
 def _by_strategy_specs(specs) -> dict[str, list]:

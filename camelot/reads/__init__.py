@@ -15,9 +15,9 @@ READS: dict[str, type[Read]] = {"query": QueryTopK, "group": GroupTopK, "key": K
 
 
 def make_read(search: SearchBackend, top_k: int | None, retrieve: str, count_bias: float,
-              count_mode: str = "relative") -> Read:
+              count_mode: str = "relative", count_cap: float | None = None) -> Read:
     rule = EverySlotRead if top_k is None else READS[retrieve]
-    return rule(search, top_k, count_bias, count_mode)
+    return rule(search, top_k, count_bias, count_mode, count_cap)
 
 
 __all__ = ["READS", "SPARSE_BELOW", "BlockRead", "CountBias", "DenseResult", "EverySlotRead", "GroupTopK", "KeyTopK",

@@ -8,6 +8,7 @@ own k entries, written into k spare columns of the plain logits, and their gathe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,11 +103,14 @@ class CountBias:
     Kept while the memory is unchanged: it depends only on the counts, and a memory changes once
     per segment, not once per forward."""
 
-    def __init__(self, factor: float, mode: str = "relative") -> None:
+    def __init__(self, factor: float, mode: str = "relative", cap: float | None = None) -> None:
         if mode not in COUNT_MODES:
             raise ValueError(f"count bias mode must be {' or '.join(COUNT_MODES)}, got {mode!r}")
+        if cap is not None and not cap >= 1:
+            raise ValueError(f"count bias cap must be None or >= 1, got {cap!r}")
         self.factor = float(factor)
         self.mode = mode
+        self.cap = cap
         self.reset()
 
     def reset(self) -> None:
@@ -126,6 +130,8 @@ class CountBias:
         else:  # as log(max(1, c / max(1, mean))): the same value in fewer passes
             mean = counts.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
             self.cached = torch.log((counts / mean.clamp(min=1)).clamp(min=1)).mul_(self.factor)
+        if self.cap is not None:
+            self.cached.clamp_(max=self.factor * math.log(self.cap))
         self._memory, self._key = memory, key
         return self.cached
 
@@ -154,10 +160,10 @@ class Read:
     needs_raw_keys = False  # the rule searches by the token's own position-free key
 
     def __init__(self, search: SearchBackend, top_k: int | None, count_bias: float,
-                 count_mode: str = "relative") -> None:
+                 count_mode: str = "relative", count_cap: float | None = None) -> None:
         self.search = search
         self.top_k = top_k
-        self.count_bias = CountBias(count_bias, count_mode)
+        self.count_bias = CountBias(count_bias, count_mode, count_cap)
 
     def read(self, query: torch.Tensor, memory: Memory, positions: Positions, tail: int, scaling: float,
              softcap: float | None, bias: PositionBias | None,

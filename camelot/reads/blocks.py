@@ -45,7 +45,7 @@ class BlockRead(Read):
     sparse_below = SPARSE_BELOW
 
     def __init__(self, search: SearchBackend, top_k: int | None, count_bias: float = 0.0,
-                 count_mode: str = "relative") -> None:
+                 count_mode: str = "relative", count_cap: float | None = None) -> None:
         super().__init__(search, top_k, 0.0)  # blocks carry no counts
 
     def read(self, query: torch.Tensor, memory: Memory, positions: Positions, tail: int, scaling: float,
