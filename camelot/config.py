@@ -94,9 +94,9 @@ class CamelotConfig:
         "frequent tokens that merge without end cannot drown the window in a long run. None: no cap")
     placement: Placement = option(
         "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
-        "positions before the segment. recency: each slot at its last write. mixed: raw entries (the span "
-        "reserve's tokens, never merged) at their last write, which is their exact place, and consolidated "
-        "slots fixed", choices=PLACEMENTS)
+        "positions before the segment. recency: each slot at its last write. mixed: a slot that holds one "
+        "token (never merged into) at its last write, which is exactly where that token was, and merged slots "
+        "fixed", choices=PLACEMENTS)
     memory_distance: int | None = option(
         None, "positions between memory and the segment's first token (rotary models); None: right "
         "before the raw tail (window + recent)")
@@ -140,6 +140,9 @@ class CamelotConfig:
                                           "rank by. attention: attention received in the window (per KV head); "
                                           "surprise: the model's own NLL of the token (same for every head)",
                              choices=IMPORTANCES)
+    lazy: bool = option(False, "camelot: no merges while a head has a free slot for every token of the segment, so "
+                               "memory stays raw (exact) until it is full; with placement=mixed a bank larger than the "
+                               "document is full attention (docs/memory_write.md)")
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():
@@ -158,23 +161,8 @@ class CamelotConfig:
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             object.__setattr__(self, f.name, values.get(f.name, default))
         if self.read_top_k == "auto":
-            self._resolve_auto_read(given=set(values))
+            _resolve_auto_read(self, given=set(values))
         self.validate()
-
-    def _resolve_auto_read(self, given: set[str]) -> None:
-        """read_top_k='auto' -> a concrete read (measured: README, 'Fast by default'). A small bank is
-        read whole; a large one, or a backend that only answers top-k, by the grouped top-k."""
-        fast = self.strategy == "camelot" and (self.slots > AUTO_EVERY_SLOT_MAX or self.search != "torch")
-        if self.strategy == "knn" and self.search != "torch":
-            fast = True
-        if not fast:
-            object.__setattr__(self, "read_top_k", None)
-            return
-        object.__setattr__(self, "read_top_k", AUTO_TOP_K)
-        if "retrieve" not in given:
-            object.__setattr__(self, "retrieve", "group")
-        if "search" not in given:
-            object.__setattr__(self, "search", "torch-bf16")
 
     def __getattr__(self, name: str) -> Any:  # only reached for names the instance lacks
         if name in RENAMED:
@@ -247,6 +235,22 @@ class CamelotConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
+    """read_top_k='auto' -> a concrete read (measured: README, 'Fast by default'). A small bank is
+    read whole; a large one, or a backend that only answers top-k, by the grouped top-k."""
+    fast = cfg.strategy == "camelot" and (cfg.slots > AUTO_EVERY_SLOT_MAX or cfg.search != "torch")
+    if cfg.strategy == "knn" and cfg.search != "torch":
+        fast = True
+    if not fast:
+        object.__setattr__(cfg, "read_top_k", None)
+        return
+    object.__setattr__(cfg, "read_top_k", AUTO_TOP_K)
+    if "retrieve" not in given:
+        object.__setattr__(cfg, "retrieve", "group")
+    if "search" not in given:
+        object.__setattr__(cfg, "search", "torch-bf16")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -25,7 +25,6 @@ class Memory(Protocol):
     wants_received: bool  # write() also takes received= (the attention each token got in the window)
     wants_surprise: bool  # write() takes received= as each token's NLL under the model instead
     observes_reads: bool  # observe_reads() takes the attention mass each entry got when read
-    raw_from: int  # entries from this index on hold one raw token each, never merged (placement="mixed")
 
     @property
     def allocated(self) -> bool: ...

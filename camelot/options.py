@@ -88,10 +88,24 @@ def _parser(f: Field) -> Any:
     hint = typing.get_type_hints(CamelotConfig)[f.name]
     if hint in (int, float):
         return hint
+    if hint is bool:
+        return _boolean
     for kind in (int, float):  # `int | None` and `float | None` fields: "None" is None
         if set(typing.get_args(hint)) == {kind, type(None)}:
             return _optional(kind)
     return str
+
+
+def _boolean(text: str) -> bool:
+    word = str(text).strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_boolean.__name__ = "true or false"
 
 
 def _optional(kind: type) -> Any:
@@ -171,9 +185,10 @@ def sweep_values(args: argparse.Namespace, name: str) -> tuple:
     for part in text.split(sep):
         try:
             out.append(parse(part.strip()))
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            what = f"valid {parse.__name__}" if parse in (int, float) else str(e)
-            raise UserError(f"{_flag(name)}: {part.strip()!r} is not a {what}") from None
+        except argparse.ArgumentTypeError as e:  # its message names the value and what was expected
+            raise UserError(f"{_flag(name)}: {e}") from None
+        except ValueError:
+            raise UserError(f"{_flag(name)}: {part.strip()!r} is not a valid {parse.__name__}") from None
     if not out:
         raise UserError(f"{_flag(name)}: no value given")
     return tuple(out)

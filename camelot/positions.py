@@ -23,8 +23,8 @@ class Positions:
     rope: the layer's rotary embedding, None where keys carry no rotation (absolute, ALiBi).
     distance: how far before the segment memory sits (fixed placement).
     placement: "fixed" (every slot at `-distance`), "recency" (each at its last write) or
-        "mixed" (entries from the memory's `raw_from` on, one raw token each, at their last write;
-        the consolidated ones fixed).
+        "mixed" (an entry holding one token, never merged, at its last write, which is exactly
+        where that token was; merged entries fixed).
     max_distance: farthest a memory key may be placed (recency), from the model's range.
     """
 
@@ -91,8 +91,8 @@ class Positions:
             return self._fixed_pos
         pos = memory.positions().to(device) - tail  # the raw tail sits between memory and the segment
         if self.placement == "mixed":  # a merged slot's last write is not where its tokens were: fixed
-            consolidated = torch.arange(pos.shape[-1], device=device) < memory.raw_from
-            pos = pos.masked_fill(consolidated, -self.distance)
+            counts = memory.readable()[2].to(device)
+            pos = pos.masked_fill(counts != 1, -self.distance)
         return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
 
     @property

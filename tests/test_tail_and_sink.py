@@ -75,20 +75,31 @@ def test_span_reserve_tokens_sit_at_their_true_positions_with_mixed_placement(pl
     assert gap <= 1e-4 if placement == "mixed" else gap > 1e-3  # the tiny model: 1.4e-3
 
 
-def test_mixed_placement_puts_consolidated_slots_at_the_fixed_distance():
+def test_mixed_placement_puts_merged_slots_at_the_fixed_distance_and_single_tokens_where_they_were():
     from camelot.memory import SlotBank
     from camelot.memory.rules import WriteRule
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(1, 1, 3, 8, generator=g)
+    for rule in (WriteRule(), WriteRule(span_reserve=2, span=1)):  # the paper's write; beside a span reserve
+        bank = SlotBank(12, 0.99, rule=rule)
+        k = torch.randn(1, 1, 5, 8, generator=g)
+        bank.write(k, k, received=torch.rand(1, 1, 5, generator=g) + 1)  # the reserve (if any) takes 2 of these
+        bank.write(first, first, received=torch.full((1, 1, 3), -1.0))  # three raw tokens
+        bank.write(first[:, :, :2], first[:, :, :2], received=torch.full((1, 1, 2), -1.0))  # two of them merged into
+        _check_mixed_positions(bank)
+
+
+def _check_mixed_positions(bank) -> None:
     from camelot.positions import Positions
 
-    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=4, span=1))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        k = torch.randn(1, 1, 5, 8, generator=g)
-        bank.write(k, k, received=torch.rand(1, 1, 5, generator=g))
+    counts = bank.counts[0, 0, : bank.slots]
+    merged, single = counts > 1, counts == 1
+    assert int(merged.sum()) == 2 and int(single.sum()) == 6
     pos = Positions(None, distance=50, placement="mixed").memory_positions(bank, tail=7, device=torch.device("cpu"))
     recency = bank.positions() - 7
-    assert torch.equal(pos[..., :6], torch.full_like(pos[..., :6], -50))
-    assert torch.equal(pos[..., 6:], recency[..., 6:]) and bool((recency[..., 6:] != -50).all())
+    assert bool((pos[0, 0][merged] == -50).all())
+    assert torch.equal(pos[0, 0][single], recency[0, 0][single]) and bool((recency[0, 0][single] != -50).all())
 
 
 def test_each_token_reaches_memory_once_when_it_leaves_the_tail():
@@ -130,3 +141,34 @@ def test_tail_and_sink_are_refused_where_they_make_no_sense():
         CamelotConfig(recent=-1)
     with pytest.raises(ValueError, match="sink must be an integer >= 0"):
         CamelotConfig(sink=-2)
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_lazy_write_with_mixed_placement_is_full_attention_while_the_bank_has_room(lazy):
+    """lazy=True: no token merges while its head has a free slot for every token of the segment,
+    so a bank with room for the whole document holds it raw, and with placement="mixed" (single
+    tokens at their true positions) memory + tail + segment is full attention. The eager write
+    merges at threshold 0.3 although slots are free, and is not."""
+    model = tiny_llama(max_pos=256)
+    ids = _distinct(90)
+    cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, sink=0, slots=100, threshold=0.3, lazy=lazy,
+                                           placement="mixed"))
+    out = cm.score(ids)
+    counts = cm.runtimes[1].state.memory.counts
+    assert bool((counts <= 1).all()) == lazy
+    gap = (out.token_nll - _full_nll(cm.unwrap(), ids)).abs().max()
+    assert gap <= 1e-4 if lazy else gap > 1e-3
+
+
+def test_lazy_write_merges_once_the_bank_is_full():
+    from camelot.memory import SlotBank
+    from camelot.memory.rules import WriteRule
+
+    bank = SlotBank(6, 0.99, rule=WriteRule(lazy=True))
+    k = torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(0))
+    bank.write(k, k)
+    bank.write(k, k)  # 3 free slots for 3 tokens: room, so the copies take their own slots
+    assert bank.counts[0, 0, :6].tolist() == [1] * 6
+    bank.write(k[:, :, :1], k[:, :, :1])  # full: the copy merges
+    assert sorted(bank.counts[0, 0, :6].tolist()) == [1, 1, 1, 1, 1, 2]
+    assert WriteRule(lazy=True).plain  # the C kernel's bookkeeping still applies

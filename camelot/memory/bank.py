@@ -171,6 +171,8 @@ class SlotBank:
         if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
             chosen = gather_rows(mn.view(b, h, s, -1), best)
             best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
+        if rule.lazy:  # room for every token of the segment: none merges (no host sync: a mask)
+            best_sim = best_sim.masked_fill((~used).sum(-1, keepdim=True) >= t, float("-inf"))
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
                 return

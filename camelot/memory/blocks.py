@@ -31,7 +31,6 @@ class BlockMemory:
 
     wants_received = True
     wants_surprise = False
-    raw_from = 0  # every entry is one raw token
     observes_reads = False  # representatives come from the window's attention, not from reads
 
     def observe_reads(self, mass: torch.Tensor) -> None:

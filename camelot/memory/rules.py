@@ -55,6 +55,9 @@ class WriteRule:
         the attention it received while in the window and raw tail (per KV head); "surprise": the
         model's own NLL of the token (the same for every head and layer, so all keep the same
         tokens; EM-LLM's signal), handed to the write by the wrapper.
+    lazy: a token merges only where its head has fewer free slots than the segment has tokens;
+        while there is room every token keeps a slot of its own, so a bank that is not yet full
+        holds the past exactly, as a raw cache would.
     """
 
     evict: str = "age"
@@ -67,6 +70,7 @@ class WriteRule:
     span: int = 8
     span_score: str = "relative"
     importance: str = "attention"
+    lazy: bool = False
 
     def __post_init__(self) -> None:
         if self.evict not in EVICTIONS:
@@ -90,13 +94,16 @@ class WriteRule:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
         if isinstance(self.span_reserve, bool) or not isinstance(self.span_reserve, int) or self.span_reserve < 0:
             raise ValueError(f"span_reserve must be an integer >= 0, got {self.span_reserve!r}")
+        if not isinstance(self.lazy, bool):
+            raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
     @property
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
-        # span, span_score and importance change nothing while no rule ranks tokens
-        return self.span_reserve == 0 and replace(self, span=8, span_score="relative",
-                                                  importance="attention") == WriteRule()
+        # span, span_score and importance change nothing while no rule ranks tokens; lazy only
+        # hides merge targets before the bookkeeping
+        return self.span_reserve == 0 and replace(self, span=8, span_score="relative", importance="attention",
+                                                  lazy=False) == WriteRule()
 
     @property
     def plain_but_reserve(self) -> bool:

@@ -14,7 +14,6 @@ class TokenStore:
 
     wants_received = False  # keeps every token: nothing to rank
     wants_surprise = False
-    raw_from = 0  # every entry is one raw token
     observes_reads = False
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
