@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from camelot.memory import rules as write_rules
 from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
 from camelot.memory.spans import choose_spans
 from camelot.rows import copy_rows_, finite_rows, gather_rows
@@ -60,7 +61,6 @@ class SlotBank:
         self.wants_received = self.rule.scored and self.rule.importance == "attention"
         self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
         self.observes_reads = self.rule.ranks_slots  # reads add the mass slots got to their scores
-        self.raw_from = slots - self.rule.span_reserve  # the span reserve: raw tokens, never merged
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
@@ -171,8 +171,7 @@ class SlotBank:
         if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
             chosen = gather_rows(mn.view(b, h, s, -1), best)
             best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
-        if rule.lazy:  # room for every token of the segment: none merges (no host sync: a mask)
-            best_sim = best_sim.masked_fill((~used).sum(-1, keepdim=True) >= t, float("-inf"))
+        best_sim = write_rules.no_merge_while_room(best_sim, used, t) if rule.lazy else best_sim
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
                 return

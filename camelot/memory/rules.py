@@ -244,6 +244,12 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
     return placed, was_free
 
 
+def no_merge_while_room(best_sim: torch.Tensor, used: torch.Tensor, t: int) -> torch.Tensor:
+    """The lazy write: where a head has a free slot for each of the segment's t tokens, no token
+    merges (a mask, not a host-side test: no sync)."""
+    return best_sim.masked_fill((~used).sum(-1, keepdim=True) >= t, float("-inf"))
+
+
 def rule_from_config(cfg: object) -> WriteRule:
     """The write rule a CamelotConfig names (its fields of the same names, RULE_FIELDS); raises
     ValueError on a bad one."""
