@@ -6,12 +6,12 @@ prefill."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
 import torch
 from camelot.eval.bench_measure import Row, run_wrapped
+from camelot.eval.hf_cache import cache_kwarg, new_cache
 
 from camelot.config import CamelotConfig
 
@@ -77,11 +77,7 @@ def decode_rows(model, ids: torch.Tensor, lengths: list[int], new_tokens: int, w
 def _hf_decode(model, ctx: torch.Tensor, new_tokens: int) -> float:
     """Tokens/s of `model.generate` continuing from a DynamicCache already holding `ctx` (the
     prefill is not timed: only decoding, as for camelot after its feed)."""
-    from transformers import DynamicCache
-
-    # transformers renamed past_key_values to cache (5.2x); take whichever this release knows
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = DynamicCache()
+    name, cache = cache_kwarg(model), new_cache(model)
     model(input_ids=ctx[:, :-1], use_cache=True, **{name: cache})
     t0 = time.perf_counter()
     out = model.generate(input_ids=ctx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from camelot.eval.hf_cache import cache_kwarg, new_cache
 from camelot.eval.passkey_report import (  # noqa: F401  (re-exported)
     _pct,
     format_length,
@@ -225,21 +226,16 @@ def run_full(model, hay: Haystack, cases: list[Case], max_new_tokens: int, chunk
              on_case=None, judge=None) -> list:
     """All cases through the plain model (whole sequence in context), sharing prefixes by keeping
     the KV cache and cropping it back after each case; greedy decoding like HF generate."""
-    from transformers import DynamicCache
-
     judge = judge or _judge(hay.tokenizer)
     dev, out = next(model.parameters()).device, []
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # transformers 4.x
-        cache = DynamicCache()
+    cache = new_cache(model)
     # Cropping undoes a case only where every layer keeps its whole past (no sliding-window
     # layers, e.g. gemma3's); elsewhere each case is read from scratch.
     shared = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", []))
     if not shared:
         out = []
         for case in cases:
-            cache = DynamicCache(config=model.config)
+            cache = new_cache(model)
             t0 = time.perf_counter()
             with torch.no_grad():
                 gen = _greedy(model, cache, case.ids(hay), max_new_tokens, chunk, dev)
@@ -268,10 +264,7 @@ def run_full(model, hay: Haystack, cases: list[Case], max_new_tokens: int, chunk
 
 def _forward(model, cache, ids: list[int], chunk: int, dev) -> torch.Tensor:
     """Append ids to the KV cache (in chunks, to bound attention memory); last logits [V]."""
-    import inspect
-
-    # transformers renamed `past_key_values` to `cache` (the old name warns from 5.2x on)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = cache_kwarg(model)
     logits = None
     for a in range(0, len(ids), chunk):
         logits = model(input_ids=_as_tensor(ids[a : a + chunk], dev), use_cache=True, **{name: cache}).logits

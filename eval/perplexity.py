@@ -42,12 +42,27 @@ DEFAULT_BUCKET = 512
 
 
 # ---------------------------------------------------------------------------- running
-def token_nll_full(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """NLL [N-1] of a plain HF forward of the whole document (no camelot): the `full` strategy."""
+FULL_CHUNK = 1024  # tokens per forward of the `full` strategy
+
+
+def token_nll_full(model: torch.nn.Module, ids: torch.Tensor, chunk: int = FULL_CHUNK) -> torch.Tensor:
+    """NLL [N-1] of the plain HF model over the whole document (no camelot): the `full` strategy.
+    Fed in chunks through the model's own KV cache, which is exact attention over everything
+    before, so that only a chunk's logits exist at a time: one forward of 16k tokens made
+    [16k, vocab] float logits, 10 GB for Qwen's 151k vocabulary, and was killed for memory."""
+    from camelot.eval.hf_cache import cache_kwarg, new_cache
+
     dev = next(model.parameters()).device
     x = ids.to(dev)[None]
-    logits = model(input_ids=x, use_cache=False).logits[0, :-1]
-    return torch.nn.functional.cross_entropy(logits.float(), x[0, 1:], reduction="none").cpu()
+    cache = {cache_kwarg(model): new_cache(model)}  # filled in place by each forward
+    parts = []
+    for start in range(0, x.shape[1] - 1, chunk):
+        out = model(input_ids=x[:, start : start + chunk], use_cache=True, **cache)
+        targets = x[0, start + 1 : start + chunk + 1]
+        logits = out.logits[0, : targets.shape[0]].float()
+        parts.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu())
+        del out, logits
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def evaluate(model: torch.nn.Module, docs: list, specs: list[RunSpec], bucket_size: int = DEFAULT_BUCKET,

@@ -133,6 +133,25 @@ def test_full_equals_plain_forward_loss():
     assert res.nll_sum / res.tokens == pytest.approx(float(ref), rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text", "gpt2"])
+def test_full_in_chunks_through_the_cache_equals_one_forward(family):
+    """`full` feeds long documents in chunks through the model's KV cache (one 16k-token forward
+    made 10 GB of logits for Qwen and was killed); per token it must equal one plain forward,
+    sliding-window and absolute-position families included."""
+    from camelot.adapters.testing import tiny_family
+    from camelot.eval.perplexity import token_nll_full
+
+    model = tiny_family(family).build()
+    ids = torch.randint(3, 64, (70,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = token_nll_full(model, ids, chunk=10**6)
+        chunked = token_nll_full(model, ids, chunk=16)
+        ref = cross_entropy(model(input_ids=ids[None]).logits[0, :-1], ids[1:], reduction="none")
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, ref, rtol=1e-4, atol=1e-4)
+    assert chunked.shape == (69,)
+
+
 def test_full_is_skipped_when_the_document_does_not_fit():
     model = tiny_llama(max_pos=64)
     res = evaluate(model, _docs((80,)), plan_runs(Sweep(strategies=("full",))), progress=False)[0]
