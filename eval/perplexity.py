@@ -15,8 +15,10 @@ only context (it is never dropped or counted twice).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,8 +68,9 @@ def token_nll_full(model: torch.nn.Module, ids: torch.Tensor, chunk: int = FULL_
 
 
 def evaluate(model: torch.nn.Module, docs: list, specs: list[RunSpec], bucket_size: int = DEFAULT_BUCKET,
-             progress: bool = True) -> list[RunResult]:
+             progress: bool = True, on_doc: Callable[[RunResult], None] | None = None) -> list[RunResult]:
     """Score every document under every run. `docs` hold `.name` and `.ids` ([N] long).
+    on_doc(result): called as each (run, document) is scored, its figures in `result.docs[-1]`.
 
     The model is wrapped once per run and unwrapped afterwards (also on error), so it comes back
     as it was. Overall progress counts (run, document) pairs; each document shows its segments."""
@@ -103,10 +106,27 @@ def evaluate(model: torch.nn.Module, docs: list, specs: list[RunSpec], bucket_si
                 out = cm.score(doc.ids, progress=progress, desc=f"{spec.label} | {doc.name}")
                 nll, seconds = out.token_nll[0], out.seconds
             _accumulate(res, doc.name, nll, seconds, bucket_size)
+            if on_doc is not None:
+                on_doc(res)
     finally:
         if cm is not None:
             cm.unwrap()
     return results
+
+
+def _log_partial(out: Path, rank: int, n_procs: int) -> Callable[[RunResult], None]:
+    """Append each scored (run, document) to out/partial.jsonl (one file per process) at once, so
+    that a run killed late (memory, time) loses nothing already measured; the full report is
+    written at the end."""
+    path = out / ("partial.jsonl" if n_procs == 1 else f"partial.{rank}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+    def log(res: RunResult) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"run": res.spec.label, **res.docs[-1]}) + "\n")
+
+    return log
 
 
 def _accumulate(res: RunResult, name: str, nll: torch.Tensor, seconds: float, bucket_size: int) -> None:
@@ -182,13 +202,14 @@ def run_cli(args: argparse.Namespace) -> int:
     from camelot.eval import parallel
 
     mine = parallel.shard(docs)
-    results = evaluate(model, mine, specs, args.bucket_size, progress=not args.no_progress)
+    out = Path(args.out)
+    results = evaluate(model, mine, specs, args.bucket_size, progress=not args.no_progress,
+                       on_doc=_log_partial(out, *parallel.world()))
     results = parallel.gather(results, [d.name for d in docs])
     if not parallel.is_main_process():
         return 0
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["documents"] = [{"name": d.name, "tokens": d.n_tokens} for d in docs]
-    out = Path(args.out)
     written = report.write_all(results, config, out, args.bucket_size)
     print(report.markdown_table(results))
     for r in results:

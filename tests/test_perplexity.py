@@ -244,6 +244,10 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys, long_text):
     assert payload["config"]["documents"] == [{"name": "doc.txt", "tokens": 300}]
     window = next(r for r in runs if r["strategy"] == "window")
     assert window["compare"][0]["delta_pct"] == pytest.approx(0.0)
+    # every (run, document) was logged as it finished, with the figures the report has
+    partial = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
+    assert len(partial) == len(runs) and all(p["name"] == "doc.txt" and p["tokens"] == 299 for p in partial)
+    assert sorted(p["ppl"] for p in partial) == pytest.approx(sorted(r["ppl"] for r in runs))
     for png in ("ppl_by_position_w16.png", "ppl_vs_slots_w16.png", "ppl_vs_threshold_w16.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
