@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from camelot.eval.hf_cache import cache_kwarg, new_cache
 from camelot.eval.plan import (  # noqa: F401  (re-exported for passkey, retrieval and tests)
     ALL_STRATEGIES,
     DEFAULT_STRATEGIES,
@@ -52,8 +53,6 @@ def token_nll_full(model: torch.nn.Module, ids: torch.Tensor, chunk: int = FULL_
     Fed in chunks through the model's own KV cache, which is exact attention over everything
     before, so that only a chunk's logits exist at a time: one forward of 16k tokens made
     [16k, vocab] float logits, 10 GB for Qwen's 151k vocabulary, and was killed for memory."""
-    from camelot.eval.hf_cache import cache_kwarg, new_cache
-
     dev = next(model.parameters()).device
     x = ids.to(dev)[None]
     cache = {cache_kwarg(model): new_cache(model)}  # filled in place by each forward
