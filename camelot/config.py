@@ -136,6 +136,7 @@ class CamelotConfig:
     span_reserve: int = option(0, "camelot: the last span_reserve slots per head keep tokens raw, one per slot: "
                                   "those of the most important windows of `span` tokens (0: off)")
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
+    span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
                                          "segment's mean; sum: its importance; shared: relative, max over the "
                                          "layer's KV heads", choices=SPAN_SCORES)

@@ -114,7 +114,9 @@ class LayerState:
                 if got is not None:
                     self.received_tail = got[:, :, got.shape[2] - self.prefix.size:]
                 if self.memory is not None and out is not None:
-                    _write(self.memory, *out, None if got is None else got[:, :, : out[0].shape[2]])
+                    n = out[0].shape[2]
+                    _write(self.memory, *out, None if got is None else got[:, :, :n],
+                           None if got is None else got[:, :, n:])
         self.local_k = self.local_v = self.local_raw = self._raw_for = self.received_open = None
 
     def reset(self) -> None:
@@ -182,8 +184,13 @@ def _fit(held: torch.Tensor | None, like: torch.Tensor, at_end: bool) -> torch.T
     return torch.nn.functional.pad(held, pad)
 
 
-def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None) -> None:
+def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None,
+           following: torch.Tensor | None = None) -> None:
+    """following: the importance of the tokens still in the raw window, for a memory that ranks
+    windows reaching into them (`wants_following`: the span reserve)."""
     if received is None:
         memory.write(k, v)
+    elif following is not None and getattr(memory, "wants_following", False):
+        memory.write(k, v, received=received, following=following)
     else:
         memory.write(k, v, received=received)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from camelot.memory import TELEMETRY_FIELDS, SlotBank
+from camelot.memory.bank_state import span_state_len
 from camelot.snapshot_format import SnapshotError, architecture
 
 if TYPE_CHECKING:
@@ -87,9 +88,10 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
             if shape != [len(TELEMETRY_FIELDS)]:
                 raise SnapshotError(f"{path}: {name} has shape {shape}, expected [{len(TELEMETRY_FIELDS)}]")
         elif field == "span_score":
-            if len(shape) != 3 or shape[1:] != [h, reserve]:
+            lengths = span_state_len(rt.state.memory)
+            if len(shape) != 3 or shape[1] != h or shape[2] not in lengths:
                 raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper takes [batch, {h} kv heads, "
-                                    f"{reserve} span reserve places]")
+                                    f"{reserve} span reserve places (+ {lengths[-1] - reserve} carried scores)]")
             batches.add(shape[0])
         else:
             last = [] if not floating else [d if field == "keys" else None]

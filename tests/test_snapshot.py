@@ -247,12 +247,18 @@ def test_empty_reserve_places_roundtrip_as_minus_one():
     k = torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(0))
     bank.write(k, k, received=torch.ones(1, 2, 3))  # 3 tokens held, 3 places empty
     state = bank.state_dict()
-    assert state["span_score"].shape == (1, 2, 6) and int((state["span_score"] == -1).sum()) == 2 * 3
+    # 6 places, then the carried importance of the last span - 1 = 1 token written (1.0)
+    assert state["span_score"].shape == (1, 2, 7) and int((state["span_score"] == -1).sum()) == 2 * 3
+    assert torch.equal(state["span_score"][..., 6], torch.ones(1, 2))
     loaded = SlotBank(12, 0.99, rule=rule)
     loaded.load_state_dict(state)
     assert torch.equal(loaded.span_score, bank.span_score)  # -1 back to -inf, the scratch entry too
+    assert torch.equal(loaded.span_before, bank.span_before)
+    places_only = {**state, "span_score": state["span_score"][..., :6]}  # saved before the carried scores
+    loaded.load_state_dict(places_only)
+    assert torch.equal(loaded.span_score, bank.span_score) and bool(torch.isneginf(loaded.span_before).all())
     for bad, needle in [(SlotBank(12, 0.99), "no reserve"), (SlotBank(12, 0.99, rule=WriteRule(span_reserve=4)),
-                                                             r"\[1, 2, 4\]")]:
+                                                             r"\[1, 2, 4 or 11\]")]:
         with pytest.raises(ValueError, match=needle):
             bad.load_state_dict(state)
     older = {n: t for n, t in state.items() if n != "span_score"}  # a snapshot from before span_score

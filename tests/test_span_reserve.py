@@ -110,3 +110,46 @@ def test_only_rules_that_place_by_slot_scores_make_reads_report_their_mass():
     assert not SlotBank(12, 0.9, rule=WriteRule(span_reserve=4, importance="surprise")).observes_reads
     assert SlotBank(12, 0.9, rule=WriteRule(evict="use")).observes_reads
     assert SlotBank(12, 0.9, rule=WriteRule(protect=2.0, span_reserve=4)).observes_reads
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_a_window_cut_by_a_segment_boundary_is_judged_whole(context):
+    """A fact whose 6 important tokens straddle two writes (3 + 3): with the importance of the
+    tokens written before and still to come, its window (6 x 9 = 54) beats the held window (30)
+    and all 6 tokens are kept in order; judged inside each write alone its halves score 30 at
+    best, tie with the held window and are dropped (a needle cut by a segment boundary)."""
+    bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=6, span=6, span_score="sum"))
+    g = torch.Generator().manual_seed(0)
+    held, a, b = (torch.randn(6, 8, generator=g) for _ in range(3))
+    ones, nines = torch.ones(3), torch.full((3,), 9.0)
+    imp_a, imp_b = torch.cat([ones, nines]), torch.cat([nines, ones])
+    _write(bank, held, torch.full((6,), 5.0))
+    bank.write(a[None, None], a[None, None] * 2, received=imp_a[None, None],
+               following=imp_b[None, None] if context else None)
+    if not context:  # forget the carried past: each write judged alone, as before the context was carried
+        bank.span_before.fill_(float("-inf"))
+    _write(bank, b, imp_b)
+    fact = torch.cat([a[3:], b[:3]])
+    kept = bank.keys[0, 0, 4:10]
+    if context:
+        where = 4 + (kept[:, None] - fact[None]).abs().amax(-1).argmin(0)  # the slot of each fact token
+        assert torch.equal(bank.keys[0, 0, where], fact)  # all 6 kept raw
+        pos = bank.positions()[0, 0, where]
+        assert torch.equal(pos, pos[0] + torch.arange(6))  # each at its own place: recency placement keeps the order
+    else:
+        assert torch.equal(kept, held)
+
+
+def test_span_follow_keeps_the_tokens_after_a_winning_window():
+    """span 4, importance 1 1 9 9 9 9 1 1 1 1 into 6 places: by the window alone the fact and one
+    token on each side stay (1..6, both 28); with span_follow=2 a token also scores as the windows
+    ending 2 tokens before it, so the fact and the two tokens after it stay (2..7, all 36)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(10, 8, generator=g)
+    imp = torch.tensor([1, 1, 9, 9, 9, 9, 1, 1, 1, 1.0])
+    for follow, kept in [(0, range(1, 7)), (2, range(2, 8))]:
+        bank = SlotBank(10, 0.99, rule=WriteRule(span_reserve=6, span=4, span_score="sum", span_follow=follow))
+        _write(bank, k, imp)
+        assert torch.equal(bank.keys[0, 0, 4:10], k[list(kept)])
+    with pytest.raises(ValueError, match="span_follow"):
+        WriteRule(span_follow=-1)

@@ -182,9 +182,11 @@ def test_importance_by_surprise_hands_each_token_its_nll_under_the_model_to_ever
     banks = [rt.state.memory for rt in cm.runtimes]
     assert all(b.wants_surprise and not b.wants_received for b in banks)
     got: dict[int, list[torch.Tensor]] = {id(b): [] for b in banks}
-    for b in banks:  # record what each layer's bank is handed as importance
-        b.write = (lambda f, out: lambda k, v, received=None: (out.append(received), f(k, v, received=received))[1])(
-            b.write, got[id(b)])
+    after: dict[int, list[torch.Tensor]] = {id(b): [] for b in banks}
+    for b in banks:  # record what each layer's bank is handed as importance, and as the tokens' after it
+        b.write = (lambda f, out, nxt: lambda k, v, received=None, following=None: (
+            out.append(received), nxt.append(following), f(k, v, received=received, following=following))[2])(
+            b.write, got[id(b)], after[id(b)])
     ids = torch.randint(0, 101, (1, 90), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # the second document after score()'s reset: nothing carried over
         nll = cm.score(ids).token_nll[0]
@@ -192,7 +194,12 @@ def test_importance_by_surprise_hands_each_token_its_nll_under_the_model_to_ever
             seen = torch.cat(got[id(b)], dim=2)
             assert torch.allclose(seen[0, 0], nll[1 : 1 + seen.shape[2]], atol=1e-5)  # token i: NLL of i (sinks 0, 1)
             assert torch.equal(seen[0, 0], seen[0, 1])  # the same for every head
+            end = 1
+            for r, f in zip(got[id(b)], after[id(b)]):  # the raw tail's tokens that follow, in order
+                end += r.shape[2]
+                assert f.shape[2] == 16 and torch.allclose(f[0, 0], nll[end : end + 16], atol=1e-5)
             got[id(b)].clear()
+            after[id(b)].clear()
     cm.reset()
     cm.feed(ids[:, :21], progress=False)  # in pieces that cut a step: the first token of a step is scored too
     cm.feed(ids[:, 21:], progress=False)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from camelot.memory import rules as write_rules
+from camelot.memory.bank_state import load_state, state_of
 from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
-from camelot.memory.spans import choose_spans
+from camelot.memory.spans import choose_spans, span_context
 from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
@@ -56,18 +57,20 @@ class SlotBank:
         self.score: torch.Tensor | None = None  # [B, H, S+1] float32
         self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
         self.span_score: torch.Tensor | None = None  # [B, H, span_reserve+1] float32, -inf: empty (spans.py)
+        self.span_before: torch.Tensor | None = None  # [B, H, span_context] the last written tokens' importance
         # what the layer hands `write` as `received` for a rule that ranks tokens: the attention each
         # token received in the window, or its NLL under the model
         self.wants_received = self.rule.scored and self.rule.importance == "attention"
         self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
         self.observes_reads = self.rule.ranks_slots  # reads add the mass slots got to their scores
+        self.wants_following = self.rule.span_reserve > 0  # its windows reach into the raw window's tokens
         self.empty = True  # host-side: no write has happened since reset
         self.version = 0  # host-side: bumped by every change, so readers may keep what they derive
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
         self.keys = self.values = self.counts = self.ages = self.telemetry = None
-        self.score = self.pinned = self.span_score = None
+        self.score = self.pinned = self.span_score = self.span_before = None
         self.empty = True
         self.version += 1
 
@@ -96,6 +99,8 @@ class SlotBank:
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
+        self.span_before = torch.full((b, h, span_context(self.rule.span, self.rule.span_follow)), float("-inf"),
+                                      device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:
@@ -123,36 +128,34 @@ class SlotBank:
         if self.observes_reads and self.allocated:
             self.score[..., : self.slots] += mass.to(self.score.dtype)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None = None) -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None = None,
+              following: torch.Tensor | None = None) -> None:
         """Consolidate position-free keys k [B, H, T, D] and values v [B, H, T, Dv]; received
         [B, H, T]: each token's importance for rules that score (the attention it received before
-        it left the raw window, or its surprise: `WriteRule.importance`)."""
-        importance = received
+        it left the raw window, or its surprise: `WriteRule.importance`); following [B, H, F]: that
+        of the tokens after these, still raw (the span reserve's windows reach into them)."""
         if k.shape[2] == 0:
             return
         if not self.allocated:
             self._allocate(k, v)
         self.check_batch(k.shape[0])
-        k = k.to(self.dtype)
-        v = v.to(self.dtype)
-        if importance is not None:
-            importance = importance.to(k.device, torch.float32)
-        if self.write_mode == "token":
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        importance, following = (None if x is None else x.to(k.device, torch.float32) for x in (received, following))
+        if self.write_mode == "token":  # the reference: one token at a time
             for t in range(k.shape[2]):
-                self._write_segment(k[:, :, t : t + 1], v[:, :, t : t + 1],
-                                    None if importance is None else importance[:, :, t : t + 1])
+                self._write_segment(k[:, :, t : t + 1], v[:, :, t : t + 1], *_token_context(importance, following, t))
         else:
-            self._write_segment(k, v, importance)
+            self._write_segment(k, v, importance, following)
         self.empty = False
         self.version += 1
 
-    def _write_segment(self, k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor | None = None) -> None:
+    def _write_segment(self, k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor | None = None,
+                       after: torch.Tensor | None = None) -> None:
         b, h, t, _ = k.shape
         s = self.slots
         finite = finite_rows(k, v)  # [B,H,T]
         # Non-finite states are skipped, but made finite so no NaN reaches arithmetic via 0 * NaN.
-        k = k.nan_to_num(0.0, 0.0, 0.0)
-        v = v.nan_to_num(0.0, 0.0, 0.0)
+        k, v = k.nan_to_num(0.0, 0.0, 0.0), v.nan_to_num(0.0, 0.0, 0.0)
         used = self.counts[..., :s] > 0  # [B,H,S]
         kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
         mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
@@ -180,8 +183,7 @@ class SlotBank:
             importance = k.new_zeros(b, h, t, dtype=torch.float32) if importance is None else importance
             held = None
             if rule.span_reserve:
-                held, span_slot, self.span_score = choose_spans(self.span_score, importance, finite, rule.span,
-                                                                base, s, rule.span_score)
+                held, span_slot = _choose_spans(self, importance, finite, after, base)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
                 if rule.plain_but_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
                                                                      span_slot, importance):
@@ -217,64 +219,44 @@ class SlotBank:
 
     def _clear_scratch(self) -> None:
         s = self.slots
-        self.keys[..., s, :] = 0
-        self.values[..., s, :] = 0
-        self.counts[..., s] = 0
-        self.ages[..., s] = 0
-        self.score[..., s] = 0
-        self.pinned[..., s] = False
+        for t in (self.keys[..., s, :], self.values[..., s, :], self.counts[..., s], self.ages[..., s],
+                  self.score[..., s], self.pinned[..., s]):
+            t.zero_()
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> dict[str, torch.Tensor]:
         """keys, values, counts, ages, telemetry; span_score with a span reserve (-1: an empty place).
         The write rules' slot scores and protection (score, pinned) are not saved: after a load, or
         a move with LayerState.to, they start at 0."""
-        return _state_of(self)
+        return state_of(self)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
-        _load_state(self, state, device)
+        load_state(self, state, device)
 
 
 # ------------------------------------------------ parts of the write (module level: the class stays small)
 
 
-def _state_of(bank: SlotBank) -> dict[str, torch.Tensor]:
-    if not bank.allocated:
-        return {}
-    s = bank.slots
-    state = {"keys": bank.keys[..., :s, :], "values": bank.values[..., :s, :], "counts": bank.counts[..., :s],
-             "ages": bank.ages[..., :s], "telemetry": bank.telemetry}
-    if bank.rule.span_reserve:  # the reserve's ranking (scratch entry dropped); an empty place (-inf) as -1:
-        state["span_score"] = bank.span_score[..., :-1].clamp(min=-1.0)  # real scores are >= 0
-    return state
+def _token_context(importance: torch.Tensor | None, following: torch.Tensor | None,
+                      t: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Token t's importance and that of the tokens after it (the token-by-token reference write)."""
+    if importance is None:
+        return None, None
+    after = importance[:, :, t + 1 :]
+    return importance[:, :, t : t + 1], after if following is None else torch.cat([after, following], dim=-1)
 
 
-def _load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:
-    if not state:
-        bank.reset()
-        return
-    keys, values = state["keys"], state["values"]
-    dev = device or keys.device
-    b, h, s, d = keys.shape
-    if s != bank.slots:
-        raise ValueError(f"snapshot has {s} slots per head, this memory has {bank.slots}")
-    n, spans = bank.rule.span_reserve, state.get("span_score")  # absent (older snapshot): the reserve looks empty
-    if spans is not None and (not n or tuple(spans.shape) != (b, h, n)):
-        raise ValueError(f"span_score of shape {tuple(spans.shape)} does not fit this memory's span reserve "
-                         f"[{b}, {h}, {n}]" + ("" if n else " (span_reserve=0: no reserve)"))
-    bank._allocate(torch.empty(b, h, 1, d, device=dev), torch.empty(b, h, 1, values.shape[-1], device=dev))
-    bank.keys[..., :s, :] = keys.to(dev, bank.dtype)
-    bank.values[..., :s, :] = values.to(dev, bank.dtype)
-    bank.counts[..., :s] = state["counts"].to(dev, torch.long)
-    bank.ages[..., :s] = state["ages"].to(dev, torch.long)
-    bank.telemetry.copy_(state["telemetry"].to(dev, torch.long))
-    if spans is not None:
-        spans = spans.to(dev, torch.float32)
-        bank.span_score[..., :n] = torch.where(spans < 0, float("-inf"), spans)
-    bank.empty = not bool((bank.counts > 0).any())
-    bank.version += 1
-
-
+def _choose_spans(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after: torch.Tensor | None,
+                  base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The span reserve's pick among the segment's tokens (spans.py), judged with the importance of
+    the tokens written before (carried: `span_before`) and after (still raw) the segment."""
+    rule = bank.rule
+    held, slot, bank.span_score = choose_spans(bank.span_score, importance, finite, rule.span, base, bank.slots,
+                                               rule.span_score, before=bank.span_before, after=after,
+                                               follow=rule.span_follow)
+    seen = torch.cat([bank.span_before, torch.where(finite, importance, float("-inf"))], dim=-1)
+    bank.span_before = seen[..., seen.shape[-1] - bank.span_before.shape[-1]:]
+    return held, slot
 
 
 def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor, best: torch.Tensor,

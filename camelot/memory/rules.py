@@ -49,6 +49,8 @@ class WriteRule:
         in the most important windows of `span` consecutive tokens (camelot/memory/spans.py).
         0: off.
     span: tokens per window the span reserve ranks (a token scores as its best window).
+    span_follow: a token also scores as the windows that end up to this many tokens before it,
+        so the reserve keeps what follows a surprising run (the fact a surprising name opens).
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
         (importance) or "shared" (relative, max over the layer's KV heads); spans.py.
     importance: what a token's importance is, for every rule above that ranks by it. "attention":
@@ -68,6 +70,7 @@ class WriteRule:
     merge_target: float | None = None
     span_reserve: int = 0
     span: int = 8
+    span_follow: int = 0
     span_score: str = "relative"
     importance: str = "attention"
     lazy: bool = False
@@ -88,6 +91,8 @@ class WriteRule:
             raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
         if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
             raise ValueError(f"span must be an integer >= 1, got {self.span!r}")
+        if isinstance(self.span_follow, bool) or not isinstance(self.span_follow, int) or self.span_follow < 0:
+            raise ValueError(f"span_follow must be an integer >= 0, got {self.span_follow!r}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
@@ -102,8 +107,8 @@ class WriteRule:
         """The paper's rule: the C kernel and the reference torch code do it."""
         # span, span_score and importance change nothing while no rule ranks tokens; lazy only
         # hides merge targets before the bookkeeping
-        return self.span_reserve == 0 and replace(self, span=8, span_score="relative", importance="attention",
-                                                  lazy=False) == WriteRule()
+        return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_score="relative",
+                                                  importance="attention", lazy=False) == WriteRule()
 
     @property
     def plain_but_reserve(self) -> bool:

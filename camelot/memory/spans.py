@@ -21,31 +21,52 @@ import torch
 SPAN_SCORES = ("relative", "sum", "shared")
 
 
+def span_context(span: int, follow: int) -> int:
+    """Importance values of the tokens before a segment the reserve carries over, so windows
+    straddle the segment boundary: a window may start span - 1 + follow tokens before a token."""
+    return span - 1 + follow
+
+
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
-                 base: int, scratch: int, how: str = "relative") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 base: int, scratch: int, how: str = "relative", before: torch.Tensor | None = None,
+                 after: torch.Tensor | None = None, follow: int = 0,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """span_score [B, H, n+1]: the held tokens' scores (-inf: empty; index n is a scratch entry);
-    importance, finite [B, H, T]. how: "sum", a window's score is its tokens' importance;
-    "relative", that sum over the mean of the segment's windows, so segments compare fairly (early
-    in a document a token competes with few keys and receives much more attention: by the plain
-    sum the first tokens of the document filled the reserve and stayed); "shared", the relative
-    score's max over the layer's KV heads, so every head keeps what any head singled out.
+    importance, finite [B, H, T]. before [B, H, c] / after [B, H, a]: the importance of the tokens
+    just before the segment (already written; -inf: none) and just after it (still in the raw
+    window), so a window is judged whole wherever segments are cut: a needle split by a segment
+    boundary lost its best windows and was dropped. A token scores as the best window starting
+    from span - 1 + follow tokens before it up to itself: `follow` keeps the tokens after a
+    surprising run too (the run opens a fact: "Remember: <name>'s number is" then the digits).
+    how: "sum", a window's score is its tokens' importance; "relative", that sum over the mean of
+    the segment's windows, so segments compare fairly (early in a document a token competes with
+    few keys and receives much more attention: by the plain sum the first tokens of the document
+    filled the reserve and stayed); "shared", the relative score's max over the layer's KV heads,
+    so every head keeps what any head singled out.
     Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
     (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
     n = span_score.shape[-1] - 1
     dev = importance.device
-    if t < span:  # no whole window: the segment's tokens go to the consolidated part
+    imp = torch.where(finite, importance.float(), float("-inf"))
+    c = 0 if before is None else before.shape[-1]
+    ctx = torch.cat([x for x in (before, imp, after) if x is not None], dim=-1)
+    if ctx.shape[-1] < span:  # no whole window: the segment's tokens go to the consolidated part
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
-    win = importance.float().unfold(-1, span, 1).sum(-1)  # [B,H,W]: the window starting at each token
+    win = ctx.unfold(-1, span, 1).sum(-1)  # [B,H,W]: the window starting at each context token
+    win = win.nan_to_num(nan=float("-inf"))
     if how != "sum":
-        win = win / win.mean(-1, keepdim=True).clamp(min=1e-9)
+        whole = torch.isfinite(win)
+        mean = torch.where(whole, win, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
+        win = win / mean.clamp(min=1e-9)
     if how == "shared":
         win = win.amax(1, keepdim=True).expand_as(win)
-    win = torch.where(finite.unfold(-1, span, 1).all(-1), win, float("-inf"))
-    # token i lies in the windows starting at i-span+1 .. i: its score is their max
-    padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (span - 1, span - 1), value=float("-inf"))
-    new = torch.nn.functional.max_pool1d(padded, span, stride=1).view(b, h, t)
+    # context token x lies in the windows starting at x-span+1-follow .. x: its score is their max
+    reach = span + follow
+    padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (reach - 1, span - 1), value=float("-inf"))
+    new = torch.nn.functional.max_pool1d(padded, reach, stride=1).view(b, h, -1)[..., c : c + t]
+    new = torch.where(finite, new, float("-inf"))
     cand = torch.cat([span_score[..., :n], new], dim=-1)  # held tokens first: they win ties
     order = cand.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n + t, device=dev).expand_as(order).contiguous())

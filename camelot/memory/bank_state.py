@@ -1,0 +1,63 @@
+"""A slot bank's state as tensors (SlotBank.state_dict / load_state_dict): what snapshots and
+device moves carry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from camelot.memory.spans import span_context
+
+SlotBank = Any  # camelot.memory.bank.SlotBank (which imports this module)
+
+
+def state_of(bank: SlotBank) -> dict[str, torch.Tensor]:
+    if not bank.allocated:
+        return {}
+    s = bank.slots
+    state = {"keys": bank.keys[..., :s, :], "values": bank.values[..., :s, :], "counts": bank.counts[..., :s],
+             "ages": bank.ages[..., :s], "telemetry": bank.telemetry}
+    if bank.rule.span_reserve:  # the reserve's ranking (scratch entry dropped), then the importance of the
+        # last tokens written (windows reach back over them); -inf (an empty place, no token) as -1: real
+        # scores are >= 0
+        state["span_score"] = torch.cat([bank.span_score[..., :-1], bank.span_before], dim=-1).clamp(min=-1.0)
+    return state
+
+
+def span_state_len(bank: SlotBank) -> tuple[int, ...]:
+    """Lengths a saved `span_score` may have: the reserve's places alone (snapshots before the
+    carried context, which then starts empty) or followed by the carried context."""
+    n = bank.rule.span_reserve
+    return (n, n + span_context(bank.rule.span, bank.rule.span_follow)) if n else ()
+
+
+def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:
+    if not state:
+        bank.reset()
+        return
+    keys, values = state["keys"], state["values"]
+    dev = device or keys.device
+    b, h, s, d = keys.shape
+    if s != bank.slots:
+        raise ValueError(f"snapshot has {s} slots per head, this memory has {bank.slots}")
+    n, spans = bank.rule.span_reserve, state.get("span_score")  # absent (older snapshot): the reserve looks empty
+    lengths = span_state_len(bank)
+    if spans is not None and (not n or tuple(spans.shape[:2]) != (b, h) or spans.shape[2] not in lengths):
+        fits = " or ".join(map(str, lengths))
+        raise ValueError(f"span_score of shape {tuple(spans.shape)} does not fit this memory's span reserve "
+                         f"[{b}, {h}, {fits}]" + ("" if n else " (span_reserve=0: no reserve)"))
+    bank._allocate(torch.empty(b, h, 1, d, device=dev), torch.empty(b, h, 1, values.shape[-1], device=dev))
+    bank.keys[..., :s, :] = keys.to(dev, bank.dtype)
+    bank.values[..., :s, :] = values.to(dev, bank.dtype)
+    bank.counts[..., :s] = state["counts"].to(dev, torch.long)
+    bank.ages[..., :s] = state["ages"].to(dev, torch.long)
+    bank.telemetry.copy_(state["telemetry"].to(dev, torch.long))
+    if spans is not None:
+        spans = spans.to(dev, torch.float32)
+        spans = torch.where(spans < 0, float("-inf"), spans)
+        bank.span_score[..., :n] = spans[..., :n]
+        if spans.shape[2] > n:
+            bank.span_before.copy_(spans[..., n:])
+    bank.empty = not bool((bank.counts > 0).any())
+    bank.version += 1
