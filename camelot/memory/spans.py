@@ -11,7 +11,10 @@ straddles two windows keeps both: with spans cut on a fixed grid, or one span pe
 needle's digits fell just outside the kept span. As tokens leave the raw tail, the best tokens
 among those held and the new ones stay, a held token giving way only to a better new one.
 Tokens the reserve takes skip the consolidated part of the bank; a token that loses its place
-is dropped.
+is dropped. Windows reach across writes (the bank carries the importance of the last tokens it
+was written, the layer hands it that of the tokens still raw), so a fact cut by a segment
+boundary is judged whole; `span_follow` keeps the tokens after a winning window (a surprising
+name opens a fact whose digits come later).
 """
 
 from __future__ import annotations
