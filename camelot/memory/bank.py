@@ -238,7 +238,7 @@ class SlotBank:
 
 
 def _token_context(importance: torch.Tensor | None, following: torch.Tensor | None,
-                      t: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                   t: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Token t's importance and that of the tokens after it (the token-by-token reference write)."""
     if importance is None:
         return None, None

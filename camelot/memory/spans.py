@@ -42,10 +42,11 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     from span - 1 + follow tokens before it up to itself: `follow` keeps the tokens after a
     surprising run too (the run opens a fact: "Remember: <name>'s number is" then the digits).
     how: "sum", a window's score is its tokens' importance; "relative", that sum over the mean of
-    the segment's windows, so segments compare fairly (early in a document a token competes with
-    few keys and receives much more attention: by the plain sum the first tokens of the document
-    filled the reserve and stayed); "shared", the relative score's max over the layer's KV heads,
-    so every head keeps what any head singled out.
+    the windows judged in this write (the segment's, with the context), so segments compare
+    fairly (early in a document a token competes with few keys and receives much more attention:
+    by the plain sum the first tokens of the document filled the reserve and stayed); "shared",
+    the relative score's max over the layer's KV heads, so every head keeps what any head singled
+    out.
     Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
     (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
