@@ -190,7 +190,7 @@ def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Ten
     windows reaching into them (`wants_following`: the span reserve)."""
     if received is None:
         memory.write(k, v)
-    elif following is not None and getattr(memory, "wants_following", False):
+    elif following is not None and memory.wants_following:
         memory.write(k, v, received=received, following=following)
     else:
         memory.write(k, v, received=received)

@@ -32,6 +32,7 @@ class BlockMemory:
     wants_received = True
     wants_surprise = False
     observes_reads = False  # representatives come from the window's attention, not from reads
+    wants_following = False
 
     def observe_reads(self, mass: torch.Tensor) -> None:
         """Not used: `observes_reads` is False."""

@@ -15,6 +15,7 @@ class TokenStore:
     wants_received = False  # keeps every token: nothing to rank
     wants_surprise = False
     observes_reads = False
+    wants_following = False
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
