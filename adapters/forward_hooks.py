@@ -88,7 +88,10 @@ class FalconAdapter(ForwardHookAdapter):
             q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         ali = None
-        if alibi is None:
+        # transformers >= 5.25 passes no `alibi` (it rides in the mask) but still rotary tables:
+        # the config, not the kwargs, says which rule the model uses
+        cfg = getattr(module, "config", None)
+        if not (alibi is not None or getattr(cfg, "alibi", False)):
             cos, sin = position_embeddings
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
         else:  # HF adds the bias before multiplying by 1/sqrt(head_dim)

@@ -85,7 +85,10 @@ class LayerRuntime:
             if self.read.needs_raw_keys:  # kept for the write at flush, which needs them position-free too
                 raw_key = pos.unplaced(key, l0)
                 raw_open = raw_key if l0 == 0 else torch.cat([st.raw_open(pos.unplaced), raw_key], dim=2)
-            mem = self.read.read(query, st.memory, pos, st.tail, scaling, softcap, alibi, raw_key, start=l0)
+            # per-entry probabilities are needed only to attribute reads or rank slots by use
+            whole = not (self.record_reads or st.memory.observes_reads)
+            mem = self.read.read(query, st.memory, pos, st.tail, scaling, softcap, alibi, raw_key, start=l0,
+                                 whole=whole)
 
         # The open segment, the raw tail and the sinks are plain keys at known positions: one
         # matmul, one mask, one position bias over all of them.
@@ -108,7 +111,7 @@ class LayerRuntime:
         logits = plain_logits(self.masks, qg, g, plain_k, l0, tuple(spans), scaling, softcap, sliding_window, alibi)
         if mem is not None:
             logits = mem.join(logits, values, n_plain)
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits, dim=-1) if mem is None else mem.softmax(logits)
         vals = values[0].float() if len(values) == 1 else torch.cat([v.float() for v in values], dim=2)
         n_vals = vals.shape[2]
         # the G query heads' rows in one matrix per KV head: values are not expanded over G

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
+import torch
+
 from camelot.backends import BACKENDS
 from camelot.memory.rules import EVICTIONS, IMPORTANCES, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
@@ -38,6 +40,7 @@ AUTO_EVERY_SLOT_MAX = 8192
 AUTO_TOP_K = 8
 
 # old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
+EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
 RENAMED = {"top_k": "read_top_k"}
 
 
@@ -107,9 +110,10 @@ class CamelotConfig:
         None, "layers that own memory: a list of indices, 'all', or None, the adapter's choice (every layer, "
         "or gemma2/3's full-attention layers only)")
     search: str = option(
-        "torch", "nearest-slot backend: torch (exact, default), torch-bf16 (bfloat16 candidates, exact scores "
-        "of the chosen; fastest at 2048+ slots), faiss, faiss-gpu, faiss-ivf, faiss-hnsw (docs/speed.md)",
-        choices=BACKENDS, sweep=False)
+        "auto", "nearest-slot backend: torch (exact), torch-bf16 (bfloat16 scores: of every slot in an "
+        "every-slot read, of the candidates in a top-k read), faiss, faiss-gpu, faiss-ivf, faiss-hnsw; auto: "
+        "torch-bf16 where the CPU has bfloat16 dot products (AMX, AVX512-BF16), else torch (docs/speed.md)",
+        choices=("auto", *BACKENDS), sweep=False)
     write_mode: WriteMode = option(
         "segment", "segment: a whole segment matched against memory at once (fast); token: token by token "
         "(the paper's sequential semantics, slow)", choices=WRITE_MODES, sweep=False)
@@ -164,8 +168,11 @@ class CamelotConfig:
         for f in fields(self):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             object.__setattr__(self, f.name, values.get(f.name, default))
+        given = {k for k, v in values.items() if not (isinstance(v, str) and v == "auto")}
+        if self.search == "auto":
+            object.__setattr__(self, "search", "torch-bf16" if fast_bfloat16() else "torch")
         if self.read_top_k == "auto":
-            _resolve_auto_read(self, given=set(values))
+            _resolve_auto_read(self, given)
         self.validate()
 
     def __getattr__(self, name: str) -> Any:  # only reached for names the instance lacks
@@ -195,8 +202,9 @@ class CamelotConfig:
         for f in fields(self):
             if f.metadata.get("choices"):
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-        if self.read_top_k is None and self.search != "torch" and self.strategy in ("camelot", "knn"):
-            raise ValueError(f"read_top_k=None (read every slot) needs search='torch'; the {self.search} backend "
+        if self.read_top_k is None and self.search not in EVERY_SLOT_SEARCH and self.strategy in ("camelot", "knn"):
+            raise ValueError(f"read_top_k=None (read every slot) needs search='torch' or 'torch-bf16'; the "
+                             f"{self.search} backend "
                              "returns a top-k: give read_top_k (e.g. 8)")
         if self.strategy == "camelot" and self.read_top_k is not None and self.read_top_k > self.slots:
             raise ValueError(f"read_top_k ({self.read_top_k}) must not exceed slots ({self.slots}): a query cannot "
@@ -244,8 +252,8 @@ class CamelotConfig:
 def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
     """read_top_k='auto' -> a concrete read (measured: README, 'Fast by default'). A small bank is
     read whole; a large one, or a backend that only answers top-k, by the grouped top-k."""
-    fast = cfg.strategy == "camelot" and (cfg.slots > AUTO_EVERY_SLOT_MAX or cfg.search != "torch")
-    if cfg.strategy == "knn" and cfg.search != "torch":
+    fast = cfg.strategy == "camelot" and (cfg.slots > AUTO_EVERY_SLOT_MAX or cfg.search not in EVERY_SLOT_SEARCH)
+    if cfg.strategy == "knn" and cfg.search not in EVERY_SLOT_SEARCH:
         fast = True
     if not fast:
         object.__setattr__(cfg, "read_top_k", None)
@@ -255,6 +263,14 @@ def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
         object.__setattr__(cfg, "retrieve", "group")
     if "search" not in given:
         object.__setattr__(cfg, "search", "torch-bf16")
+
+
+def fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16): there an every-slot
+    read in bfloat16 costs a fraction of fp32 and measured the same perplexity (docs/speed.md);
+    elsewhere bfloat16 is emulated and slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

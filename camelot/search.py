@@ -60,7 +60,8 @@ class TorchBf16Search(SearchBase):
         n, sd = keys.shape[2], self.score_dtype
         # the validity term rides inside the matmul (baddbmm): a separate add over [M, N] in bf16 costs more
         unused = torch.where(valid, 0.0, float("-inf")).to(sd).view(b * h, 1, n)
-        rough = torch.baddbmm(unused, queries.to(sd).view(b * h, m, d), keys.to(sd).view(b * h, n, d).transpose(-1, -2))
+        rough = torch.baddbmm(unused, queries.to(sd).reshape(b * h, m, d),
+                              keys.to(sd).reshape(b * h, n, d).transpose(-1, -2))
         return rowwise_topk(rough.view(b, h, m, n), min(k, n))[1]
 
     def topk(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,

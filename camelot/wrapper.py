@@ -54,9 +54,7 @@ class CamelotModel:
 
     def __init__(self, model: nn.Module, config: CamelotConfig, adapter: Adapter) -> None:
         self._lock, self._unwrapped = threading.RLock(), False  # camelot/ownership.py
-        self.model = model
-        self.config = config
-        self.adapter = adapter
+        self.model, self.config, self.adapter = model, config, adapter
         self.max_positions = adapter.max_positions(model)
         if self.max_positions is not None and config.window > self.max_positions:
             raise ValueError(
@@ -71,7 +69,8 @@ class CamelotModel:
         self._previous_impl = model.config._attn_implementation
         for m, rt in zip(modules, self.runtimes):
             m._camelot_runtime = rt
-        model.set_attn_implementation(attention.ATTN_NAME)
+        if adapter.hook == "registry":  # falcon, bloom: swapped forwards, and their ALiBi needs HF's own mask
+            model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
         model._camelot_wrapper = self
         self.surprise = SurpriseFeed()  # each token's NLL, for write rules that rank by surprise

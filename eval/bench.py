@@ -79,10 +79,11 @@ def speed_rows(model, ids: torch.Tensor, base: CamelotConfig, strategies: list[s
                     label = f"camelot slots={s} {b}" + ("" if r == "query" else f" by {r}")
                     rows.append(run_wrapped(model, ids, cfg, label, prefill=True, progress=progress))
                     rows[-1].extra["retrieve"] = r
-            if "torch" in backends and base.read_top_k is not None:  # the library default: read every slot
-                cfg = base.replace(strategy="camelot", slots=s, search="torch", read_top_k=None)
-                rows.append(run_wrapped(model, ids, cfg, f"camelot slots={s} torch all", prefill=True,
-                                        progress=progress))
+            for b in ("torch", "torch-bf16"):  # the library default reads every slot (bf16 where native)
+                if b in backends and base.read_top_k is not None:
+                    cfg = base.replace(strategy="camelot", slots=s, search=b, read_top_k=None)
+                    rows.append(run_wrapped(model, ids, cfg, f"camelot slots={s} {b} all", prefill=True,
+                                            progress=progress))
     rows.append(run_wrapped(model, ids, base.replace(strategy="window"), "window (again)", progress=progress))
     return rows
 

@@ -6,6 +6,7 @@ prefill."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -21,11 +22,14 @@ def default_rows(model, ids: torch.Tensor, window: int, progress: bool) -> list[
     the same KV entries per head (sinks + slots + raw tail)."""
     cfg = CamelotConfig(window=window)
     budget = cfg.slots + cfg.recent
-    return [run_wrapped(model, ids, cfg.replace(strategy="window"), "window", progress=progress),
-            run_wrapped(model, ids, cfg, f"camelot defaults ({cfg.slots} slots + {cfg.recent} tail)",
-                        prefill=True, progress=progress),
-            run_wrapped(model, ids, cfg.replace(strategy="sliding", slots=budget), f"sliding {budget} (same budget)",
-                        prefill=True, progress=progress)]
+    rows = [run_wrapped(model, ids, cfg.replace(strategy="window"), "window", progress=progress),
+            run_wrapped(model, ids, cfg, f"camelot defaults ({cfg.slots} slots + {cfg.recent} tail, "
+                        f"search={cfg.search})", prefill=True, progress=progress)]
+    if cfg.search != "torch":  # the exact fp32 read beside the default bfloat16 one
+        rows.append(run_wrapped(model, ids, cfg.replace(search="torch"), "camelot defaults, search=torch (exact)",
+                                prefill=True, progress=progress))
+    return rows + [run_wrapped(model, ids, cfg.replace(strategy="sliding", slots=budget),
+                               f"sliding {budget} (same budget)", prefill=True, progress=progress)]
 
 
 def defaults_table(rows: list[Row]) -> str:
@@ -87,8 +91,11 @@ def _hf_decode(model, ctx: torch.Tensor, new_tokens: int) -> float:
 
 @torch.no_grad()
 def _full_first(model, doc: torch.Tensor) -> float:
+    """One forward over the whole document, the model's own attention; only the last row's logits
+    (a 32k-token document's logits over Qwen's 151k-token vocabulary would be ~10 GB)."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     t0 = time.perf_counter()
-    model(input_ids=doc, use_cache=False).logits[:, -1].argmax(-1)
+    model(input_ids=doc, use_cache=False, **keep).logits[:, -1].argmax(-1)
     return time.perf_counter() - t0
 
 

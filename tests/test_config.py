@@ -68,7 +68,7 @@ def test_auto_read_is_exact_for_small_banks_and_the_grouped_fast_read_for_large_
     from camelot.config import AUTO_EVERY_SLOT_MAX
 
     small = CamelotConfig(slots=AUTO_EVERY_SLOT_MAX)
-    assert (small.read_top_k, small.retrieve, small.search) == (None, "query", "torch")
+    assert (small.read_top_k, small.retrieve) == (None, "query")
     big = CamelotConfig(slots=AUTO_EVERY_SLOT_MAX + 1)
     assert (big.read_top_k, big.retrieve, big.search) == (8, "group", "torch-bf16")
     assert CamelotConfig().read_top_k is None  # the default bank (2048 slots) is read whole: the fast read
@@ -80,6 +80,21 @@ def test_auto_read_is_exact_for_small_banks_and_the_grouped_fast_read_for_large_
     assert CamelotConfig(slots=256, search="faiss").read_top_k == 8  # a top-k backend gets a top-k
     assert CamelotConfig(strategy="knn").read_top_k is None and CamelotConfig(strategy="sliding").read_top_k is None
     assert CamelotConfig(slots=10000).replace(slots=512).read_top_k == 8  # resolved once, then concrete
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_search_scores_in_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
+    import camelot.config as config
+
+    monkeypatch.setattr(config, "fast_bfloat16", lambda: native)
+    cfg = CamelotConfig()
+    assert (cfg.search, cfg.read_top_k) == ("torch-bf16" if native else "torch", None)  # every slot either way
+    assert CamelotConfig(search="auto", slots=AUTO_SLOTS_BIG).retrieve == "group"
+    assert CamelotConfig(search="torch").search == "torch"  # what the user gives stays
+    assert CamelotConfig(search="auto").replace(slots=64).search == cfg.search  # resolved once
+
+
+AUTO_SLOTS_BIG = 10000
 
 
 def test_count_mode_choices_are_the_ones_the_bias_implements():

@@ -216,5 +216,6 @@ def test_bf16_search_through_the_wrapper_is_close_to_exact():
         assert {rt.state.memory.search_dtype for rt in cm.runtimes if rt.state.memory is not None} == {torch.bfloat16}
     finally:
         cm.unwrap()
+    assert camelot.CamelotConfig(search="torch-bf16", read_top_k=None).read_top_k is None  # bf16 scores of every slot
     with pytest.raises(ValueError, match="read_top_k=None"):
-        camelot.CamelotConfig(search="torch-bf16", read_top_k=None)
+        camelot.CamelotConfig(search="faiss", read_top_k=None)  # a backend that only answers a top-k

@@ -41,6 +41,9 @@ class DenseResult:
         values.append(self.values)
         return torch.cat([logits, self.logits], dim=-1)
 
+    def softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
     def add_output(self, out: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
         return out  # memory values were in the plain value matmul
 
@@ -67,6 +70,9 @@ class SparseResult:
         logits[..., start:] = self.logits  # no concatenation: a pass over every logit saved
         return logits
 
+    def softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
     def add_output(self, out: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
         # [.., 1, k] @ [.., k, Dv] per query
         return out + torch.matmul(probs[..., start:][..., None, :], self.gathered)[..., 0, :]
@@ -84,7 +90,40 @@ class SharedSparseResult(SparseResult):
         return out + torch.einsum("bhgmk,bhmkd->bhgmd", probs[..., start:], self.gathered)
 
 
-MemoryResult = DenseResult | SparseResult
+@dataclass
+class AttendedResult:
+    """Every entry, attended by one fused kernel apart from the plain keys: the output normalised
+    over memory alone [B, Hkv, G, m, Dv] and the log-sum-exp of its logits [B, Hkv, G, m]. The
+    plain softmax and this one are joined exactly by their log-sum-exps (as flash attention joins
+    blocks), so the [queries x entries] logits are never written out or concatenated. No
+    per-entry probabilities: a caller that needs them (attribution, reads ranked by use) asks
+    for a `DenseResult`."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    weight: torch.Tensor | None = None  # memory's share of each query's mass, set by `softmax`
+
+    spare_columns = 0
+
+    def join(self, logits: torch.Tensor, values: list[torch.Tensor], start: int) -> torch.Tensor:
+        return logits
+
+    def softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(dim=-1, keepdim=True)  # finite: plain keys are never all masked (causal diagonal)
+        e = torch.exp(logits - top)
+        plain = top[..., 0] + torch.log(e.sum(dim=-1))  # the plain keys' log-sum-exp, one exp pass
+        total = torch.logaddexp(plain, self.lse)
+        self.weight = torch.exp(self.lse - total)
+        return e.mul_(torch.exp(top - total[..., None]))
+
+    def add_output(self, out: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
+        return out + self.weight[..., None] * self.out
+
+    def attribution(self, probs: torch.Tensor, start: int) -> ReadAttribution:
+        raise RuntimeError("a fused every-entry read keeps no per-entry probabilities; read with whole=False")
+
+
+MemoryResult = DenseResult | SparseResult | AttendedResult
 
 
 class CountBias:
@@ -149,6 +188,7 @@ class ReadInput:
     queries: torch.Tensor  # [B, Hkv, G*m, D]
     g: int
     m: int
+    whole: bool = False  # the caller takes memory attended on its own (`AttendedResult`)
 
 
 class Read:
@@ -167,8 +207,9 @@ class Read:
 
     def read(self, query: torch.Tensor, memory: Memory, positions: Positions, tail: int, scaling: float,
              softcap: float | None, bias: PositionBias | None,
-             raw_key: torch.Tensor | None = None, start: int = 0) -> MemoryResult | None:
-        """start: position of the first query (rules that place memory per query use it)."""
+             raw_key: torch.Tensor | None = None, start: int = 0, whole: bool = False) -> MemoryResult | None:
+        """start: position of the first query (rules that place memory per query use it); whole:
+        the caller needs no per-entry probabilities, so a read of every entry may be fused."""
         state = memory.readable()
         if state is None:
             return None
@@ -183,7 +224,7 @@ class Read:
         else:
             qm = positions.memory_query(query)
         inp = ReadInput(keys, values, raw_keys, counts, valid, self.count_bias(memory, counts, valid),
-                        qm.reshape(b, hkv, g * m, d), g, m)
+                        qm.reshape(b, hkv, g * m, d), g, m, whole and bias is None)
         result = self.select(inp, scaling, softcap, raw_key)
         if bias is not None:  # ALiBi: entries are chosen by content, then biased by their distance
             result.logits = result.logits + bias.bias(_positions_of(result, positions, memory, tail), hkv, g)

@@ -50,7 +50,7 @@ class BlockRead(Read):
 
     def read(self, query: torch.Tensor, memory: Memory, positions: Positions, tail: int, scaling: float,
              softcap: float | None, bias: PositionBias | None, raw_key: torch.Tensor | None = None,
-             start: int = 0) -> MemoryResult | None:
+             start: int = 0, whole: bool = False) -> MemoryResult | None:
         got = memory.blocks()
         if got is None:
             return None

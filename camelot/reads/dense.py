@@ -6,12 +6,17 @@ from __future__ import annotations
 import torch
 
 from camelot.masks import softcapped
-from camelot.reads.base import DenseResult, Read, ReadInput
+from camelot.reads.base import AttendedResult, DenseResult, MemoryResult, Read, ReadInput
 from camelot.topk import topk as rowwise_topk
 
+# torch's fused CPU attention that also returns the log-sum-exp (private, so looked up, not assumed)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-def dense_read(inp: ReadInput, k: int, scaling: float, softcap: float | None) -> DenseResult:
-    """Logits of every entry; all but each query's k best masked where k < S."""
+
+def dense_read(inp: ReadInput, k: int, scaling: float, softcap: float | None,
+               score_dtype: torch.dtype = torch.float32) -> DenseResult:
+    """Logits of every entry; all but each query's k best masked where k < S. score_dtype: of
+    the every-entry scores (bfloat16: rounded like a bf16 model's attention scores)."""
     qm, keys = inp.queries, inp.keys
     b, hkv, gm, _ = qm.shape
     n = keys.shape[2]
@@ -20,8 +25,9 @@ def dense_read(inp: ReadInput, k: int, scaling: float, softcap: float | None) ->
     idx = None
     if k == n and not softcap:
         # every entry: scale on the queries, bias inside the matmul (two fewer passes over the scores)
-        s = torch.baddbmm(slot_bias.flatten(0, 1), (qm * scaling).flatten(0, 1),
-                          keys.to(qm.dtype).flatten(0, 1).transpose(-1, -2))
+        sd = score_dtype
+        s = torch.baddbmm(slot_bias.flatten(0, 1).to(sd), (qm * scaling).flatten(0, 1).to(sd),
+                          keys.to(sd).flatten(0, 1).transpose(-1, -2)).to(qm.dtype)
         return DenseResult(s.view(b, hkv, inp.g, inp.m, -1), inp.values)
     raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
     s = softcapped(raw * scaling, softcap)
@@ -34,9 +40,29 @@ def dense_read(inp: ReadInput, k: int, scaling: float, softcap: float | None) ->
     return DenseResult(s, inp.values, idx)
 
 
-class EverySlotRead(Read):
-    """Every query reads every entry (`top_k=None`): exact, and with the dense matmul no dearer
-    than a small top-k on CPU at a few thousand slots."""
+def fused_read(inp: ReadInput, scaling: float, dtype: torch.dtype) -> AttendedResult:
+    """Every entry through torch's fused CPU attention (blocked: the [queries x entries] scores
+    never leave cache; softmax statistics in fp32 whatever `dtype`)."""
+    qm, keys = inp.queries, inp.keys
+    b, hkv = qm.shape[:2]
+    bias = torch.where(inp.valid, 0.0 if inp.bias is None else inp.bias, float("-inf"))[:, :, None, :]
+    out, lse = _FLASH_CPU(qm.to(dtype), keys.to(dtype), inp.values.to(dtype), 0.0, False,
+                          attn_mask=bias.to(dtype), scale=scaling)
+    # a head with no used entry: the kernel returns 0 and a log-sum-exp of 0, which would weigh
+    lse = lse.masked_fill_(~inp.valid.any(-1, keepdim=True), float("-inf"))
+    return AttendedResult(out.to(qm.dtype).view(b, hkv, inp.g, inp.m, -1), lse.view(b, hkv, inp.g, inp.m))
 
-    def select(self, inp: ReadInput, scaling: float, softcap: float | None, raw_key=None) -> DenseResult:
-        return dense_read(inp, inp.keys.shape[2], scaling, softcap)
+
+def fusable(inp: ReadInput, softcap: float | None) -> bool:
+    return inp.whole and not softcap and _FLASH_CPU is not None and inp.queries.device.type == "cpu"
+
+
+class EverySlotRead(Read):
+    """Every query reads every entry (`top_k=None`): exact with the torch backend (bfloat16 scores
+    with `torch-bf16`), and with one dense matmul or the fused kernel no dearer than a small top-k
+    on CPU at a few thousand slots."""
+
+    def select(self, inp: ReadInput, scaling: float, softcap: float | None, raw_key=None) -> MemoryResult:
+        if fusable(inp, softcap):
+            return fused_read(inp, scaling, self.search.score_dtype)
+        return dense_read(inp, inp.keys.shape[2], scaling, softcap, self.search.score_dtype)
