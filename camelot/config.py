@@ -228,13 +228,13 @@ class CamelotConfig:
 
     @classmethod
     def recall(cls, **changes: Any) -> CamelotConfig:
-        """For finding facts again (a name, a number): two thirds of the slots a raw reserve of the
-        16-token windows the model found most surprising, and the 8 tokens after each. Measured:
-        RULER single needles at 1/8 of the document 100% where the paper write and `sliding` find
-        none; 0.2-3% perplexity against the default write (docs/memory_write.md, docs/retrieval.md)."""
+        """For finding facts again (a name, a number): all slots but 128 (a third of a smaller bank)
+        a raw reserve of the 16-token windows the model found most surprising, and the 8 tokens
+        after each; the rest consolidated. RULER single needles 100% where the paper write and
+        `sliding` find none or half (docs/retrieval.md); 0.2-3.4% perplexity (docs/memory_write.md)."""
         slots = changes.get("slots", cls.__dataclass_fields__["slots"].default)
-        return cls(**{"span_reserve": 2 * slots // 3, "span": 16, "span_follow": 8, "importance": "surprise",
-                      "span_score": "sum", **changes})
+        return cls(**{"span_reserve": slots - min(128, slots // 3), "span": 16, "span_follow": 8,
+                      "importance": "surprise", "span_score": "sum", **changes})
 
     @classmethod
     def help(cls, name: str) -> str:

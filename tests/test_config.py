@@ -113,11 +113,12 @@ def test_count_mode_choices_are_the_ones_the_bias_implements():
             CamelotConfig(count_cap=bad)
 
 
-def test_recall_preset_makes_two_thirds_of_the_slots_a_surprise_reserve_and_keeps_what_is_given():
+def test_recall_preset_makes_all_but_128_slots_a_surprise_reserve_and_keeps_what_is_given():
     cfg = CamelotConfig.recall(slots=892, window=512)
-    assert (cfg.span_reserve, cfg.span, cfg.span_follow, cfg.importance, cfg.span_score) == (594, 16, 8, "surprise",
+    assert (cfg.span_reserve, cfg.span, cfg.span_follow, cfg.importance, cfg.span_score) == (764, 16, 8, "surprise",
                                                                                              "sum")
     assert (cfg.slots, cfg.window) == (892, 512)
-    assert CamelotConfig.recall().span_reserve == 2 * CamelotConfig().slots // 3
+    assert CamelotConfig.recall().span_reserve == CamelotConfig().slots - 128
+    assert CamelotConfig.recall(slots=90).span_reserve == 60  # a small bank keeps a third consolidated
     assert CamelotConfig.recall(span_reserve=100).span_reserve == 100  # what the user gives wins
     assert CamelotConfig().span_reserve == 0  # the default write stays the paper's
