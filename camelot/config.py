@@ -39,8 +39,8 @@ RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
 AUTO_EVERY_SLOT_MAX = 8192
 AUTO_TOP_K = 8
 
-# old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
+# old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
 RENAMED = {"top_k": "read_top_k"}
 
 

@@ -9,8 +9,17 @@ from camelot.masks import softcapped
 from camelot.reads.base import AttendedResult, DenseResult, MemoryResult, Read, ReadInput
 from camelot.topk import topk as rowwise_topk
 
-# torch's fused CPU attention that also returns the log-sum-exp (private, so looked up, not assumed)
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+def _flash_cpu():
+    """torch's fused CPU attention that also returns the log-sum-exp (private, so looked up, not
+    assumed); None where this torch lacks it (then the explicit read runs)."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FLASH_CPU = _flash_cpu()
 
 
 def dense_read(inp: ReadInput, k: int, scaling: float, softcap: float | None,
@@ -48,7 +57,7 @@ def fused_read(inp: ReadInput, scaling: float, dtype: torch.dtype) -> AttendedRe
     bias = torch.where(inp.valid, 0.0 if inp.bias is None else inp.bias, float("-inf"))[:, :, None, :]
     out, lse = _FLASH_CPU(qm.to(dtype), keys.to(dtype), inp.values.to(dtype), 0.0, False,
                           attn_mask=bias.to(dtype), scale=scaling)
-    # a head with no used entry: the kernel returns 0 and a log-sum-exp of 0, which would weigh
+    # a head with no used entry: the kernel returns 0 and a log-sum-exp of 0, which would take mass
     lse = lse.masked_fill_(~inp.valid.any(-1, keepdim=True), float("-inf"))
     return AttendedResult(out.to(qm.dtype).view(b, hkv, inp.g, inp.m, -1), lse.view(b, hkv, inp.g, inp.m))
 
