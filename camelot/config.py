@@ -233,7 +233,8 @@ class CamelotConfig:
         after each; the rest consolidated. RULER single needles 100% where the paper write and
         `sliding` find none or half (docs/retrieval.md); 0.2-3.4% perplexity (docs/memory_write.md)."""
         slots = changes.get("slots", cls.__dataclass_fields__["slots"].default)
-        return cls(**{"span_reserve": slots - min(128, slots // 3), "span": 16, "span_follow": 8,
+        reserve = slots - min(128, slots // 3) if type(slots) is int else 0  # a bad `slots`: validate() says so
+        return cls(**{"span_reserve": reserve, "span": 16, "span_follow": 8,
                       "importance": "surprise", "span_score": "sum", **changes})
 
     @classmethod
@@ -256,7 +257,8 @@ class CamelotConfig:
 def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
     """read_top_k='auto' -> a concrete read (measured: README, 'Fast by default'). A small bank is
     read whole; a large one, or a backend that only answers top-k, by the grouped top-k."""
-    fast = cfg.strategy == "camelot" and (cfg.slots > AUTO_EVERY_SLOT_MAX or cfg.search not in EVERY_SLOT_SEARCH)
+    big = type(cfg.slots) is int and cfg.slots > AUTO_EVERY_SLOT_MAX  # a bad `slots`: validate() says so
+    fast = cfg.strategy == "camelot" and (big or cfg.search not in EVERY_SLOT_SEARCH)
     if cfg.strategy == "knn" and cfg.search not in EVERY_SLOT_SEARCH:
         fast = True
     if not fast:

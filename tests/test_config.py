@@ -122,3 +122,6 @@ def test_recall_preset_makes_all_but_128_slots_a_surprise_reserve_and_keeps_what
     assert CamelotConfig.recall(slots=90).span_reserve == 60  # a small bank keeps a third consolidated
     assert CamelotConfig.recall(span_reserve=100).span_reserve == 100  # what the user gives wins
     assert CamelotConfig().span_reserve == 0  # the default write stays the paper's
+    for bad in ("many", 0, True):
+        with pytest.raises(ValueError, match="slots"):
+            CamelotConfig.recall(slots=bad)
