@@ -15,7 +15,8 @@ from camelot.config import STRATEGIES, CamelotConfig
 from camelot.memory.rules import RULE_FIELDS
 from camelot.options import AUTO_SET, UserError, parse_top_k
 
-ALL_STRATEGIES = (*STRATEGIES, "full")
+RECALL = "camelot-recall"  # camelot with CamelotConfig.recall's write (a surprise-ranked raw reserve)
+ALL_STRATEGIES = (*STRATEGIES, RECALL, "full")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
 
 
@@ -114,7 +115,7 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
                 grid = _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
                                 retrieve=sweep.retrieves, layers=sweep.layers)
-            else:
+            else:  # camelot and camelot-recall
                 grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
                                 read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
                                 count_mode=sweep.count_modes, count_cap=sweep.count_caps,
@@ -124,7 +125,7 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
             for params in grid:
                 try:
                     given = {k: v for k, v in {**base, **params}.items() if not (k in AUTO_SET and v is None)}
-                    cfg = CamelotConfig(window=w, strategy=strategy, **given)
+                    cfg = _config(strategy, w, given)
                 except ValueError as e:
                     raise UserError(f"{strategy} with window={w} {params}: {e}") from None
                 if params.get("read_top_k") == "auto":  # the table names the read that ran
@@ -133,6 +134,14 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
     if "full" in sweep.strategies:
         specs.append(RunSpec("full", None, {}, None))
     return specs
+
+
+def _config(strategy: str, window: int, given: dict[str, Any]) -> CamelotConfig:
+    if strategy != RECALL:
+        return CamelotConfig(window=window, strategy=strategy, **given)
+    # the preset's write, except where a rule flag was moved off its default
+    given = {k: v for k, v in given.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
+    return CamelotConfig.recall(window=window, strategy="camelot", **given)
 
 
 def _product(**axes: tuple) -> list[dict[str, Any]]:
@@ -231,6 +240,8 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     """The memory settings a run sweeps (comma-separated values), built from CamelotConfig's
     fields; `defaults` overrides a default by field name (window="512")."""
     p.add_argument("--strategies", default=defaults.pop("strategies", ",".join(DEFAULT_STRATEGIES)),
-                   help=f"from {','.join(ALL_STRATEGIES)}")
+                   help=f"from {','.join(ALL_STRATEGIES)} ({RECALL}: camelot with CamelotConfig.recall's write, "
+                        "a raw reserve of the most surprising tokens for finding facts again; rule flags "
+                        "moved off their defaults still apply)")
     p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
     options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)

@@ -86,6 +86,26 @@ def test_count_mode_flag_reaches_the_camelot_runs_and_names_them():
     assert "count_mode" not in one[0].label and "count_cap" not in one[0].label  # defaults, not swept: not named
 
 
+def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flags_still_apply():
+    import argparse
+
+    from camelot.eval.plan import add_sweep_args, sweep_from_args
+
+    from camelot.config import CamelotConfig
+
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    runs = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "camelot,camelot-recall", "--slots", "380,892", "--window", "512"]))))
+    assert [s.config.span_reserve for s in runs["camelot"]] == [0, 0]
+    assert [s.config for s in runs["camelot-recall"]] == [CamelotConfig.recall(slots=n, window=512) for n in (380, 892)]
+    assert runs["camelot-recall"][0].config.strategy == "camelot"
+    assert runs["camelot-recall"][1].label.startswith("camelot-recall slots=892")
+    moved = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "camelot-recall", "--slots", "892", "--span-follow", "2"]))))["camelot-recall"][0]
+    assert (moved.config.span_follow, moved.config.span_reserve) == (2, 764)  # a flag moved off its default wins
+
+
 def _by_strategy_specs(specs) -> dict[str, list]:
     out: dict[str, list] = {}
     for s in specs:

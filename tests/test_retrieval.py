@@ -111,24 +111,26 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number,vt", "--lengths", "700,1100",
             "--depths", "50", "--trials", "1", "--window", "128", "--budget", "300", "--recent", "128",
-            "--max-new-tokens", "4", "--haystack", str(book), "--out", str(out), "--no-progress"]
+            "--max-new-tokens", "4", "--haystack", str(book), "--out", str(out), "--no-progress",
+            "--strategies", "window,sliding,knn,camelot,camelot-recall,full"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "**niah_number**" in text and "**all tasks**" in text and "not run" in text
     assert "full: lengths 1100 exceed the model's 1024 positions" in text
     data = json.loads((out / "retrieval.json").read_text())
     runs = {r["strategy"]: r for r in data["runs"]}
-    assert set(runs) == {"window", "sliding", "knn", "camelot", "full"}
+    assert set(runs) == {"window", "sliding", "knn", "camelot", "camelot-recall", "full"}
     cfg = {s: r["config"] for s, r in runs.items() if r["config"]}
-    budget = {s: c["slots"] + c["sink"] + (c["recent"] if s == "camelot" else 0) for s, c in cfg.items()
-              if s in ("sliding", "camelot")}
-    assert budget == {"sliding": 300, "camelot": 300}
+    budget = {s: c["slots"] + c["sink"] + (c["recent"] if s != "sliding" else 0) for s, c in cfg.items()
+              if s in ("sliding", "camelot", "camelot-recall")}
+    assert budget == {"sliding": 300, "camelot": 300, "camelot-recall": 300}
+    assert cfg["camelot-recall"]["span_reserve"] == 168 - 56 and cfg["camelot"]["span_reserve"] == 0
     keys = {s: sorted((t["task"], t["length"], t["depth"], tuple(t["expected"])) for t in r["trials"])
             for s, r in runs.items()}
     assert all(len(k) == 2 * 2 and k == keys["window"] for s, k in keys.items() if s != "full")
     assert {t["length"] for t in runs["full"]["trials"]} == {700}
     assert runs["window"]["by_task_length"]["vt@700"]["n"] == 1
-    assert len(list(out.glob("heatmap_*.png"))) == 5 and (out / "retrieval.md").exists()
+    assert len(list(out.glob("heatmap_*.png"))) == 6 and (out / "retrieval.md").exists()
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -82,6 +82,27 @@ def test_a_fact_across_two_windows_is_kept_whole_where_a_fixed_grid_cut_it():
     assert not held[0, 0, 3]  # a skipped token is never kept
 
 
+def test_a_peak_score_keeps_a_rare_name_among_predictable_words_that_a_sum_drops():
+    """A repeated fact: its template is predictable the second time (importance 0.5), only its
+    name is surprising (one token at 10). A run of uniformly surprising haystack (3 each) beats
+    it by the sum (4 x 3 = 12 against 10 + 1.5) but not by the peak (3 against 10); the peak
+    keeps the name with span - 1 tokens before it and span - 1 + follow after it."""
+    from camelot.memory.spans import choose_spans
+
+    imp = torch.full((1, 1, 24), 0.5)
+    imp[0, 0, 0:10] = 3.0  # haystack: every token moderately surprising
+    imp[0, 0, 14] = 10.0  # the fact's rare name
+    empty, every = torch.full((1, 1, 9), float("-inf")), torch.ones_like(imp, dtype=torch.bool)  # 8 places
+    by_sum, _, _ = choose_spans(empty, imp, every, 4, 0, 99, "sum")
+    assert by_sum[0, 0, :8].all() and not by_sum[0, 0, 14]
+    by_peak, _, score = choose_spans(empty, imp, every, 4, 0, 99, "peak", follow=1)
+    assert by_peak[0, 0].nonzero().flatten().tolist() == list(range(11, 19))  # 3 before, 3 + 1 after
+    assert torch.equal(score[0, 0, :8], torch.full((8,), 10.0))
+    imp[0, 0, 12] = float("-inf")  # a skipped token inside: no window through it counts
+    held, _, _ = choose_spans(empty, imp, every & torch.isfinite(imp), 4, 0, 99, "peak")
+    assert not held[0, 0, 11:13].any() and held[0, 0, 14]
+
+
 def test_span_alone_changes_nothing_and_bad_reserves_are_refused():
     assert WriteRule(span=16).plain and not WriteRule(span_reserve=16, span=16).plain
     for bad in ({"span": 0}, {"span_reserve": True}, {"span_reserve": -8}):

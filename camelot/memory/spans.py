@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-SPAN_SCORES = ("relative", "sum", "shared")
+SPAN_SCORES = ("relative", "sum", "shared", "peak")
 
 
 def span_context(span: int, follow: int) -> int:
@@ -58,9 +58,13 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     if ctx.shape[-1] < span:  # no whole window: the segment's tokens go to the consolidated part
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
-    win = ctx.unfold(-1, span, 1).sum(-1)  # [B,H,W]: the window starting at each context token
+    windows = ctx.unfold(-1, span, 1)
+    # peak: a window is as important as its most important token (a fact's rare name), so a
+    # repeated phrase around it does not lower it; the others add their tokens' importance
+    win = windows.amax(-1) if how == "peak" else windows.sum(-1)  # [B,H,W]: the window from each context token
+    win = torch.where(torch.isinf(windows).any(-1), float("-inf"), win) if how == "peak" else win
     win = win.nan_to_num(nan=float("-inf"))
-    if how != "sum":
+    if how in ("relative", "shared"):
         whole = torch.isfinite(win)
         mean = torch.where(whole, win, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
         win = win / mean.clamp(min=1e-9)
