@@ -142,8 +142,8 @@ class CamelotConfig:
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
     span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
-                                         "segment's mean; sum: its importance; shared: relative, max over the "
-                                         "layer's KV heads; peak: its top token", choices=SPAN_SCORES)
+                                         "segment's mean; sum: its importance; shared: relative, max over KV "
+                                         "heads; peak: its top token; sum+peak: half each", choices=SPAN_SCORES)
     importance: str = option("attention", "camelot: the token importance evict=use, protect and the span reserve "
                                           "rank by. attention: attention received in the window (per KV head); "
                                           "surprise: the model's own NLL of the token (same for every head)",

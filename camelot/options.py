@@ -195,13 +195,23 @@ def sweep_values(args: argparse.Namespace, name: str) -> tuple:
 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
-    """The CamelotConfig that the plain flags describe; a bad value is a UserError."""
+    """The CamelotConfig that the plain flags describe (with `--recall`: recall_config's); a bad
+    value is a UserError."""
     values = {f.name: getattr(args, f.name) for f in fields(CamelotConfig) if hasattr(args, f.name)}
     values = {k: v for k, v in values.items() if not (k in AUTO_SET and v is None)}  # not given
     try:
-        return CamelotConfig(**{**values, **fixed})
+        return (recall_config if getattr(args, "recall", False) else CamelotConfig)(**{**values, **fixed})
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def recall_config(**values: Any) -> CamelotConfig:
+    """CamelotConfig.recall with these values, except write-rule values at their defaults: a flag
+    the user did not move leaves the preset's choice (flags cannot tell "not given" apart)."""
+    from camelot.memory.rules import RULE_FIELDS
+
+    kept = {k: v for k, v in values.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
+    return CamelotConfig.recall(**kept)
 
 
 # ---------------------------------------------------------------------------- the model flags

@@ -139,9 +139,7 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
 def _config(strategy: str, window: int, given: dict[str, Any]) -> CamelotConfig:
     if strategy != RECALL:
         return CamelotConfig(window=window, strategy=strategy, **given)
-    # the preset's write, except where a rule flag was moved off its default
-    given = {k: v for k, v in given.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
-    return CamelotConfig.recall(window=window, strategy="camelot", **given)
+    return options.recall_config(window=window, strategy="camelot", **given)
 
 
 def _product(**axes: tuple) -> list[dict[str, Any]]:

@@ -119,3 +119,18 @@ def test_single_config_commands_take_the_write_rule_flags(command):
     cfg = memory_config(args)
     assert (cfg.span_reserve, cfg.span, cfg.importance, cfg.evict, cfg.reserve) == (64, 16, "surprise", "use", None)
     assert all(hasattr(args, name) for name in RULE_FIELDS)
+
+
+@pytest.mark.parametrize("command", [["icl"], ["soak"], ["ask", "q"]])
+def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
+    from camelot.cli import build_parser, memory_config
+    from camelot.config import CamelotConfig
+
+    parser = build_parser()
+    plain = memory_config(parser.parse_args([*command, "--slots", "892"]))
+    cfg = memory_config(parser.parse_args([*command, "--slots", "892", "--recall"]))
+    assert plain.span_reserve == 0
+    assert cfg == CamelotConfig.recall(**{**plain.to_dict(), "span_reserve": 764, "span": 16, "span_follow": 8,
+                                          "importance": "surprise", "span_score": "sum"})
+    moved = memory_config(parser.parse_args([*command, "--slots", "892", "--recall", "--span-score", "peak"]))
+    assert (moved.span_score, moved.span_reserve, moved.importance) == ("peak", 764, "surprise")

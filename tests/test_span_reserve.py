@@ -103,6 +103,22 @@ def test_a_peak_score_keeps_a_rare_name_among_predictable_words_that_a_sum_drops
     assert not held[0, 0, 11:13].any() and held[0, 0, 14]
 
 
+def test_sum_plus_peak_keeps_the_surprising_run_in_one_half_and_the_name_in_the_other():
+    from camelot.memory.spans import PEAK_SPAN, choose_reserve
+
+    imp = torch.full((1, 1, 40), 0.5)
+    imp[0, 0, 0:10] = 3.0  # a surprising run: the sum's pick
+    imp[0, 0, 24] = 10.0  # a rare name among predictable words: only the peak picks it
+    empty, every = torch.full((1, 1, 17), float("-inf")), torch.ones_like(imp, dtype=torch.bool)  # 16 places
+    held, slot, score = choose_reserve(empty, imp, every, 4, 100, 999, "sum+peak")
+    taken = held[0, 0].nonzero().flatten().tolist()
+    by_sum = [t for t in taken if slot[0, 0, t] < 108]
+    by_peak = [t for t in taken if slot[0, 0, t] >= 108]
+    assert len(taken) == 16 and len(set(slot[0, 0][held[0, 0]].tolist())) == 16  # no token held twice
+    assert by_sum == list(range(8)) and 24 in by_peak and by_peak[0] == 24 - (PEAK_SPAN - 1)
+    assert torch.equal(score[0, 0, 8:16], torch.full((8,), 10.0)) and score[0, 0, 16] == float("-inf")
+
+
 def test_span_alone_changes_nothing_and_bad_reserves_are_refused():
     assert WriteRule(span=16).plain and not WriteRule(span_reserve=16, span=16).plain
     for bad in ({"span": 0}, {"span_reserve": True}, {"span_reserve": -8}):

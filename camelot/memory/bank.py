@@ -20,7 +20,7 @@ import torch
 from camelot.memory import rules as write_rules
 from camelot.memory.bank_state import load_state, state_of
 from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
-from camelot.memory.spans import choose_spans, span_context
+from camelot.memory.spans import choose_reserve, span_context
 from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
@@ -99,8 +99,8 @@ class SlotBank:
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
-        self.span_before = torch.full((b, h, span_context(self.rule.span, self.rule.span_follow)), float("-inf"),
-                                      device=dev)
+        carried = span_context(self.rule.span, self.rule.span_follow, self.rule.span_score)
+        self.span_before = torch.full((b, h, carried), float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:
@@ -251,9 +251,9 @@ def _choose_spans(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor
     """The span reserve's pick among the segment's tokens (spans.py), judged with the importance of
     the tokens written before (carried: `span_before`) and after (still raw) the segment."""
     rule = bank.rule
-    held, slot, bank.span_score = choose_spans(bank.span_score, importance, finite, rule.span, base, bank.slots,
-                                               rule.span_score, before=bank.span_before, after=after,
-                                               follow=rule.span_follow)
+    held, slot, bank.span_score = choose_reserve(bank.span_score, importance, finite, rule.span, base, bank.slots,
+                                                 rule.span_score, before=bank.span_before, after=after,
+                                                 follow=rule.span_follow)
     seen = torch.cat([bank.span_before, torch.where(finite, importance, float("-inf"))], dim=-1)
     bank.span_before = seen[..., seen.shape[-1] - bank.span_before.shape[-1]:]
     return held, slot

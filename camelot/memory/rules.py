@@ -52,8 +52,9 @@ class WriteRule:
     span_follow: a token also scores as the windows that end up to this many tokens before it,
         so the reserve keeps what follows a surprising run (the fact a surprising name opens).
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
-        (importance), "shared" (relative, max over the layer's KV heads) or "peak" (its most
-        important token); spans.py.
+        (importance), "shared" (relative, max over the layer's KV heads), "peak" (its most
+        important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
+        peak with spans.PEAK_SPAN / PEAK_FOLLOW); spans.py.
     importance: what a token's importance is, for every rule above that ranks by it. "attention":
         the attention it received while in the window and raw tail (per KV head); "surprise": the
         model's own NLL of the token (the same for every head and layer, so all keep the same

@@ -21,18 +21,42 @@ from __future__ import annotations
 
 import torch
 
-SPAN_SCORES = ("relative", "sum", "shared", "peak")
+SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak")
+# "sum+peak": the peak half's windows: a name with the 3 tokens before it and the 15 after it (a
+# key and its value; docs/retrieval.md measured these on RULER multi-key)
+PEAK_SPAN, PEAK_FOLLOW = 4, 12
 
 
-def span_context(span: int, follow: int) -> int:
+def span_context(span: int, follow: int, how: str = "sum") -> int:
     """Importance values of the tokens before a segment the reserve carries over, so windows
     straddle the segment boundary: a window may start span - 1 + follow tokens before a token."""
-    return span - 1 + follow
+    return max(span - 1 + follow, PEAK_SPAN - 1 + PEAK_FOLLOW if how == "sum+peak" else 0)
+
+
+def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
+                   base: int, scratch: int, how: str, before: torch.Tensor | None = None,
+                   after: torch.Tensor | None = None, follow: int = 0,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """choose_spans over the whole reserve, or for "sum+peak" over two halves: the first ranks
+    windows by their sum (surprising sentences), the second, among the tokens the first did not
+    take, by their peak (surprising names and what follows them: the first half keeps only a
+    repeated fact's first copy, whose template is the surprise). Same returns as choose_spans."""
+    if how != "sum+peak":
+        return choose_spans(span_score, importance, finite, span, base, scratch, how, before, after, follow)
+    n = span_score.shape[-1] - 1
+    half, end = n // 2, span_score[..., n:]
+    held, slot, first = choose_spans(torch.cat([span_score[..., :half], end], -1), importance, finite, span, base,
+                                     scratch, "sum", before, after, follow)
+    held2, slot2, second = choose_spans(torch.cat([span_score[..., half:n], end], -1), importance, finite,
+                                        PEAK_SPAN, base + half, scratch, "peak", before, after, PEAK_FOLLOW,
+                                        eligible=~held)
+    score = torch.cat([first[..., :half], second], -1)
+    return held | held2, torch.where(held, slot, slot2), score
 
 
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                  base: int, scratch: int, how: str = "relative", before: torch.Tensor | None = None,
-                 after: torch.Tensor | None = None, follow: int = 0,
+                 after: torch.Tensor | None = None, follow: int = 0, eligible: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """span_score [B, H, n+1]: the held tokens' scores (-inf: empty; index n is a scratch entry);
     importance, finite [B, H, T]. before [B, H, c] / after [B, H, a]: the importance of the tokens
@@ -74,7 +98,8 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     reach = span + follow
     padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (reach - 1, span - 1), value=float("-inf"))
     new = torch.nn.functional.max_pool1d(padded, reach, stride=1).view(b, h, -1)[..., c : c + t]
-    new = torch.where(finite, new, float("-inf"))
+    # eligible [B, H, T]: tokens this reserve may take (windows still see the others' importance)
+    new = torch.where(finite if eligible is None else finite & eligible, new, float("-inf"))
     cand = torch.cat([span_score[..., :n], new], dim=-1)  # held tokens first: they win ties
     order = cand.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n + t, device=dev).expand_as(order).contiguous())
