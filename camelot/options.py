@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from camelot.config import RENAMED, CamelotConfig
+from camelot.memory.rules import RULE_FIELDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -208,8 +209,6 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
 def recall_config(**values: Any) -> CamelotConfig:
     """CamelotConfig.recall with these values, except write-rule values at their defaults: a flag
     the user did not move leaves the preset's choice (flags cannot tell "not given" apart)."""
-    from camelot.memory.rules import RULE_FIELDS
-
     kept = {k: v for k, v in values.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
     return CamelotConfig.recall(**kept)
 

@@ -83,10 +83,9 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
     windows = ctx.unfold(-1, span, 1)
-    # peak: a window is as important as its most important token (a fact's rare name), so a
-    # repeated phrase around it does not lower it; the others add their tokens' importance
-    win = windows.amax(-1) if how == "peak" else windows.sum(-1)  # [B,H,W]: the window from each context token
-    win = torch.where(torch.isinf(windows).any(-1), float("-inf"), win) if how == "peak" else win
+    win = windows.sum(-1)  # [B,H,W]: the window starting at each context token (-inf: not whole)
+    if how == "peak":  # as important as its top token (a fact's rare name): a copied phrase around it adds nothing
+        win = torch.where(torch.isfinite(win), windows.amax(-1), float("-inf"))
     win = win.nan_to_num(nan=float("-inf"))
     if how in ("relative", "shared"):
         whole = torch.isfinite(win)
