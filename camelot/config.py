@@ -233,7 +233,7 @@ class CamelotConfig:
         after each; the rest consolidated. RULER single needles 100% where the paper write and
         `sliding` find none or half (docs/retrieval.md); 0.2-3.4% perplexity (docs/memory_write.md)."""
         slots = changes.get("slots", cls.__dataclass_fields__["slots"].default)
-        reserve = slots - min(128, slots // 3) if type(slots) is int else 0  # a bad `slots`: validate() says so
+        reserve = slots - min(128, max(1, slots // 3)) if type(slots) is int else 0  # bad `slots`: validate() says so
         return cls(**{"span_reserve": reserve, "span": 16, "span_follow": 8,
                       "importance": "surprise", "span_score": "sum", **changes})
 

@@ -120,6 +120,7 @@ def test_recall_preset_makes_all_but_128_slots_a_surprise_reserve_and_keeps_what
     assert (cfg.slots, cfg.window) == (892, 512)
     assert CamelotConfig.recall().span_reserve == CamelotConfig().slots - 128
     assert CamelotConfig.recall(slots=90).span_reserve == 60  # a small bank keeps a third consolidated
+    assert [CamelotConfig.recall(slots=n).span_reserve for n in (1, 2)] == [0, 1]  # and at least one slot
     assert CamelotConfig.recall(span_reserve=100).span_reserve == 100  # what the user gives wins
     assert CamelotConfig().span_reserve == 0  # the default write stays the paper's
     for bad in ("many", 0, True):
