@@ -125,12 +125,13 @@ def test_single_config_commands_take_the_write_rule_flags(command):
 def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
     from camelot.cli import build_parser, memory_config
     from camelot.config import CamelotConfig
+    from camelot.memory.rules import RULE_FIELDS
 
     parser = build_parser()
     plain = memory_config(parser.parse_args([*command, "--slots", "892"]))
     cfg = memory_config(parser.parse_args([*command, "--slots", "892", "--recall"]))
-    assert plain.span_reserve == 0
-    assert cfg == CamelotConfig.recall(**{**plain.to_dict(), "span_reserve": 764, "span": 16, "span_follow": 8,
-                                          "importance": "surprise", "span_score": "sum"})
+    assert plain.span_reserve == 0 and cfg.span_reserve == 764
+    # the command's own settings (window, placement...) kept, the write rule the preset's
+    assert cfg == CamelotConfig.recall(**{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
     moved = memory_config(parser.parse_args([*command, "--slots", "892", "--recall", "--span-score", "peak"]))
     assert (moved.span_score, moved.span_reserve, moved.importance) == ("peak", 764, "surprise")
