@@ -86,10 +86,14 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
     """The options of one memory configuration, for commands that run a single one (`ask`,
     `icl`, `soak`); `defaults` overrides CamelotConfig's defaults by field name."""
     add_config_args(p, only=MEMORY_FLAGS, skip=() if strategy else ("strategy",), **defaults)
-    p.add_argument("--recall", action="store_true",
+    p.add_argument("--recall", action="store_const", const="facts", default=None,
                    help="camelot: CamelotConfig.recall's write, for finding facts again: all slots but 128 a raw "
                         "reserve of the windows the model found most surprising (docs/retrieval.md); write-rule "
                         "flags moved off their defaults still apply")
+    p.add_argument("--recall-demos", dest="recall", action="store_const", const="demonstrations",
+                   help="camelot: CamelotConfig.recall('demonstrations'), for many-shot in-context learning: "
+                        "the reserve keeps the tokens the window attended most (a demonstration's label), "
+                        "not the surprising ones (docs/icl_memory.md)")
 
 
 def memory_config(args: argparse.Namespace, **fixed):

@@ -39,6 +39,16 @@ RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
 AUTO_EVERY_SLOT_MAX = 8192
 AUTO_TOP_K = 8
 
+# CamelotConfig.recall: how its raw reserve ranks tokens, per kind of thing to recall.
+# facts: 16-token windows by summed surprise (a fact is a sentence the model did not expect) and
+# the 8 tokens after one (its digits). demonstrations: single tokens by the attention the window
+# gave them, the largest over the layer's KV heads (a demonstration's label is what later ones
+# read; surprise keeps their sentences instead: 70% on subj, below the paper write's 73%)
+RECALL_KINDS: dict[str, dict[str, Any]] = {
+    "facts": {"span": 16, "span_follow": 8, "importance": "surprise", "span_score": "sum"},
+    "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
+}
+
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
 # old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
 RENAMED = {"top_k": "read_top_k"}
@@ -227,15 +237,14 @@ class CamelotConfig:
                       "placement": "fixed", **changes})
 
     @classmethod
-    def recall(cls, **changes: Any) -> CamelotConfig:
-        """For finding facts again (a name, a number): all slots but 128 (a third of a smaller bank)
-        a raw reserve of the 16-token windows the model found most surprising, and the 8 tokens
-        after each; the rest consolidated. RULER single needles 100% where the paper write and
-        `sliding` find none or half (docs/retrieval.md); 0.2-3.4% perplexity (docs/memory_write.md)."""
+    def recall(cls, kind: str = "facts", **changes: Any) -> CamelotConfig:
+        """All slots but 128 (a third of a smaller bank) a raw reserve ranked as RECALL_KINDS[kind]
+        says, the rest consolidated (facts: docs/retrieval.md; demonstrations: docs/icl_memory.md)."""
+        if kind not in RECALL_KINDS:
+            raise ValueError(f"recall kind must be one of {', '.join(RECALL_KINDS)}; got {kind!r}")
         slots = changes.get("slots", cls.__dataclass_fields__["slots"].default)
         reserve = slots - min(128, max(1, slots // 3)) if type(slots) is int else 0  # bad `slots`: validate() says so
-        return cls(**{"span_reserve": reserve, "span": 16, "span_follow": 8,
-                      "importance": "surprise", "span_score": "sum", **changes})
+        return cls(**{"span_reserve": reserve, **RECALL_KINDS[kind], **changes})
 
     @classmethod
     def help(cls, name: str) -> str:

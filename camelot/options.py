@@ -201,16 +201,17 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
     values = {f.name: getattr(args, f.name) for f in fields(CamelotConfig) if hasattr(args, f.name)}
     values = {k: v for k, v in values.items() if not (k in AUTO_SET and v is None)}  # not given
     try:
-        return (recall_config if getattr(args, "recall", False) else CamelotConfig)(**{**values, **fixed})
+        kind = getattr(args, "recall", None)
+        return recall_config(kind, **values, **fixed) if kind else CamelotConfig(**{**values, **fixed})
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def recall_config(**values: Any) -> CamelotConfig:
-    """CamelotConfig.recall with these values, except write-rule values at their defaults: a flag
-    the user did not move leaves the preset's choice (flags cannot tell "not given" apart)."""
+def recall_config(kind: str = "facts", **values: Any) -> CamelotConfig:
+    """CamelotConfig.recall(kind) with these values, except write-rule values at their defaults: a
+    flag the user did not move leaves the preset's choice (flags cannot tell "not given" apart)."""
     kept = {k: v for k, v in values.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
-    return CamelotConfig.recall(**kept)
+    return CamelotConfig.recall(kind, **kept)
 
 
 # ---------------------------------------------------------------------------- the model flags

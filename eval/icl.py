@@ -312,7 +312,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demonstrations. The demonstrations that fit sit in the window; the rest are fed into memory "
         "(camelot, knn) or dropped (window). Example: camelot icl --task mr --shots 0,4,16,64,256 --seeds 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, device="cpu", dtype=False)
+    add_model_args(p, device="cpu")
     p.add_argument("--task", default="mr",
                    help=f"built-in task ({', '.join(BUILTIN_TASKS)}), a task folder (train.jsonl, test.jsonl with "
                    "text/label, optional labels.txt; or a `datasets` folder) or a .json/.py task file")
@@ -362,7 +362,7 @@ def main(args: argparse.Namespace) -> int:
                      log=lambda s: print(s, file=sys.stderr))
     summary = summarize(rows)
     title = (f"{task.name}, {args.model}, window {args.window}, {args.seeds} seed(s), {len(data.test)} test, "
-             f"label score {args.label_score}")
+             f"label score {args.label_score}" + (f", camelot: recall {args.recall}" if args.recall else ""))
     table = markdown_table(summary, args.strategies, title)
     print(table)
     out = Path(args.out)

@@ -126,3 +126,13 @@ def test_recall_preset_makes_all_but_128_slots_a_surprise_reserve_and_keeps_what
     for bad in ("many", 0, True):
         with pytest.raises(ValueError, match="slots"):
             CamelotConfig.recall(slots=bad)
+
+
+def test_recall_of_demonstrations_ranks_single_tokens_by_attention_shared_over_heads():
+    cfg = CamelotConfig.recall("demonstrations", slots=2048, window=256)
+    assert (cfg.span_reserve, cfg.span, cfg.span_follow, cfg.importance, cfg.span_score) == (
+        1920, 1, 0, "attention", "shared")
+    assert CamelotConfig.recall("facts") == CamelotConfig.recall()
+    assert CamelotConfig.recall("demonstrations", span_score="sum").span_score == "sum"  # what is given wins
+    with pytest.raises(ValueError, match="recall kind must be one of facts, demonstrations; got 'labels'"):
+        CamelotConfig.recall("labels")

@@ -135,3 +135,7 @@ def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
     assert cfg == CamelotConfig.recall(**{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
     moved = memory_config(parser.parse_args([*command, "--slots", "892", "--recall", "--span-score", "peak"]))
     assert (moved.span_score, moved.span_reserve, moved.importance) == ("peak", 764, "surprise")
+    demos = memory_config(parser.parse_args([*command, "--slots", "892", "--recall-demos"]))
+    assert demos == CamelotConfig.recall("demonstrations",
+                                         **{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
+    assert demos.importance == "attention" != cfg.importance

@@ -280,6 +280,22 @@ def test_cli_end_to_end(toy_setup, capsys):
         assert all(r["n_test"] == 6 and 0 <= r["accuracy"] <= 1 for r in runs)
 
 
+def test_cli_recall_demos_runs_camelot_with_the_demonstrations_reserve_and_says_so(toy_setup, capsys):
+    from camelot.cli import main
+    from camelot.config import CamelotConfig
+
+    tmp, model_dir, spec = toy_setup
+    out = tmp / "out-demos"
+    rc = main(["icl", "--model", str(model_dir), "--task", str(spec), "--data-dir", str(tmp / "data"),
+               "--shots", "24", "--window", "48", "--strategies", "camelot", "--seeds", "1", "--n-test", "4",
+               "--slots", "16", "--recall-demos", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert "camelot: recall demonstrations" in capsys.readouterr().out.splitlines()[0]
+    cfg = json.loads((out / "icl_toy.json").read_text())["config"]
+    want = CamelotConfig.recall("demonstrations", slots=16)
+    assert (cfg["span_reserve"], cfg["importance"], cfg["span_score"]) == (want.span_reserve, "attention", "shared")
+
+
 def test_cli_errors_are_one_line(toy_setup, capsys, tmp_path):
     from camelot.cli import main
 
