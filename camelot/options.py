@@ -201,8 +201,8 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
     values = {f.name: getattr(args, f.name) for f in fields(CamelotConfig) if hasattr(args, f.name)}
     values = {k: v for k, v in values.items() if not (k in AUTO_SET and v is None)}  # not given
     try:
-        kind = getattr(args, "recall", None)
-        return recall_config(kind, **values, **fixed) if kind else CamelotConfig(**{**values, **fixed})
+        kind, given = getattr(args, "recall", None), {**values, **fixed}
+        return recall_config(kind, **given) if kind else CamelotConfig(**given)
     except ValueError as e:
         raise UserError(str(e)) from None
 
