@@ -151,6 +151,7 @@ class CamelotConfig:
                                   "those of the most important windows of `span` tokens (0: off)")
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
     span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
+    span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
                                          "segment's mean; sum: its importance; shared: relative, max over KV "
                                          "heads; peak: its top token; sum+peak: half each", choices=SPAN_SCORES)

@@ -221,20 +221,22 @@ def _reserve_cfg(**kw):
                                     "span_score": "sum", "importance": "attention", **kw})
 
 
-def test_a_loaded_span_reserve_continues_like_the_original(tmp_path):
+@pytest.mark.parametrize("apart", [0, 3])
+def test_a_loaded_span_reserve_continues_like_the_original(tmp_path, apart):
     """Without span_score in the file the loaded reserve looks empty and the next write replaces
-    its tokens: keys, counts and the continuation's NLL then differ."""
+    its tokens: keys, counts and the continuation's NLL then differ. (span_apart carries the
+    importance of `apart` more tokens: saved and loaded with the rest.)"""
     doc = _doc(96 + 60, seed=3)
-    cm = camelot.wrap(tiny_llama(), _reserve_cfg())
+    cm = camelot.wrap(tiny_llama(), _reserve_cfg(span_apart=apart))
     cm.feed(doc[:, :96], progress=False)
     assert all(bool(torch.isfinite(rt.state.memory.span_score[..., :6]).all()) for rt in cm.runtimes)  # full
     path = cm.memory.save(tmp_path / "reserve.camelot")
-    other = camelot.wrap(tiny_llama(), _reserve_cfg())
+    other = camelot.wrap(tiny_llama(), _reserve_cfg(span_apart=apart))
     other.memory.load(path)
     nll = [w.score(doc[:, 96:], keep_memory=True).token_nll for w in (cm, other)]
     assert torch.equal(nll[0], nll[1])
     for a, b in zip(cm.runtimes, other.runtimes):
-        for name in ("keys", "values", "counts", "ages", "span_score"):
+        for name in ("keys", "values", "counts", "ages", "span_score", "span_before"):
             assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
 
 

@@ -190,3 +190,40 @@ def test_span_follow_keeps_the_tokens_after_a_winning_window():
         assert torch.equal(bank.keys[0, 0, 4:10], k[list(kept)])
     with pytest.raises(ValueError, match="span_follow"):
         WriteRule(span_follow=-1)
+
+
+def test_span_apart_keeps_a_short_fact_that_a_long_surprising_passage_would_crowd_out():
+    """A 40-token passage, every window of it more surprising than a 2-token fact's best window,
+    and 8 places: ranked window by window the passage fills them; with span_apart its windows
+    give way to its best one within 8 tokens, and the fact gets in beside the passage's best run."""
+    from camelot.memory.spans import choose_spans, span_context
+
+    imp = 0.5 + 0.001 * torch.arange(120.0)  # no two windows tie
+    imp[:40] += 2.5 + 0.01 * torch.arange(40.0)  # the passage: windows of 12-14
+    imp[80:82] += 3.5  # the fact: its best window 9.3
+    imp = imp[None, None]
+    empty, every = torch.full((1, 1, 9), float("-inf")), torch.ones_like(imp, dtype=torch.bool)
+    plain, _, _ = choose_spans(empty, imp, every, 4, 0, 99, "sum")
+    apart, _, score = choose_spans(empty, imp, every, 4, 0, 99, "sum", apart=8)
+    assert plain[0, 0].nonzero().flatten().tolist() == list(range(32, 40))
+    kept = apart[0, 0].nonzero().flatten().tolist()
+    assert kept[:4] == list(range(36, 40)) and {80, 81} <= set(kept[4:])  # the passage's best run, then the fact
+    assert span_context(4, 2, "sum", apart=8) == 3 + 2 + 8  # rivals of the first window are carried too
+
+
+@pytest.mark.parametrize("apart", [0, 6])
+def test_the_reserve_ends_with_the_same_scores_written_at_once_or_segment_by_segment(apart):
+    """The carried context (span - 1 + follow + apart tokens before, the raw tokens after) makes
+    each token's score, rivals included, independent of where segments are cut: the reserve
+    ends with the same scores."""
+    g = torch.Generator().manual_seed(0)
+    k, imp = torch.randn(96, 8, generator=g), torch.rand(96, generator=g) * 4
+    rule = WriteRule(span_reserve=12, span=4, span_follow=3, span_apart=apart, span_score="sum")
+    held = []
+    for cuts in ([0, 96], [0, 10, 35, 36, 64, 96], list(range(0, 97, 8))):
+        bank = SlotBank(16, 0.99, rule=rule)
+        for a, e in zip(cuts, cuts[1:]):
+            bank.write(k[None, None, a:e], k[None, None, a:e], received=imp[None, None, a:e],
+                       following=imp[None, None, e:] if e < 96 else None)
+        held.append(bank.span_score[0, 0, :12].sort().values)  # (tied tokens may differ: a window's share its score)
+    assert torch.isfinite(held[0]).all() and torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])

@@ -232,7 +232,7 @@ def test_a_checkpoint_carries_the_last_prediction_and_a_loaded_snapshot_starts_w
 
 @pytest.mark.parametrize("bad", [{"evict": "lru"}, {"protect": -1}, {"reserve": -1}, {"use_decay": 0},
                                  {"value_threshold": 2}, {"merge_target": 1.5},
-                                 {"importance": "nll"}])
+                                 {"importance": "nll"}, {"span_apart": -1}, {"span_apart": True}])
 def test_bad_rules_are_refused(bad):
     with pytest.raises(ValueError):
         WriteRule(**bad)

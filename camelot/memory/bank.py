@@ -99,7 +99,7 @@ class SlotBank:
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
-        carried = span_context(self.rule.span, self.rule.span_follow, self.rule.span_score)
+        carried = span_context(self.rule.span, self.rule.span_follow, self.rule.span_score, self.rule.span_apart)
         self.span_before = torch.full((b, h, carried), float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
@@ -253,7 +253,7 @@ def _choose_spans(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor
     rule = bank.rule
     held, slot, bank.span_score = choose_reserve(bank.span_score, importance, finite, rule.span, base, bank.slots,
                                                  rule.span_score, before=bank.span_before, after=after,
-                                                 follow=rule.span_follow)
+                                                 follow=rule.span_follow, apart=rule.span_apart)
     seen = torch.cat([bank.span_before, torch.where(finite, importance, float("-inf"))], dim=-1)
     bank.span_before = seen[..., seen.shape[-1] - bank.span_before.shape[-1]:]
     return held, slot

@@ -29,7 +29,8 @@ def span_state_len(bank: SlotBank) -> tuple[int, ...]:
     """Lengths a saved `span_score` may have: the reserve's places alone (snapshots before the
     carried context, which then starts empty) or followed by the carried context."""
     n = bank.rule.span_reserve
-    return (n, n + span_context(bank.rule.span, bank.rule.span_follow, bank.rule.span_score)) if n else ()
+    rule = bank.rule
+    return (n, n + span_context(rule.span, rule.span_follow, rule.span_score, rule.span_apart)) if n else ()
 
 
 def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:

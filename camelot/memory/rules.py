@@ -51,6 +51,9 @@ class WriteRule:
     span: tokens per window the span reserve ranks (a token scores as its best window).
     span_follow: a token also scores as the windows that end up to this many tokens before it,
         so the reserve keeps what follows a surprising run (the fact a surprising name opens).
+    span_apart: a window counts only where no window within this many tokens either side scores
+        higher (non-maximum suppression; 0: every window), so one long surprising passage keeps
+        its best run instead of filling the reserve, and short facts elsewhere keep their places.
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
         (importance), "shared" (relative, max over the layer's KV heads), "peak" (its most
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
@@ -73,6 +76,7 @@ class WriteRule:
     span_reserve: int = 0
     span: int = 8
     span_follow: int = 0
+    span_apart: int = 0
     span_score: str = "relative"
     importance: str = "attention"
     lazy: bool = False
@@ -95,6 +99,8 @@ class WriteRule:
             raise ValueError(f"span must be an integer >= 1, got {self.span!r}")
         if isinstance(self.span_follow, bool) or not isinstance(self.span_follow, int) or self.span_follow < 0:
             raise ValueError(f"span_follow must be an integer >= 0, got {self.span_follow!r}")
+        if isinstance(self.span_apart, bool) or not isinstance(self.span_apart, int) or self.span_apart < 0:
+            raise ValueError(f"span_apart must be an integer >= 0, got {self.span_apart!r}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
@@ -109,7 +115,7 @@ class WriteRule:
         """The paper's rule: the C kernel and the reference torch code do it."""
         # span, span_score and importance change nothing while no rule ranks tokens; lazy only
         # hides merge targets before the bookkeeping
-        return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_score="relative",
+        return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
                                                   importance="attention", lazy=False) == WriteRule()
 
     @property

@@ -27,29 +27,31 @@ SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak")
 PEAK_SPAN, PEAK_FOLLOW = 4, 12
 
 
-def span_context(span: int, follow: int, how: str = "sum") -> int:
+def span_context(span: int, follow: int, how: str = "sum", apart: int = 0) -> int:
     """Importance values of the tokens before a segment the reserve carries over, so windows
-    straddle the segment boundary: a window may start span - 1 + follow tokens before a token."""
-    return max(span - 1 + follow, PEAK_SPAN - 1 + PEAK_FOLLOW if how == "sum+peak" else 0)
+    straddle the segment boundary: a window may start span - 1 + follow tokens before a token,
+    and its rivals (`apart`) lie up to `apart` windows before that."""
+    return max(span - 1 + follow, PEAK_SPAN - 1 + PEAK_FOLLOW if how == "sum+peak" else 0) + apart
 
 
 def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                    base: int, scratch: int, how: str, before: torch.Tensor | None = None,
-                   after: torch.Tensor | None = None, follow: int = 0,
+                   after: torch.Tensor | None = None, follow: int = 0, apart: int = 0,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """choose_spans over the whole reserve, or for "sum+peak" over two halves: the first ranks
     windows by their sum (surprising sentences), the second, among the tokens the first did not
     take, by their peak (surprising names and what follows them: the first half keeps only a
     repeated fact's first copy, whose template is the surprise). Same returns as choose_spans."""
     if how != "sum+peak":
-        return choose_spans(span_score, importance, finite, span, base, scratch, how, before, after, follow)
+        return choose_spans(span_score, importance, finite, span, base, scratch, how, before, after, follow,
+                            apart=apart)
     n = span_score.shape[-1] - 1
     half, end = n // 2, span_score[..., n:]
     held, slot, first = choose_spans(torch.cat([span_score[..., :half], end], -1), importance, finite, span, base,
-                                     scratch, "sum", before, after, follow)
+                                     scratch, "sum", before, after, follow, apart=apart)
     held2, slot2, second = choose_spans(torch.cat([span_score[..., half:n], end], -1), importance, finite,
                                         PEAK_SPAN, base + half, scratch, "peak", before, after, PEAK_FOLLOW,
-                                        eligible=~held)
+                                        eligible=~held, apart=apart)
     score = torch.cat([first[..., :half], second], -1)
     return held | held2, torch.where(held, slot, slot2), score
 
@@ -57,7 +59,7 @@ def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: t
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                  base: int, scratch: int, how: str = "relative", before: torch.Tensor | None = None,
                  after: torch.Tensor | None = None, follow: int = 0, eligible: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 apart: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """span_score [B, H, n+1]: the held tokens' scores (-inf: empty; index n is a scratch entry);
     importance, finite [B, H, T]. before [B, H, c] / after [B, H, a]: the importance of the tokens
     just before the segment (already written; -inf: none) and just after it (still in the raw
@@ -70,7 +72,8 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     fairly (early in a document a token competes with few keys and receives much more attention:
     by the plain sum the first tokens of the document filled the reserve and stayed); "shared",
     the relative score's max over the layer's KV heads, so every head keeps what any head singled
-    out.
+    out. apart > 0: a window counts only where none within `apart` windows either side scores
+    higher (WriteRule.span_apart).
     Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
     (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
@@ -93,6 +96,9 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
         win = win / mean.clamp(min=1e-9)
     if how == "shared":
         win = win.amax(1, keepdim=True).expand_as(win)
+    if apart:  # non-maximum suppression: a passage keeps its best run, not all its overlapping ones
+        rival = torch.nn.functional.max_pool1d(win.reshape(b * h, 1, -1), 2 * apart + 1, stride=1, padding=apart)
+        win = torch.where(win >= rival.view_as(win), win, float("-inf"))
     # context token x lies in the windows starting at x-span+1-follow .. x: its score is their max
     reach = span + follow
     padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (reach - 1, span - 1), value=float("-inf"))
