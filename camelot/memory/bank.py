@@ -20,7 +20,7 @@ import torch
 from camelot.memory import rules as write_rules
 from camelot.memory.bank_state import load_state, state_of
 from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
-from camelot.memory.spans import choose_reserve, span_context
+from camelot.memory.spans import choose_reserve
 from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
@@ -99,8 +99,7 @@ class SlotBank:
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
-        carried = span_context(self.rule.span, self.rule.span_follow, self.rule.span_score, self.rule.span_apart)
-        self.span_before = torch.full((b, h, carried), float("-inf"), device=dev)
+        self.span_before = torch.full((b, h, self.rule.span_carried), float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:

@@ -7,8 +7,6 @@ from typing import Any
 
 import torch
 
-from camelot.memory.spans import span_context
-
 SlotBank = Any  # camelot.memory.bank.SlotBank (which imports this module)
 
 
@@ -29,8 +27,7 @@ def span_state_len(bank: SlotBank) -> tuple[int, ...]:
     """Lengths a saved `span_score` may have: the reserve's places alone (snapshots before the
     carried context, which then starts empty) or followed by the carried context."""
     n = bank.rule.span_reserve
-    rule = bank.rule
-    return (n, n + span_context(rule.span, rule.span_follow, rule.span_score, rule.span_apart)) if n else ()
+    return (n, n + bank.rule.span_carried) if n else ()
 
 
 def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:

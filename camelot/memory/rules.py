@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from camelot.memory.spans import SPAN_SCORES
+from camelot.memory.spans import SPAN_SCORES, span_context
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
@@ -117,6 +117,11 @@ class WriteRule:
         # hides merge targets before the bookkeeping
         return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
                                                   importance="attention", lazy=False) == WriteRule()
+
+    @property
+    def span_carried(self) -> int:
+        """Importance values of the last written tokens the span reserve carries into the next write."""
+        return span_context(self.span, self.span_follow, self.span_score, self.span_apart)
 
     @property
     def plain_but_reserve(self) -> bool:
