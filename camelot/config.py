@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from camelot.backends import BACKENDS
+from camelot.guards import check_int
 from camelot.memory.rules import EVICTIONS, IMPORTANCES, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
 from camelot.reads.base import COUNT_MODES
@@ -200,12 +201,12 @@ class CamelotConfig:
 
     def validate(self) -> None:
         """Raise ValueError for any setting camelot cannot run; normalises count_bias and layers."""
-        _check_int("window", self.window, low=1)
-        _check_int("slots", self.slots, low=1)
+        check_int("window", self.window, low=1)
+        check_int("slots", self.slots, low=1)
         if self.read_top_k is not None:
-            _check_int("read_top_k", self.read_top_k, low=1)
-        _check_int("recent", self.recent, low=0)
-        _check_int("sink", self.sink, low=0)
+            check_int("read_top_k", self.read_top_k, low=1)
+        check_int("recent", self.recent, low=0)
+        check_int("sink", self.sink, low=0)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
         if not -1.0 <= float(self.threshold) <= 1.0:
@@ -220,7 +221,7 @@ class CamelotConfig:
             raise ValueError(f"read_top_k ({self.read_top_k}) must not exceed slots ({self.slots}): a query cannot "
                              "read more slots than the memory has")
         if self.memory_distance is not None:
-            _check_int("memory_distance", self.memory_distance, low=0)
+            check_int("memory_distance", self.memory_distance, low=0)
         _check_infllm(self)
         rule_from_config(self)  # the write rule's options (evict, protect, ...) are checked there
         _check_count_bias(self)
@@ -296,15 +297,8 @@ def _check_layers(cfg: CamelotConfig) -> None:
     if not isinstance(cfg.layers, (list, tuple)) or not cfg.layers:
         raise ValueError(f"layers must be None, 'all' or a non-empty list of ints, got {cfg.layers!r}")
     for i in cfg.layers:
-        _check_int("layers[]", i, low=0)
+        check_int("layers[]", i, low=0)
     object.__setattr__(cfg, "layers", sorted(set(int(i) for i in cfg.layers)))
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
 
 
 def _check_count_bias(cfg: CamelotConfig) -> None:
@@ -321,8 +315,8 @@ def _check_count_bias(cfg: CamelotConfig) -> None:
 
 
 def _check_infllm(cfg: CamelotConfig) -> None:
-    _check_int("block_size", cfg.block_size, low=1)
-    _check_int("repr_topk", cfg.repr_topk, low=1)
+    check_int("block_size", cfg.block_size, low=1)
+    check_int("repr_topk", cfg.repr_topk, low=1)
     if cfg.strategy != "infllm":
         return
     if cfg.slots % cfg.block_size:

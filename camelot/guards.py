@@ -9,6 +9,14 @@ from typing import Any
 import torch
 
 
+def check_int(name: str, value: Any, low: int) -> None:
+    """An integer option (a bool is not one) of at least `low`, or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+
+
 def check_step_ids(ids: Any, vocab: int) -> None:
     """Token ids [B, m] as the model takes them: an int64/int32 tensor, B >= 1 rows, m >= 1 ids in
     [0, vocab). `cm.step` takes only this; `as_batch` checks documents with it. One host sync."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from camelot.guards import check_int
 from camelot.memory.spans import SPAN_SCORES, span_context
 from camelot.rows import copy_rows_, gather_rows
 
@@ -54,6 +55,7 @@ class WriteRule:
     span_apart: a window counts only where no window within this many tokens either side scores
         higher (non-maximum suppression; 0: every window), so one long surprising passage keeps
         its best run instead of filling the reserve, and short facts elsewhere keep their places.
+        Rivals after a window are seen as far as the raw tail reaches (`recent`).
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
         (importance), "shared" (relative, max over the layer's KV heads), "peak" (its most
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
@@ -95,18 +97,12 @@ class WriteRule:
             raise ValueError(f"value_threshold must be None or a cosine in [-1, 1], got {self.value_threshold!r}")
         if self.merge_target is not None and not 0 <= self.merge_target <= 1:
             raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
-        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
-            raise ValueError(f"span must be an integer >= 1, got {self.span!r}")
-        if isinstance(self.span_follow, bool) or not isinstance(self.span_follow, int) or self.span_follow < 0:
-            raise ValueError(f"span_follow must be an integer >= 0, got {self.span_follow!r}")
-        if isinstance(self.span_apart, bool) or not isinstance(self.span_apart, int) or self.span_apart < 0:
-            raise ValueError(f"span_apart must be an integer >= 0, got {self.span_apart!r}")
+        for name in ("span", "span_follow", "span_apart", "span_reserve"):
+            check_int(name, getattr(self, name), low=1 if name == "span" else 0)
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
-        if isinstance(self.span_reserve, bool) or not isinstance(self.span_reserve, int) or self.span_reserve < 0:
-            raise ValueError(f"span_reserve must be an integer >= 0, got {self.span_reserve!r}")
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
