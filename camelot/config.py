@@ -41,12 +41,14 @@ AUTO_EVERY_SLOT_MAX = 8192
 AUTO_TOP_K = 8
 
 # CamelotConfig.recall: how its raw reserve ranks tokens, per kind of thing to recall.
-# facts: 16-token windows by summed surprise (a fact is a sentence the model did not expect) and
-# the 8 tokens after one (its digits). demonstrations: single tokens by the attention the window
-# gave them, the largest over the layer's KV heads (a demonstration's label is what later ones
-# read; surprise keeps their sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
+# facts: the most surprising burst of 2, 4 or 8 tokens by a scan statistic (a fact opens with a
+# name the model did not expect; 16-token sums, the preset until 2026-12-05, lost short names to
+# long surprising passages: docs/retrieval.md) and the 12 tokens after it (its value).
+# demonstrations: single tokens by the attention the window gave them, the largest over the
+# layer's KV heads (a demonstration's label is what later ones read; surprise keeps their
+# sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
 RECALL_KINDS: dict[str, dict[str, Any]] = {
-    "facts": {"span": 16, "span_follow": 8, "importance": "surprise", "span_score": "sum"},
+    "facts": {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"},
     "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
 }
 
@@ -155,7 +157,9 @@ class CamelotConfig:
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
                                          "segment's mean; sum: its importance; shared: relative, max over KV "
-                                         "heads; peak: its top token; sum+peak: half each", choices=SPAN_SCORES)
+                                         "heads; peak: its top token; sum+peak: half each; scan: the best "
+                                         "window of any length up to span, by its excess over the mean",
+                             choices=SPAN_SCORES)
     importance: str = option("attention", "camelot: the token importance evict=use, protect and the span reserve "
                                           "rank by. attention: attention received in the window (per KV head); "
                                           "surprise: the model's own NLL of the token (same for every head)",

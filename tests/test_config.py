@@ -115,8 +115,8 @@ def test_count_mode_choices_are_the_ones_the_bias_implements():
 
 def test_recall_preset_makes_all_but_128_slots_a_surprise_reserve_and_keeps_what_is_given():
     cfg = CamelotConfig.recall(slots=892, window=512)
-    assert (cfg.span_reserve, cfg.span, cfg.span_follow, cfg.importance, cfg.span_score) == (764, 16, 8, "surprise",
-                                                                                             "sum")
+    assert (cfg.span_reserve, cfg.span, cfg.span_follow, cfg.importance, cfg.span_score) == (764, 8, 12, "surprise",
+                                                                                             "scan")
     assert (cfg.slots, cfg.window) == (892, 512)
     assert CamelotConfig.recall().span_reserve == CamelotConfig().slots - 128
     assert CamelotConfig.recall(slots=90).span_reserve == 60  # a small bank keeps a third consolidated

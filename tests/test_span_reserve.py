@@ -227,3 +227,53 @@ def test_the_reserve_ends_with_the_same_scores_written_at_once_or_segment_by_seg
                        following=imp[None, None, e:] if e < 96 else None)
         held.append(bank.span_score[0, 0, :12].sort().values)  # (tied tokens may differ: a window's share its score)
     assert torch.isfinite(held[0]).all() and torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])
+
+
+def _scan_reference(imp: list[float], span: int, follow: int) -> list[float]:
+    """Token by token: the best (sum - length * mean) / sqrt(length) over the windows of each
+    length in 2, 4, ... span that keep the token (start up to length - 1 + follow before it)."""
+    from camelot.memory.spans import scan_lengths
+
+    mean, t, out = sum(imp) / len(imp), len(imp), []
+    for x in range(t):
+        best = float("-inf")
+        for w in scan_lengths(span):
+            for s in range(max(0, x - w + 1 - follow), min(x, t - w) + 1):
+                best = max(best, (sum(imp[s : s + w]) - w * mean) / w**0.5)
+        out.append(best)
+    return out
+
+
+def test_scan_lengths_are_powers_of_two_up_to_the_span():
+    from camelot.memory.spans import scan_lengths
+
+    assert scan_lengths(8) == [2, 4, 8] and scan_lengths(12) == [2, 4, 8, 12] and scan_lengths(2) == [2]
+
+
+def test_a_scan_score_is_each_tokens_best_excess_window_of_any_length():
+    from camelot.memory.spans import choose_spans
+
+    imp = torch.rand(40, generator=torch.Generator().manual_seed(5)) * 6
+    empty = torch.full((1, 1, 41), float("-inf"))
+    held, _, score = choose_spans(empty, imp[None, None], torch.ones(1, 1, 40, dtype=torch.bool), 8, 0, 99, "scan",
+                                  follow=3)
+    assert held.all()  # room for every token: each one's score is kept as computed
+    assert score[0, 0, :40].tolist() == pytest.approx(_scan_reference(imp.tolist(), 8, 3), abs=1e-5)
+
+
+def test_a_scan_keeps_a_short_surprising_name_and_its_value_that_a_sum_of_long_windows_drops():
+    """A rare two-token name (8 nats each) with its value after it (tokens as surprising as the
+    text), against a 40-token passage a little more surprising than the text throughout: a long
+    window of the passage sums to more than any window holding the name, so "sum" fills the
+    reserve with the passage; the scan compares the name's two-token burst with the passage on
+    one scale, and the name wins with the value after it."""
+    from camelot.memory.spans import choose_spans
+
+    imp = torch.full((200,), 3.0) + 0.001 * torch.arange(200.0)  # no two windows tie
+    imp[20:60] += 1.5  # the passage
+    imp[130:132] = 8.0  # the name; 132..143 its value, ordinary tokens
+    empty, every = torch.full((1, 1, 15), float("-inf")), torch.ones(1, 1, 200, dtype=torch.bool)
+    by_sum, _, _ = choose_spans(empty, imp[None, None], every, 8, 0, 99, "sum", follow=4)
+    by_scan, _, _ = choose_spans(empty, imp[None, None], every, 8, 0, 99, "scan", follow=12)
+    assert not by_sum[0, 0, 130:144].any()
+    assert by_scan[0, 0, 130:144].all()

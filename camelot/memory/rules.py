@@ -59,7 +59,9 @@ class WriteRule:
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
         (importance), "shared" (relative, max over the layer's KV heads), "peak" (its most
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
-        peak with spans.PEAK_SPAN / PEAK_FOLLOW); spans.py.
+        peak with spans.PEAK_SPAN / PEAK_FOLLOW) or "scan" (the best window of any length 2, 4, ...
+        span, by its excess over the context's mean token over sqrt(length): a short burst and a
+        long passage on one scale); spans.py.
     importance: what a token's importance is, for every rule above that ranks by it. "attention":
         the attention it received while in the window and raw tail (per KV head); "surprise": the
         model's own NLL of the token (the same for every head and layer, so all keep the same

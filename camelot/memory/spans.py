@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak")
+SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak", "scan")
 # "sum+peak": the peak half's windows: a name with the 3 tokens before it and the 15 after it (a
 # key and its value; docs/retrieval.md measured these on RULER multi-key)
 PEAK_SPAN, PEAK_FOLLOW = 4, 12
@@ -73,7 +73,10 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     by the plain sum the first tokens of the document filled the reserve and stayed); "shared",
     the relative score's max over the layer's KV heads, so every head keeps what any head singled
     out. apart > 0: a window counts only where none within `apart` windows either side scores
-    higher (WriteRule.span_apart).
+    higher (WriteRule.span_apart). "scan": a token scores as its best window of any length in
+    scan_lengths(span), each window by how far its sum exceeds length x the context's mean token,
+    over sqrt(length) (a scan statistic: a two-token name and a long surprising passage compete
+    fairly); the reach after each window is its length + follow.
     Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
     (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
@@ -85,24 +88,11 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     if ctx.shape[-1] < span:  # no whole window: the segment's tokens go to the consolidated part
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
-    windows = ctx.unfold(-1, span, 1)
-    win = windows.sum(-1)  # [B,H,W]: the window starting at each context token (-inf: not whole)
-    if how == "peak":  # as important as its top token (a fact's rare name): a copied phrase around it adds nothing
-        win = torch.where(torch.isfinite(win), windows.amax(-1), float("-inf"))
-    win = win.nan_to_num(nan=float("-inf"))
-    if how in ("relative", "shared"):
-        whole = torch.isfinite(win)
-        mean = torch.where(whole, win, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
-        win = win / mean.clamp(min=1e-9)
-    if how == "shared":
-        win = win.amax(1, keepdim=True).expand_as(win)
-    if apart:  # non-maximum suppression: a passage keeps its best run, not all its overlapping ones
-        rival = torch.nn.functional.max_pool1d(win.reshape(b * h, 1, -1), 2 * apart + 1, stride=1, padding=apart)
-        win = torch.where(win >= rival.view_as(win), win, float("-inf"))
-    # context token x lies in the windows starting at x-span+1-follow .. x: its score is their max
-    reach = span + follow
-    padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (reach - 1, span - 1), value=float("-inf"))
-    new = torch.nn.functional.max_pool1d(padded, reach, stride=1).view(b, h, -1)[..., c : c + t]
+    if how == "scan":  # the best of several window lengths, each by its excess over the write's mean
+        new = torch.stack([_token_scores(_scan_windows(ctx, w), w, follow, apart, c, t) for w in scan_lengths(span)])
+        new = new.amax(0)
+    else:
+        new = _token_scores(_windows(ctx, span, how), span, follow, apart, c, t)
     # eligible [B, H, T]: tokens this reserve may take (windows still see the others' importance)
     new = torch.where(finite if eligible is None else finite & eligible, new, float("-inf"))
     cand = torch.cat([span_score[..., :n], new], dim=-1)  # held tokens first: they win ties
@@ -119,3 +109,51 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     score.scatter_(-1, dest, torch.where(chosen, new, float("-inf")))
     score[..., n] = float("-inf")
     return chosen, torch.where(chosen, base + dest, scratch), score
+
+
+def scan_lengths(span: int) -> list[int]:
+    """The window lengths "scan" compares: 2, 4, 8, ... up to `span` (and `span` itself)."""
+    out, w = [], 2
+    while w < span:
+        out.append(w)
+        w *= 2
+    return [*out, span]
+
+
+def _windows(ctx: torch.Tensor, span: int, how: str) -> torch.Tensor:
+    """[B, H, W]: the score of the window of `span` tokens starting at each context token (-inf:
+    not whole)."""
+    windows = ctx.unfold(-1, span, 1)
+    win = windows.sum(-1)
+    if how == "peak":  # as important as its top token (a fact's rare name): a copied phrase around it adds nothing
+        win = torch.where(torch.isfinite(win), windows.amax(-1), float("-inf"))
+    win = win.nan_to_num(nan=float("-inf"))
+    if how in ("relative", "shared"):
+        whole = torch.isfinite(win)
+        mean = torch.where(whole, win, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
+        win = win / mean.clamp(min=1e-9)
+    if how == "shared":
+        win = win.amax(1, keepdim=True).expand_as(win)
+    return win
+
+
+def _scan_windows(ctx: torch.Tensor, w: int) -> torch.Tensor:
+    """A scan statistic: a window's importance above w times the mean token of the context, over
+    sqrt(w), so a short burst (a fact's rare name) and a long surprising passage compare on one
+    scale (docs/retrieval.md, "A scan over window lengths")."""
+    whole = torch.isfinite(ctx)
+    mean = torch.where(whole, ctx, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
+    win = ctx.unfold(-1, w, 1).sum(-1).nan_to_num(nan=float("-inf"))
+    return (win - w * mean) / w ** 0.5
+
+
+def _token_scores(win: torch.Tensor, span: int, follow: int, apart: int, c: int, t: int) -> torch.Tensor:
+    """[B, H, t]: each segment token's best window among those that keep it (starting span - 1 +
+    follow tokens before it up to itself); c: context tokens before the segment."""
+    b, h = win.shape[:2]
+    if apart:  # non-maximum suppression: a passage keeps its best run, not all its overlapping ones
+        rival = torch.nn.functional.max_pool1d(win.reshape(b * h, 1, -1), 2 * apart + 1, stride=1, padding=apart)
+        win = torch.where(win >= rival.view_as(win), win, float("-inf"))
+    reach = span + follow
+    padded = torch.nn.functional.pad(win.reshape(b * h, 1, -1), (reach - 1, span - 1), value=float("-inf"))
+    return torch.nn.functional.max_pool1d(padded, reach, stride=1).view(b, h, -1)[..., c : c + t]
