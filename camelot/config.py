@@ -150,16 +150,14 @@ class CamelotConfig:
                                                  "slot's value also reaches this (None: keys only)")
     merge_target: float | None = option(None, "camelot: per-head thresholds, each head merging this fraction of "
                                               "a segment's tokens (None: the global threshold)")
-    span_reserve: int = option(0, "camelot: the last span_reserve slots per head keep tokens raw, one per slot: "
-                                  "those of the most important windows of `span` tokens (0: off)")
+    span_reserve: int = option(0, "camelot: the last span_reserve slots per head hold important windows raw (0: off)")
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
     span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
-                                         "segment's mean; sum: its importance; shared: relative, max over KV "
-                                         "heads; peak: its top token; sum+peak: half each; scan: the best "
-                                         "window of any length up to span, by its excess over the mean",
-                             choices=SPAN_SCORES)
+                                         "segment's mean; sum: its importance; shared: relative, max over KV heads; "
+                                         "peak: its top token; sum+peak: half each; scan: the best window of any "
+                                         "length up to span, by its excess over the mean", choices=SPAN_SCORES)
     importance: str = option("attention", "camelot: the token importance evict=use, protect and the span reserve "
                                           "rank by. attention: attention received in the window (per KV head); "
                                           "surprise: the model's own NLL of the token (same for every head)",
