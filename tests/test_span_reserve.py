@@ -264,8 +264,8 @@ def test_a_scan_score_is_each_tokens_best_excess_window_of_any_length():
 def test_a_scan_keeps_a_short_surprising_name_and_its_value_that_a_sum_of_long_windows_drops():
     """A rare two-token name (8 nats each) with its value after it (tokens as surprising as the
     text), against a 40-token passage a little more surprising than the text throughout: a long
-    window of the passage sums to more than any window holding the name, so "sum" fills the
-    reserve with the passage; the scan compares the name's two-token burst with the passage on
+    window of the passage sums to more than any window holding the name, so "sum" (same span and
+    follow) fills the reserve with the passage; the scan compares the name's two-token burst with the passage on
     one scale, and the name wins with the value after it."""
     from camelot.memory.spans import choose_spans
 
@@ -273,7 +273,7 @@ def test_a_scan_keeps_a_short_surprising_name_and_its_value_that_a_sum_of_long_w
     imp[20:60] += 1.5  # the passage
     imp[130:132] = 8.0  # the name; 132..143 its value, ordinary tokens
     empty, every = torch.full((1, 1, 15), float("-inf")), torch.ones(1, 1, 200, dtype=torch.bool)
-    by_sum, _, _ = choose_spans(empty, imp[None, None], every, 8, 0, 99, "sum", follow=4)
+    by_sum, _, _ = choose_spans(empty, imp[None, None], every, 8, 0, 99, "sum", follow=12)
     by_scan, _, _ = choose_spans(empty, imp[None, None], every, 8, 0, 99, "scan", follow=12)
     assert not by_sum[0, 0, 130:144].any()
     assert by_scan[0, 0, 130:144].all()

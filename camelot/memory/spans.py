@@ -76,7 +76,9 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     higher (WriteRule.span_apart). "scan": a token scores as its best window of any length in
     scan_lengths(span), each window by how far its sum exceeds length x the context's mean token,
     over sqrt(length) (a scan statistic: a two-token name and a long surprising passage compete
-    fairly); the reach after each window is its length + follow.
+    fairly); the reach after each window is its length + follow. The mean is the write's context
+    (carried, segment and raw tokens), so unlike "sum" a scan's scores move a little with where
+    writes are cut.
     Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
     (`scratch` for the others), new span_score [B, H, n+1])."""
     b, h, t = importance.shape
@@ -89,8 +91,10 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
     if how == "scan":  # the best of several window lengths, each by its excess over the write's mean
-        new = torch.stack([_token_scores(_scan_windows(ctx, w), w, follow, apart, c, t) for w in scan_lengths(span)])
-        new = new.amax(0)
+        whole = torch.isfinite(ctx)
+        mean = torch.where(whole, ctx, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
+        new = torch.stack([_token_scores(_scan_windows(ctx, mean, w), w, follow, apart, c, t)
+                           for w in scan_lengths(span)]).amax(0)
     else:
         new = _token_scores(_windows(ctx, span, how), span, follow, apart, c, t)
     # eligible [B, H, T]: tokens this reserve may take (windows still see the others' importance)
@@ -137,12 +141,10 @@ def _windows(ctx: torch.Tensor, span: int, how: str) -> torch.Tensor:
     return win
 
 
-def _scan_windows(ctx: torch.Tensor, w: int) -> torch.Tensor:
-    """A scan statistic: a window's importance above w times the mean token of the context, over
+def _scan_windows(ctx: torch.Tensor, mean: torch.Tensor, w: int) -> torch.Tensor:
+    """A scan statistic: a window's importance above w times the context's mean token, over
     sqrt(w), so a short burst (a fact's rare name) and a long surprising passage compare on one
     scale (docs/retrieval.md, "A scan over window lengths")."""
-    whole = torch.isfinite(ctx)
-    mean = torch.where(whole, ctx, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
     win = ctx.unfold(-1, w, 1).sum(-1).nan_to_num(nan=float("-inf"))
     return (win - w * mean) / w ** 0.5
 
