@@ -10,7 +10,8 @@ In the order `MemoryView.load` runs them:
    declaring a huge tensor is refused here, before a byte of tensor data is read or hashed.
 3. `check_values`: after reading, floats are finite in the dtype they will be kept in (1e300 is
    finite in float64 but inf in float32), counts, ages and telemetry lie in [0, MAX_COUNT], and a
-   span reserve's scores (`memory.span_score`, only for a memory with a reserve) are >= -1.
+   span reserve's scores (`memory.span_score`, only for a memory with a reserve) are >= EMPTY_SPAN
+   (-1e30, an empty place; a scan's scores may be negative).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from camelot.memory import TELEMETRY_FIELDS, SlotBank
-from camelot.memory.bank_state import span_state_len
+from camelot.memory.bank_state import EMPTY_SPAN, span_state_len
 from camelot.snapshot_format import SnapshotError, architecture
 
 if TYPE_CHECKING:
@@ -154,9 +155,9 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> N
         if m is None or int(m[1]) not in layer_dtypes:
             continue  # check_header refused these; the layer build reports any left
         if m[3] == "span_score":  # kept in float32 whatever the memory's dtype
-            if t.numel() and not (torch.isfinite(t.float()).all() and float(t.min()) >= -1):
-                raise SnapshotError(f"{path}: {name} holds non-finite values or values below -1 "
-                                    "(scores are >= 0, -1 marks an empty place)")
+            if t.numel() and not (torch.isfinite(t.float()).all() and float(t.min()) >= EMPTY_SPAN):
+                raise SnapshotError(f"{path}: {name} holds non-finite values or values below {EMPTY_SPAN:g} "
+                                    f"(which marks an empty place)")
         elif t.is_floating_point():
             model_dtype, memory_dtype = layer_dtypes[int(m[1])]
             for dt in {model_dtype, memory_dtype if m[2] == "memory" else model_dtype} - {None}:

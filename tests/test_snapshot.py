@@ -240,8 +240,9 @@ def test_a_loaded_span_reserve_continues_like_the_original(tmp_path, apart):
             assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
 
 
-def test_empty_reserve_places_roundtrip_as_minus_one():
+def test_empty_reserve_places_roundtrip_as_a_mark_below_every_score():
     from camelot.memory import SlotBank
+    from camelot.memory.bank_state import EMPTY_SPAN
     from camelot.memory.rules import WriteRule
 
     rule = WriteRule(span_reserve=6, span=2, span_score="sum")
@@ -250,12 +251,15 @@ def test_empty_reserve_places_roundtrip_as_minus_one():
     bank.write(k, k, received=torch.ones(1, 2, 3))  # 3 tokens held, 3 places empty
     state = bank.state_dict()
     # 6 places, then the carried importance of the last span - 1 = 1 token written (1.0)
-    assert state["span_score"].shape == (1, 2, 7) and int((state["span_score"] == -1).sum()) == 2 * 3
+    assert state["span_score"].shape == (1, 2, 7) and int((state["span_score"] == EMPTY_SPAN).sum()) == 2 * 3
     assert torch.equal(state["span_score"][..., 6], torch.ones(1, 2))
     loaded = SlotBank(12, 0.99, rule=rule)
     loaded.load_state_dict(state)
-    assert torch.equal(loaded.span_score, bank.span_score)  # -1 back to -inf, the scratch entry too
+    assert torch.equal(loaded.span_score, bank.span_score)  # the mark back to -inf, the scratch entry too
     assert torch.equal(loaded.span_before, bank.span_before)
+    marked_as_before = {**state, "span_score": state["span_score"].clamp(min=-1.0)}  # files before 2026-12-06
+    loaded.load_state_dict(marked_as_before)
+    assert torch.equal(loaded.span_score, bank.span_score)
     places_only = {**state, "span_score": state["span_score"][..., :6]}  # saved before the carried scores
     loaded.load_state_dict(places_only)
     assert torch.equal(loaded.span_score, bank.span_score) and bool(torch.isneginf(loaded.span_before).all())
@@ -266,6 +270,42 @@ def test_empty_reserve_places_roundtrip_as_minus_one():
     older = {n: t for n, t in state.items() if n != "span_score"}  # a snapshot from before span_score
     loaded.load_state_dict(older)
     assert bool(torch.isneginf(loaded.span_score).all())
+
+
+def test_a_scan_reserve_with_scores_below_the_old_empty_mark_roundtrips_exactly():
+    """A scan scores a window by its excess over the write's mean, so held tokens may score below
+    0, and below -1, the empty mark before 2026-12-06 (they came back as empty places)."""
+    from camelot.memory import SlotBank
+    from camelot.memory.rules import WriteRule
+
+    rule = WriteRule(span_reserve=16, span=2, span_score="scan", importance="surprise")
+    bank = SlotBank(24, 0.99, rule=rule)
+    k = torch.randn(1, 1, 12, 8, generator=torch.Generator().manual_seed(0))
+    bank.write(k, k, received=torch.tensor([[[9.0] * 4 + [0.0] * 8]]))
+    assert bool((bank.span_score < -1).logical_and(torch.isfinite(bank.span_score)).any())
+    loaded = SlotBank(24, 0.99, rule=rule)
+    loaded.load_state_dict(bank.state_dict())
+    assert torch.equal(loaded.span_score, bank.span_score) and torch.equal(loaded.span_before, bank.span_before)
+
+
+@pytest.mark.parametrize("recall", ["facts", "both"])
+def test_a_recall_reserve_roundtrips_through_a_file(tmp_path, recall):
+    """Both signals (surprise, attention) of the carried tokens travel too ("both"). The loaded
+    copy continues from the same state; its choices may then differ a little, as a snapshot does
+    not carry the model's prediction of the next token (the first token read after a load scores
+    surprise 0), which the attention reserve above does not need."""
+    cfg = camelot.CamelotConfig.recall(recall, window=16, slots=40, recent=0, sink=2)
+    doc = _doc(96 + 40, seed=5)
+    cm = camelot.wrap(tiny_llama(), cfg)
+    cm.feed(doc[:, :96], progress=False)
+    other = camelot.wrap(tiny_llama(), cfg)
+    other.memory.load(cm.memory.save(tmp_path / "scan.camelot"))
+    for a, b in zip(cm.runtimes, other.runtimes):
+        for name in ("keys", "values", "counts", "ages", "span_score", "span_before"):
+            assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
+    assert cm.runtimes[0].state.memory.span_before.dim() == (4 if recall == "both" else 3)
+    nll = [w.score(doc[:, 96:112], keep_memory=True).token_nll for w in (cm, other)]
+    assert torch.equal(nll[0], nll[1])  # the next segment reads the same memory
 
 
 def test_span_scores_that_do_not_fit_are_refused(tmp_path):
@@ -286,7 +326,7 @@ def test_span_scores_that_do_not_fit_are_refused(tmp_path):
     meta = read_metadata(path)
     name = "layer0.memory.span_score"
     for edit, needle in [(lambda t: t.update({name: t[name][..., :4].clone()}), "6 span reserve places"),
-                         (lambda t: t[name].__setitem__((0, 0, 0), -2.0), "below -1"),
+                         (lambda t: t[name].__setitem__((0, 0, 0), -2e30), "below -1e"),
                          (lambda t: t[name].__setitem__((0, 0, 0), float("inf")), "non-finite"),
                          (lambda t: t.update({name: t[name].long()}), "dtype"),
                          (lambda t: t.update({"layer0.open.span_score": t.pop(name)}), "keeps no span reserve")]:
