@@ -94,9 +94,6 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                    help="camelot: CamelotConfig.recall('demonstrations'), for many-shot in-context learning: "
                         "the reserve keeps the tokens the window attended most (a demonstration's label), "
                         "not the surprising ones (docs/icl_memory.md)")
-    p.add_argument("--recall-both", dest="recall", action="store_const", const="both",
-                   help="camelot: CamelotConfig.recall('both'): half the reserve each, the surprising windows "
-                        "(facts) and the tokens the window attended most (demonstrations), in one write")
 
 
 def memory_config(args: argparse.Namespace, **fixed):

@@ -46,12 +46,10 @@ AUTO_TOP_K = 8
 # long surprising passages: docs/retrieval.md) and the 12 tokens after it (its value).
 # demonstrations: single tokens by the attention the window gave them, the largest over the
 # layer's KV heads (a demonstration's label is what later ones read; surprise keeps their
-# sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws).
-# both: half the reserve each, in one write (spans.HALVES["scan+shared"]).
+# sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
 RECALL_KINDS: dict[str, dict[str, Any]] = {
     "facts": {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"},
     "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
-    "both": {"span": 8, "span_follow": 12, "importance": "both", "span_score": "scan+shared"},
 }
 
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
@@ -157,12 +155,12 @@ class CamelotConfig:
     span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
     span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
-                                         "segment's mean; sum; shared: relative, max over KV heads; peak: top token; "
-                                         "sum+peak: half each; scan: best window up to span by its excess over the "
-                                         "mean; scan+shared: half each (importance both)", choices=SPAN_SCORES)
+                                         "segment's mean; sum: its importance; shared: relative, max over KV heads; "
+                                         "peak: its top token; sum+peak: half each; scan: the best window of any "
+                                         "length up to span, by its excess over the mean", choices=SPAN_SCORES)
     importance: str = option("attention", "camelot: the token importance evict=use, protect and the span reserve "
-                                          "rank by. attention: received in the window (per KV head); surprise: the "
-                                          "model's NLL of the token (same for every head); both: the two",
+                                          "rank by. attention: attention received in the window (per KV head); "
+                                          "surprise: the model's own NLL of the token (same for every head)",
                              choices=IMPORTANCES)
     lazy: bool = option(False, "camelot: no merges while a head has a free slot for every token of the segment, so "
                                "memory stays raw (exact) until it is full; with placement=mixed a bank larger than the "

@@ -31,8 +31,7 @@ class LayerState:
         # attention received per KV head by each open / raw-tail token (summed over its query
         # heads and the queries), kept only for a memory that `wants_received` (InfLLM picks
         # block representatives by it); fp32 [B, Hkv, local_len] and [B, Hkv, tail]. For a memory
-        # that `wants_surprise` they hold each token's NLL instead (`note_surprise`), and for one
-        # that wants both, [..., 2]: (NLL, attention).
+        # that `wants_surprise` they hold each token's NLL instead (`note_surprise`).
         self.received_open: torch.Tensor | None = None
         self.received_tail: torch.Tensor | None = None
 
@@ -54,24 +53,11 @@ class LayerState:
         """The memory wants each token's NLL under the model (the wrapper hands it over)."""
         return self.memory is not None and self.memory.wants_surprise
 
-    @property
-    def tracks_both(self) -> bool:
-        """The memory ranks by surprise and attention at once (WriteRule.importance "both")."""
-        return self.tracks_received and self.tracks_surprise
-
-    def _signals_like(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, H, n]: shaped as the importance of those n tokens ([B, H, n, 2] when tracking both)."""
-        return x[..., None].expand(*x.shape, 2) if self.tracks_both else x
-
     def note_surprise(self, nll: torch.Tensor) -> None:
         """nll [B, m]: the model's NLL of the open segment's last m tokens (kept already)."""
-        like = self._signals_like(self.local_k[:, :, :, 0])
+        like = self.local_k[:, :, :, 0]
         got = _fit(self.received_open, like, at_end=False).clone()
-        nll = nll.to(got.device, torch.float32)[:, None, :]
-        if self.tracks_both:
-            got[:, :, like.shape[2] - nll.shape[2]:, 0] = nll
-        else:
-            got[:, :, like.shape[2] - nll.shape[2]:] = nll
+        got[:, :, like.shape[2] - nll.shape[1]:] = nll.to(got.device, torch.float32)[:, None, :]
         self.received_open = got
 
     # ------------------------------------------------------------------ the open segment
@@ -91,8 +77,6 @@ class LayerState:
         tokens included) then the raw tail, added to what they received before."""
         if received is not None:
             n_open = k.shape[2]
-            if self.tracks_both:  # channel 1; the surprise (channel 0) is noted after the forward
-                received = torch.stack([torch.zeros_like(received), received], dim=-1)
             self.received_open = _fit(self.received_open, received[:, :, :n_open], at_end=False).add(
                 received[:, :, :n_open])
             self.received_tail = _fit(self.received_tail, received[:, :, n_open:], at_end=True).add(
@@ -116,7 +100,7 @@ class LayerState:
             raw, v = self.raw_open(unplace), self.local_v
             got = None
             if self.tracks_received or self.tracks_surprise:
-                got = _fit(self.received_open, self._signals_like(raw[..., 0]), at_end=False)
+                got = _fit(self.received_open, raw[..., 0], at_end=False)
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)
                 got = None if got is None else got[:, :, got.shape[2] - raw.shape[2]:]
@@ -125,8 +109,7 @@ class LayerState:
                     _write(self.memory, raw, v, got)
             else:  # with both, tokens reach memory as they leave the raw tail
                 if got is not None and self.tail:  # [tail ; open] in the order the window pushes out
-                    tail = _fit(self.received_tail, self._signals_like(self.prefix.finite), at_end=True)
-                    got = torch.cat([tail, got], dim=2)
+                    got = torch.cat([_fit(self.received_tail, self.prefix.finite, at_end=True), got], dim=2)
                 out = self.prefix.write(raw, v.float())
                 if got is not None:
                     self.received_tail = got[:, :, got.shape[2] - self.prefix.size:]
@@ -193,12 +176,12 @@ def _fit(held: torch.Tensor | None, like: torch.Tensor, at_end: bool) -> torch.T
     Lengths differ only where someone replaced the open segment or the tail directly (a
     checkpoint, a snapshot, eval/icl's restore of the open segment): those tokens start from 0."""
     n = like.shape[2]
-    if held is None or held.shape[:2] != like.shape[:2] or held.shape[3:] != like.shape[3:]:
-        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    if held is None or held.shape[:2] != like.shape[:2]:
+        return torch.zeros_like(like, dtype=torch.float32)
     if held.shape[2] >= n:
         return held[:, :, held.shape[2] - n:] if at_end else held[:, :, :n]
-    zeros = held.new_zeros(*held.shape[:2], n - held.shape[2], *held.shape[3:])
-    return torch.cat([zeros, held] if at_end else [held, zeros], dim=2)
+    pad = (n - held.shape[2], 0) if at_end else (0, n - held.shape[2])
+    return torch.nn.functional.pad(held, pad)
 
 
 def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None,

@@ -139,6 +139,3 @@ def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
     assert demos == CamelotConfig.recall("demonstrations",
                                          **{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
     assert demos.importance == "attention" != cfg.importance
-    both = memory_config(parser.parse_args([*command, "--slots", "892", "--recall-both"]))
-    assert both == CamelotConfig.recall("both", **{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
-    assert (both.importance, both.span_score, both.span_reserve) == ("both", "scan+shared", 764)

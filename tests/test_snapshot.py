@@ -288,12 +288,11 @@ def test_a_scan_reserve_with_scores_below_the_old_empty_mark_roundtrips_exactly(
     assert torch.equal(loaded.span_score, bank.span_score) and torch.equal(loaded.span_before, bank.span_before)
 
 
-@pytest.mark.parametrize("recall", ["facts", "both"])
+@pytest.mark.parametrize("recall", ["facts", "demonstrations"])
 def test_a_recall_reserve_roundtrips_through_a_file(tmp_path, recall):
-    """Both signals (surprise, attention) of the carried tokens travel too ("both"). The loaded
-    copy continues from the same state; its choices may then differ a little, as a snapshot does
-    not carry the model's prediction of the next token (the first token read after a load scores
-    surprise 0), which the attention reserve above does not need."""
+    """The loaded copy continues from the same state; with surprise ("facts") its choices may then
+    differ a little, as a snapshot does not carry the model's prediction of the next token (the
+    first token read after a load scores surprise 0)."""
     cfg = camelot.CamelotConfig.recall(recall, window=16, slots=40, recent=0, sink=2)
     doc = _doc(96 + 40, seed=5)
     cm = camelot.wrap(tiny_llama(), cfg)
@@ -303,7 +302,6 @@ def test_a_recall_reserve_roundtrips_through_a_file(tmp_path, recall):
     for a, b in zip(cm.runtimes, other.runtimes):
         for name in ("keys", "values", "counts", "ages", "span_score", "span_before"):
             assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
-    assert cm.runtimes[0].state.memory.span_before.dim() == (4 if recall == "both" else 3)
     nll = [w.score(doc[:, 96:112], keep_memory=True).token_nll for w in (cm, other)]
     assert torch.equal(nll[0], nll[1])  # the next segment reads the same memory
 

@@ -277,3 +277,17 @@ def test_a_scan_keeps_a_short_surprising_name_and_its_value_that_a_sum_of_long_w
     by_scan, _, _ = choose_spans(empty, imp[None, None], every, 8, 0, 99, "scan", follow=12)
     assert not by_sum[0, 0, 130:144].any()
     assert by_scan[0, 0, 130:144].all()
+
+
+@pytest.mark.parametrize("how", ["relative", "shared"])
+def test_an_empty_carried_context_does_not_inflate_relative_scores(how):
+    """-inf windows (no token before a document's first write) must not count in the write's mean;
+    they did (nan_to_num made them the lowest finite float) and scores came out ~1e8, so the first
+    write's tokens held their places for good."""
+    from camelot.memory.spans import choose_spans
+
+    imp = torch.rand(1, 2, 12, generator=torch.Generator().manual_seed(0))
+    every, empty = torch.ones(1, 2, 12, dtype=torch.bool), torch.full((1, 2, 5), float("-inf"))
+    _, _, plain = choose_spans(empty, imp, every, 2, 0, 99, how)
+    _, _, carried = choose_spans(empty, imp, every, 2, 0, 99, how, before=torch.full((1, 2, 7), float("-inf")))
+    assert torch.equal(plain, carried) and float(plain[torch.isfinite(plain)].max()) < 10

@@ -19,11 +19,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from camelot.guards import check_int
-from camelot.memory.spans import SPAN_SCORES, TWO_SIGNALS, span_context
+from camelot.memory.spans import SPAN_SCORES, span_context
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
-IMPORTANCES = ("attention", "surprise", "both")
+IMPORTANCES = ("attention", "surprise")
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -61,14 +61,11 @@ class WriteRule:
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
         peak with spans.PEAK_SPAN / PEAK_FOLLOW) or "scan" (the best window of any length 2, 4, ...
         span, by its excess over the context's mean token over sqrt(length): a short burst and a
-        long passage on one scale) or "scan+shared" (half the reserve "scan" of the surprise, half
-        "shared" of single tokens' attention: facts and demonstrations in one write; needs
-        importance "both"); spans.py.
+        long passage on one scale); spans.py.
     importance: what a token's importance is, for every rule above that ranks by it. "attention":
         the attention it received while in the window and raw tail (per KV head); "surprise": the
         model's own NLL of the token (the same for every head and layer, so all keep the same
-        tokens; EM-LLM's signal), handed to the write by the wrapper; "both": the two, for
-        span_score "scan+shared" (the rules other than the reserve rank by the attention).
+        tokens; EM-LLM's signal), handed to the write by the wrapper.
     lazy: a token merges only where its head has fewer free slots than the segment has tokens;
         while there is room every token keeps a slot of its own, so a bank that is not yet full
         holds the past exactly, as a raw cache would.
@@ -108,10 +105,6 @@ class WriteRule:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
-        if (self.importance == "both") != (self.span_score in TWO_SIGNALS):
-            raise ValueError(f"importance 'both' goes with span_score {' or '.join(TWO_SIGNALS)} and only with it "
-                             f"(they rank by surprise and attention at once); got importance {self.importance!r}, "
-                             f"span_score {self.span_score!r}")
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
@@ -122,11 +115,6 @@ class WriteRule:
         # hides merge targets before the bookkeeping
         return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
                                                   importance="attention", lazy=False) == WriteRule()
-
-    @property
-    def signals(self) -> int:
-        """Importance values per token the write takes: 2 (surprise, attention) for "both"."""
-        return 2 if self.importance == "both" else 1
 
     @property
     def span_carried(self) -> int:

@@ -21,57 +21,39 @@ from __future__ import annotations
 
 import torch
 
-SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak", "scan", "scan+shared")
+SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak", "scan")
 # "sum+peak": the peak half's windows: a name with the 3 tokens before it and the 15 after it (a
 # key and its value; docs/retrieval.md measured these on RULER multi-key)
 PEAK_SPAN, PEAK_FOLLOW = 4, 12
-# Rankings that split the reserve in two parts: the first part's share of the places, then for
-# each part (how, span, follow, importance channel); None: the rule's own span / span_follow. "scan+shared" keeps facts and demonstrations
-# in one write: the first half as CamelotConfig.recall("facts") ranks (the model's surprise, channel
-# 0), the second as recall("demonstrations") does (single tokens by the attention the window gave
-# them, channel 1), among the tokens the first did not take.
-HALVES: dict[str, tuple[float, tuple[str, int | None, int | None, int | None], ...]] = {
-    "sum+peak": (0.5, ("sum", None, None, None), ("peak", PEAK_SPAN, PEAK_FOLLOW, None)),
-    "scan+shared": (0.5, ("scan", None, None, 0), ("shared", 1, 0, 1)),
-}
-TWO_SIGNALS = ("scan+shared",)  # rankings that need both importances: [..., 2] = (surprise, attention)
 
 
 def span_context(span: int, follow: int, how: str = "sum", apart: int = 0) -> int:
     """Importance values of the tokens before a segment the reserve carries over, so windows
     straddle the segment boundary: a window may start span - 1 + follow tokens before a token,
     and its rivals (`apart`) lie up to `apart` windows before that."""
-    reach = [(span if s is None else s) - 1 + (follow if f is None else f) for _, s, f, _ in HALVES.get(how, (0,))[1:]]
-    return max([span - 1 + follow, *reach]) + apart
+    return max(span - 1 + follow, PEAK_SPAN - 1 + PEAK_FOLLOW if how == "sum+peak" else 0) + apart
 
 
 def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                    base: int, scratch: int, how: str, before: torch.Tensor | None = None,
                    after: torch.Tensor | None = None, follow: int = 0, apart: int = 0,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """choose_spans over the whole reserve, or, for the rankings of HALVES, over two halves: the
-    second half chooses among the tokens the first did not take. "sum+peak": the first half ranks
-    windows by their sum (surprising sentences), the second by their peak (surprising names and
-    what follows them: the first half keeps only a repeated fact's first copy). "scan+shared":
-    importance, before and after carry two signals [..., 2] (surprise, attention); the first half
-    keeps facts, the second demonstrations. Same returns as choose_spans."""
-    if how not in HALVES:
+    """choose_spans over the whole reserve, or for "sum+peak" over two halves: the first ranks
+    windows by their sum (surprising sentences), the second, among the tokens the first did not
+    take, by their peak (surprising names and what follows them: the first half keeps only a
+    repeated fact's first copy, whose template is the surprise). Same returns as choose_spans."""
+    if how != "sum+peak":
         return choose_spans(span_score, importance, finite, span, base, scratch, how, before, after, follow,
                             apart=apart)
     n = span_score.shape[-1] - 1
-    share, *parts = HALVES[how]
-    bounds, end = (0, int(n * share), n), span_score[..., n:]
-    held = slot = None
-    scores = []
-    for i, (rank, s, f, channel) in enumerate(parts):
-        sig = [x if x is None or channel is None else x[..., channel] for x in (importance, before, after)]
-        part = torch.cat([span_score[..., bounds[i] : bounds[i + 1]], end], -1)
-        got, where, score = choose_spans(part, sig[0], finite, span if s is None else s, base + bounds[i], scratch,
-                                         rank, sig[1], sig[2], follow if f is None else f,
-                                         eligible=None if held is None else ~held, apart=apart)
-        held, slot = (got, where) if held is None else (held | got, torch.where(held, slot, where))
-        scores.append(score[..., :-1])
-    return held, slot, torch.cat([*scores, end.new_full(end.shape, float("-inf"))], -1)
+    half, end = n // 2, span_score[..., n:]
+    held, slot, first = choose_spans(torch.cat([span_score[..., :half], end], -1), importance, finite, span, base,
+                                     scratch, "sum", before, after, follow, apart=apart)
+    held2, slot2, second = choose_spans(torch.cat([span_score[..., half:n], end], -1), importance, finite,
+                                        PEAK_SPAN, base + half, scratch, "peak", before, after, PEAK_FOLLOW,
+                                        eligible=~held, apart=apart)
+    score = torch.cat([first[..., :half], second], -1)
+    return held | held2, torch.where(held, slot, slot2), score
 
 
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
