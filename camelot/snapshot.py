@@ -256,8 +256,10 @@ def _check_compatible(path, meta: dict[str, str], cm: Wrapper) -> None:
         raise SnapshotError(f"{path}: has memory on layers {layers}, this wrapper on {mine_layers}")
     if cfg.strategy == "camelot" and saved.get("slots") != cfg.slots:
         raise SnapshotError(f"{path}: has {saved.get('slots')} slots per head, this wrapper {cfg.slots}")
-    for name, strategies in (("recent", ("camelot", "knn")), ("sink", ("camelot", "knn", "recurrent", "sliding"))):
-        if cfg.strategy in strategies and saved.get(name, 0) != getattr(cfg, name):  # part of what was read
+    # part of what was read; span_reserve: which slots hold raw reserve tokens, which consolidated ones
+    for name, strategies in (("recent", ("camelot", "knn")), ("sink", ("camelot", "knn", "recurrent", "sliding")),
+                             ("span_reserve", ("camelot",))):
+        if cfg.strategy in strategies and saved.get(name, 0) != getattr(cfg, name):
             raise SnapshotError(f"{path}: was saved with {name}={saved.get(name, 0)}, this wrapper has "
                                 f"{name}={getattr(cfg, name)}; wrap with the same {name}")
     open_len = _open_len(path, meta)

@@ -237,6 +237,13 @@ def _other_slots_setup(ctx: Ctx) -> None:
     ctx.extra["path"] = _save_other(ctx, "slots4.safetensors", slots=4)
 
 
+def _other_write_setup(ctx: Ctx) -> None:
+    """The same slot count, half of it a raw reserve (CamelotConfig.recall's write)."""
+    slots = CamelotConfig(**LIVE).slots
+    ctx.extra["path"] = _save_other(ctx, "reserve.safetensors", span_reserve=slots // 2, importance="surprise",
+                                    span_score="scan")
+
+
 def _bert(ctx: Ctx):
     from transformers import BertConfig, BertForMaskedLM
 
@@ -517,6 +524,9 @@ CASES: list[Case] = [
          Refused(SnapshotError, "snapshot"), setup=_random_bytes_setup, watch=WATCH_MEMORY),
     Case("snapshot with another slot count", lambda c: c.cm.memory.load(c.extra["path"]),
          Refused(SnapshotError, "slots"), setup=_other_slots_setup, watch=WATCH_MEMORY),
+    Case("snapshot with another write (a raw reserve in the same slots: --recall)",
+         lambda c: c.cm.memory.load(c.extra["path"]), Refused(SnapshotError, "span_reserve"),
+         setup=_other_write_setup, watch=WATCH_MEMORY),
     Case("truncated snapshot (first 60% of the file)", lambda c: c.cm.memory.load(c.extra["path"]),
          Refused(SnapshotError, "not a readable camelot snapshot"),
          setup=_truncate_setup, watch=WATCH_MEMORY),

@@ -317,7 +317,11 @@ def test_span_scores_that_do_not_fit_are_refused(tmp_path):
     model = cm.unwrap()
     plain = camelot.wrap(model, _reserve_cfg(span_reserve=0))
     plain.feed(_doc(40, seed=4), progress=False)
-    _refused(plain, path, "layer 0 keeps no span reserve")
+    _refused(plain, path, "was saved with span_reserve=6, this wrapper has span_reserve=0")
+    # and the other way: the paper write's consolidated slots are no reserve (it loaded silently,
+    # its last slots then taken for an empty reserve)
+    _refused(camelot.wrap(tiny_llama(), _reserve_cfg()), plain.memory.save(tmp_path / "plain.camelot"),
+             "was saved with span_reserve=0, this wrapper has span_reserve=6")
     plain.unwrap()
     cm = camelot.wrap(model, _reserve_cfg())
     cm.feed(_doc(40, seed=4), progress=False)
