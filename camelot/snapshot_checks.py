@@ -157,7 +157,7 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> N
         if m[3] == "span_score":  # kept in float32 whatever the memory's dtype
             if t.numel() and not (torch.isfinite(t.float()).all() and float(t.min()) >= EMPTY_SPAN):
                 raise SnapshotError(f"{path}: {name} holds non-finite values or values below {EMPTY_SPAN:g} "
-                                    f"(which marks an empty place)")
+                                    "(which marks an empty place)")
         elif t.is_floating_point():
             model_dtype, memory_dtype = layer_dtypes[int(m[1])]
             for dt in {model_dtype, memory_dtype if m[2] == "memory" else model_dtype} - {None}:

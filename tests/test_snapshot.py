@@ -257,7 +257,7 @@ def test_empty_reserve_places_roundtrip_as_a_mark_below_every_score():
     loaded.load_state_dict(state)
     assert torch.equal(loaded.span_score, bank.span_score)  # the mark back to -inf, the scratch entry too
     assert torch.equal(loaded.span_before, bank.span_before)
-    marked_as_before = {**state, "span_score": state["span_score"].clamp(min=-1.0)}  # files before 2026-12-06
+    marked_as_before = {**state, "span_score": state["span_score"].clamp(min=-1.0)}  # files written until 2026-12-05
     loaded.load_state_dict(marked_as_before)
     assert torch.equal(loaded.span_score, bank.span_score)
     places_only = {**state, "span_score": state["span_score"][..., :6]}  # saved before the carried scores
@@ -274,7 +274,7 @@ def test_empty_reserve_places_roundtrip_as_a_mark_below_every_score():
 
 def test_a_scan_reserve_with_scores_below_the_old_empty_mark_roundtrips_exactly():
     """A scan scores a window by its excess over the write's mean, so held tokens may score below
-    0, and below -1, the empty mark before 2026-12-06 (they came back as empty places)."""
+    0, and below -1, the empty mark until 2026-12-05 (they came back as empty places)."""
     from camelot.memory import SlotBank
     from camelot.memory.rules import WriteRule
 

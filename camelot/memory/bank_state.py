@@ -9,7 +9,7 @@ import torch
 
 SlotBank = Any  # camelot.memory.bank.SlotBank (which imports this module)
 # A span reserve's empty place (-inf in memory) as saved: files must hold finite values, and a
-# scan's scores (spans.py) may be negative, so -1 (the mark before 2026-12-06, still read as
+# scan's scores (spans.py) may be negative, so -1 (the mark until 2026-12-05, still read as
 # empty) lost the scores below it.
 EMPTY_SPAN = -1e30
 
