@@ -91,8 +91,7 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
     if how == "scan":  # the best of several window lengths, each by its excess over the write's mean
-        whole = torch.isfinite(ctx)
-        mean = torch.where(whole, ctx, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
+        mean = _finite_mean(ctx)
         new = torch.stack([_token_scores(_scan_windows(ctx, mean, w), w, follow, apart, c, t)
                            for w in scan_lengths(span)]).amax(0)
     else:
@@ -133,9 +132,7 @@ def _windows(ctx: torch.Tensor, span: int, how: str) -> torch.Tensor:
         win = torch.where(torch.isfinite(win), windows.amax(-1), float("-inf"))
     win = _not_whole(win)
     if how in ("relative", "shared"):
-        whole = torch.isfinite(win)
-        mean = torch.where(whole, win, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
-        win = win / mean.clamp(min=1e-9)
+        win = win / _finite_mean(win).clamp(min=1e-9)
     if how == "shared":
         win = win.amax(1, keepdim=True).expand_as(win)
     return win
@@ -147,6 +144,12 @@ def _scan_windows(ctx: torch.Tensor, mean: torch.Tensor, w: int) -> torch.Tensor
     scale (docs/retrieval.md, "A scan over window lengths")."""
     win = _not_whole(ctx.unfold(-1, w, 1).sum(-1))
     return (win - w * mean) / w ** 0.5
+
+
+def _finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """[..., 1]: the mean of x's finite entries along the last dim (0 where there are none)."""
+    whole = torch.isfinite(x)
+    return torch.where(whole, x, 0.0).sum(-1, keepdim=True) / whole.sum(-1, keepdim=True).clamp(min=1)
 
 
 def _not_whole(win: torch.Tensor) -> torch.Tensor:
