@@ -104,6 +104,8 @@ class AskSession:
             raise UserError("empty question")
         delta, messages = self._prompt(question)
         ids = self._bos() + self._ids(delta)
+        if self.cm.ranks_by_question:  # what is read from here on is ranked by this question
+            self.cm.set_question(torch.tensor([self._ids(question)]))
         kwargs = dict(self.generation)
         stops = [] if self.chat else list(PLAIN_STOPS)
         gen = self.cm.generate(torch.tensor([ids]), eos_token_id=eos_ids(self.cm.model, self.tok),
@@ -165,6 +167,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="plain 'Question: ... Answer:' prompts")
     g = p.add_argument_group("memory")
     add_memory_args(g, window=512, slots=4096, placement="recency")
+    g.add_argument("--recall-question", dest="recall", action="store_const", const="question",
+                   help="camelot: CamelotConfig.recall('question'): the question is read first and the reserve "
+                        "keeps the document's tokens its queries attend to most (docs/inference.md)")
+    g.add_argument("--no-recall", dest="recall", action="store_const", const="none",
+                   help="camelot: the plain write (the paper's consolidation, no reserve) also for one question "
+                        "about a --context-file, where --recall is the default; the default with -i or --save")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -186,6 +194,12 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("give a question, or -i for interactive mode")
     if args.context_file and args.load:
         raise UserError("--context-file and --load both give the memory's content; use one")
+    if args.recall == "question" and not args.question:
+        raise UserError("--recall-question ranks the document by the question: give it on the command line")
+    if args.recall is None:  # one question about a document: keep its facts (docs/inference.md)
+        one_shot = args.question and args.context_file and not (args.interactive or args.save)
+        args.recall = "facts" if one_shot and args.strategy == "camelot" else None
+    args.recall = None if args.recall == "none" else args.recall
     if args.save and not args.context_file:
         raise UserError("--save stores the memory after reading --context-file; give one (or /save in -i mode)")
     cfg = memory_config(args)
@@ -211,8 +225,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.load:
         session.resume(cm.memory.load(args.load))
     elif document is not None:
+        if cm.ranks_by_question:
+            cm.set_question(torch.tensor([session._ids(args.question)]))
         n = session.read(document, progress=not args.no_progress)
-        print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window})", file=sys.stderr)
+        ranked = {"question": ", reserve ranked by the question", "surprise": ", reserve ranked by surprise",
+                  "attention": ", reserve ranked by attention"}[cfg.importance] if cfg.span_reserve else ""
+        print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window}{ranked})", file=sys.stderr)
         if args.save:
             cm.memory.save(args.save, metadata=session.metadata())
             print(f"saved memory to {args.save}", file=sys.stderr)

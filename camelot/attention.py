@@ -16,6 +16,7 @@ from camelot.masks import MaskCache, plain_logits
 from camelot.memory import RawWindow, SinkTokens
 from camelot.memory.usage import note_reads
 from camelot.positions import Positions
+from camelot.question import question_logits
 from camelot.reads import Read, ReadAttribution, make_read
 from camelot.rope import RopeSpec
 
@@ -34,6 +35,8 @@ class LayerRuntime:
         self.masks = MaskCache() if masks is None else masks
         self.record_reads = record_reads
         self.last_read: ReadAttribution | None = None
+        # set by camelot.question while a question runs: its position-free queries, grouped by KV head
+        self.capture: list[torch.Tensor] | None = None
 
     @classmethod
     def build(cls, layer_idx: int, rope: RopeSpec | None, memory: Memory | None, prefix: RawWindow | None,
@@ -78,10 +81,11 @@ class LayerRuntime:
         g = hq // hkv
         l0 = st.local_len
         k_loc, v_loc = st.extend(key, value)
-        raw_open = None
+        if self.capture is not None:
+            self.capture.append(pos.unplaced(query, l0).reshape(b, hkv, g * m, d))
+        raw_open = raw_key = None
         mem = None
         if st.memory is not None:
-            raw_key = None
             if self.read.needs_raw_keys:  # kept for the write at flush, which needs them position-free too
                 raw_key = pos.unplaced(key, l0)
                 raw_open = raw_key if l0 == 0 else torch.cat([st.raw_open(pos.unplaced), raw_key], dim=2)
@@ -125,6 +129,9 @@ class LayerRuntime:
         # attention each open / tail token received, per KV head, for a memory that wants it
         received = probs[..., : l0 + m + p].sum(dim=(2, 3)) if st.tracks_received else None
         st.keep(k_loc, v_loc, raw_open, received)
+        if st.tracks_question:  # CamelotModel.step refuses to run without one
+            st.note_question(question_logits(st.question, pos.unplaced(key, l0) if raw_key is None else raw_key,
+                                             scaling))
         return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
 
 

@@ -47,9 +47,12 @@ AUTO_TOP_K = 8
 # demonstrations: single tokens by the attention the window gave them, the largest over the
 # layer's KV heads (a demonstration's label is what later ones read; surprise keeps their
 # sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
+# question: the facts' spans, ranked by the logit of a question given before the document
+# (camelot/question.py): a fact in plain prose is not a burst of surprise (docs/inference.md)
 RECALL_KINDS: dict[str, dict[str, Any]] = {
     "facts": {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"},
     "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
+    "question": {"span": 8, "span_follow": 12, "importance": "question", "span_score": "scan"},
 }
 
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
@@ -158,9 +161,9 @@ class CamelotConfig:
                                          "segment's mean; sum: its importance; shared: relative, max over KV heads; "
                                          "peak: its top token; sum+peak: half each; scan: the best window of any "
                                          "length up to span, by its excess over the mean", choices=SPAN_SCORES)
-    importance: str = option("attention", "camelot: the token importance evict=use, protect and the span reserve "
-                                          "rank by. attention: attention received in the window (per KV head); "
-                                          "surprise: the model's own NLL of the token (same for every head)",
+    importance: str = option("attention", "camelot: what evict=use, protect and the span reserve rank tokens by. "
+                                          "attention: attention received in the window (per KV head); surprise: the "
+                                          "model's NLL of the token; question: a question's logit on it (set_question)",
                              choices=IMPORTANCES)
     lazy: bool = option(False, "camelot: no merges while a head has a free slot for every token of the segment, so "
                                "memory stays raw (exact) until it is full; with placement=mixed a bank larger than the "

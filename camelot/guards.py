@@ -66,3 +66,18 @@ def as_batch(ids: Any, vocab: int, device: torch.device) -> torch.Tensor:
         ids = ids[None]
     check_step_ids(ids, vocab)
     return ids.to(device).long() if ids.device != device else ids.long()
+
+
+def check_state_devices(modules, runtimes) -> None:
+    """Memory stays on the device its layer had when it was written. A model moved since
+    (`model.to(...)`) would meet it deep inside torch with a device-mismatch error, so refuse
+    here, naming both devices. One attribute check per layer and step: cheap."""
+    for m, rt in zip(modules, runtimes):
+        held = rt.state.device()
+        if held is None:
+            continue
+        p = next(m.parameters(), None)
+        if p is not None and p.device != held:
+            raise ValueError(
+                f"layer {rt.layer_idx}: camelot memory is on {held} but the model's layer is now on {p.device}; "
+                "move the model back, or call reset() (the memory is lost) to use the new device")

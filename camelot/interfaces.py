@@ -24,6 +24,7 @@ class Memory(Protocol):
     telemetry: torch.Tensor | None
     wants_received: bool  # write() also takes received= (the attention each token got in the window)
     wants_surprise: bool  # write() takes received= as each token's NLL under the model instead
+    wants_question: bool  # write() takes received= as how strongly a given question attends to each token
     observes_reads: bool  # observe_reads() takes the attention mass each entry got when read
     wants_following: bool  # write() also takes following= (the importance of the tokens still raw after these)
 

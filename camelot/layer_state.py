@@ -31,9 +31,13 @@ class LayerState:
         # attention received per KV head by each open / raw-tail token (summed over its query
         # heads and the queries), kept only for a memory that `wants_received` (InfLLM picks
         # block representatives by it); fp32 [B, Hkv, local_len] and [B, Hkv, tail]. For a memory
-        # that `wants_surprise` they hold each token's NLL instead (`note_surprise`).
+        # that `wants_surprise` they hold each token's NLL instead (`note_surprise`), for one that
+        # `wants_question` how strongly the question attends to it (`note_question`).
         self.received_open: torch.Tensor | None = None
         self.received_tail: torch.Tensor | None = None
+        # [B or 1, Hkv, R, D] fp32: position-free queries of a question set before the document
+        # (camelot/question.py), for a memory that `wants_question`
+        self.question: torch.Tensor | None = None
 
     @property
     def local_len(self) -> int:
@@ -53,11 +57,23 @@ class LayerState:
         """The memory wants each token's NLL under the model (the wrapper hands it over)."""
         return self.memory is not None and self.memory.wants_surprise
 
+    @property
+    def tracks_question(self) -> bool:
+        """The memory ranks tokens by how strongly a question given beforehand attends to them."""
+        return self.memory is not None and self.memory.wants_question
+
     def note_surprise(self, nll: torch.Tensor) -> None:
         """nll [B, m]: the model's NLL of the open segment's last m tokens (kept already)."""
+        self._note(nll[:, None, :])
+
+    def note_question(self, score: torch.Tensor) -> None:
+        """score [B, Hkv, m]: the question's attention logits on the open segment's last m tokens."""
+        self._note(score)
+
+    def _note(self, importance: torch.Tensor) -> None:
         like = self.local_k[:, :, :, 0]
         got = _fit(self.received_open, like, at_end=False).clone()
-        got[:, :, like.shape[2] - nll.shape[1]:] = nll.to(got.device, torch.float32)[:, None, :]
+        got[:, :, like.shape[2] - importance.shape[-1]:] = importance.to(got.device, torch.float32)
         self.received_open = got
 
     # ------------------------------------------------------------------ the open segment
@@ -99,7 +115,7 @@ class LayerState:
         if self.memory is not None or self.prefix is not None or self.sink is not None:
             raw, v = self.raw_open(unplace), self.local_v
             got = None
-            if self.tracks_received or self.tracks_surprise:
+            if self.tracks_received or self.tracks_surprise or self.tracks_question:
                 got = _fit(self.received_open, raw[..., 0], at_end=False)
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)
@@ -121,7 +137,7 @@ class LayerState:
 
     def reset(self) -> None:
         self.local_k = self.local_v = self.local_raw = self._raw_for = None
-        self.received_open = self.received_tail = None
+        self.received_open = self.received_tail = self.question = None
         for part in (self.memory, self.prefix, self.sink):
             if part is not None:
                 part.reset()
@@ -143,14 +159,16 @@ class LayerState:
 
     def load_state_dict(self, other: LayerState) -> None:
         """Take over a state built and checked aside (camelot.snapshot builds it from a file);
-        nothing here can fail, so a refused load leaves this state as it was."""
+        nothing here can fail, so a refused load leaves this state as it was. A question set
+        beforehand stays: it belongs to the reading, not to the memory's content."""
         self.local_k, self.local_v, self.local_raw, self._raw_for = other.local_k, other.local_v, None, None
         self.memory, self.prefix, self.sink = other.memory, other.prefix, other.sink
         self.received_open, self.received_tail = other.received_open, other.received_tail
 
     def to(self, device: torch.device | str) -> LayerState:
         """Move the open segment and raw context (memories move through their state dicts)."""
-        for owner, names in ((self, ("local_k", "local_v", "local_raw", "received_open", "received_tail")),
+        for owner, names in ((self, ("local_k", "local_v", "local_raw", "received_open", "received_tail",
+                                      "question")),
                              (self.prefix, ("keys", "values", "finite")),
                              (self.sink, ("keys", "values"))):
             for n in names:

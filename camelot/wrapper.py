@@ -16,12 +16,13 @@ from camelot import attention
 from camelot.adapters import get_adapter
 from camelot.adapters.base import Adapter, param_device
 from camelot.config import CamelotConfig
-from camelot.guards import as_batch, check_step_ids
+from camelot.guards import as_batch, check_state_devices, check_step_ids
 from camelot.interfaces import SearchBackend, require
 from camelot.layers import build_runtime, memory_layers
 from camelot.masks import MaskCache
 from camelot.ownership import check_owner, exclusive
 from camelot.progress import progress_bar
+from camelot.question import capture_question, check_question_set
 from camelot.reads import ReadAttribution
 from camelot.surprise import SurpriseFeed
 
@@ -144,8 +145,9 @@ class CamelotModel:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Run ids [B, m] (m <= room left in the open segment); returns logits [B, m, V].
         When the segment fills up it is closed and written to memory."""
-        self._check_state_devices()
+        check_state_devices(self.modules, self.runtimes)
         check_step_ids(ids, self.model.get_input_embeddings().num_embeddings)
+        check_question_set(self.runtimes)
         b, m = ids.shape
         start = self.open_len
         room = self.config.window - start
@@ -160,20 +162,6 @@ class CamelotModel:
         if start + m == self.config.window:
             self.flush()
         return out.logits
-
-    def _check_state_devices(self) -> None:
-        """Memory stays on the device its layer had when it was written. A model moved since
-        (`model.to(...)`) would meet it deep inside torch with a device-mismatch error, so refuse
-        here, naming both devices. One attribute check per layer and step: cheap."""
-        for m, rt in zip(self.modules, self.runtimes):
-            held = rt.state.device()
-            if held is None:
-                continue
-            p = next(m.parameters(), None)
-            if p is not None and p.device != held:
-                raise ValueError(
-                    f"layer {rt.layer_idx}: camelot memory is on {held} but the model's layer is now on {p.device}; "
-                    "move the model back, or call reset() (the memory is lost) to use the new device")
 
     @exclusive
     def flush(self) -> None:
@@ -219,6 +207,20 @@ class CamelotModel:
             lp = torch.log_softmax(lg, dim=-1).gather(-1, tgt[..., None])[..., 0]
             nll[:, a : tgt_end - 1] = -lp.cpu()
         return ScoreOutput(nll, time.perf_counter() - t0, len(spans))
+
+    @property
+    def ranks_by_question(self) -> bool:
+        """The memory keeps what a question will look for: set_question() before reading."""
+        return any(rt.state.tracks_question for rt in self.runtimes)
+
+    @exclusive
+    @torch.no_grad()
+    def set_question(self, ids: torch.Tensor | list[int]) -> None:
+        """The question the document will be asked, before it is read: with
+        `CamelotConfig.recall("question")` the raw reserve keeps the tokens its queries attend to
+        most (camelot/question.py). It changes nothing already in memory and lasts until reset()."""
+        for rt, q in zip(self.runtimes, capture_question(self, self._as_batch(ids))):
+            rt.state.question = q if rt.state.tracks_question else None
 
     @exclusive
     @torch.no_grad()

@@ -16,7 +16,9 @@ from camelot.memory.rules import RULE_FIELDS
 from camelot.options import AUTO_SET, UserError, parse_top_k
 
 RECALL = "camelot-recall"  # camelot with CamelotConfig.recall's write (a surprise-ranked raw reserve)
-ALL_STRATEGIES = (*STRATEGIES, RECALL, "full")
+QUESTION = "camelot-question"  # CamelotConfig.recall("question"): the question is given before the document
+RECALL_STRATEGIES = {RECALL: "facts", QUESTION: "question"}
+ALL_STRATEGIES = (*STRATEGIES, *RECALL_STRATEGIES, "full")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
 
 
@@ -87,12 +89,15 @@ class RunResult:
         return [math.exp(s / n) if n else None for s, n in zip(self.bucket_nll, self.bucket_tokens)]
 
 
-def plan_runs(sweep: Sweep) -> list[RunSpec]:
+def plan_runs(sweep: Sweep, questions: bool = False) -> list[RunSpec]:
     """Runs for a sweep: memory settings multiply only where a strategy uses them, so baselines
-    run once per window. Every config is validated here, before any model is loaded."""
+    run once per window. Every config is validated here, before any model is loaded.
+    questions: the cases have questions that may be given before the document (retrieval)."""
     unknown = [s for s in sweep.strategies if s not in ALL_STRATEGIES]
     if unknown:
         raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
+    if QUESTION in sweep.strategies and not questions:
+        raise UserError(f"{QUESTION} reads each case's question before its document: `camelot retrieval` only")
     specs: list[RunSpec] = []
     base = {"search": sweep.search, "write_mode": sweep.write_mode}
     for w in sweep.windows:
@@ -115,7 +120,7 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
                 grid = _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
                                 retrieve=sweep.retrieves, layers=sweep.layers)
-            else:  # camelot and camelot-recall
+            else:  # camelot, camelot-recall, camelot-question
                 grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
                                 read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
                                 count_mode=sweep.count_modes, count_cap=sweep.count_caps,
@@ -137,9 +142,9 @@ def plan_runs(sweep: Sweep) -> list[RunSpec]:
 
 
 def _config(strategy: str, window: int, given: dict[str, Any]) -> CamelotConfig:
-    if strategy != RECALL:
+    if strategy not in RECALL_STRATEGIES:
         return CamelotConfig(window=window, strategy=strategy, **given)
-    return options.recall_config(window=window, strategy="camelot", **given)
+    return options.recall_config(RECALL_STRATEGIES[strategy], window=window, strategy="camelot", **given)
 
 
 def _product(**axes: tuple) -> list[dict[str, Any]]:
@@ -240,6 +245,7 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
     p.add_argument("--strategies", default=defaults.pop("strategies", ",".join(DEFAULT_STRATEGIES)),
                    help=f"from {','.join(ALL_STRATEGIES)} ({RECALL}: camelot with CamelotConfig.recall's write, "
                         "a raw reserve of the most surprising tokens for finding facts again; rule flags "
-                        "moved off their defaults still apply)")
+                        f"moved off their defaults still apply; {QUESTION}, retrieval only: the reserve keeps what "
+                        "each case's question, read before the document, attends to most)")
     p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
     options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)

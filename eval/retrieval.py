@@ -137,7 +137,8 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
                 if cm is None:
                     res.trials += run_full(model, hays[task], task_cases, new_tokens[task], on_case=tick, judge=judge)
                 else:
-                    res.trials += run_camelot(cm, hays[task], task_cases, new_tokens[task], on_case=tick, judge=judge)
+                    run = run_asked if cm.ranks_by_question else run_camelot
+                    res.trials += run(cm, hays[task], task_cases, new_tokens[task], on_case=tick, judge=judge)
         finally:
             if cm is not None:
                 cm.unwrap()
@@ -145,6 +146,24 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
         if log:
             print(f"{res.spec.label}: {_cell(res.scores())} in {res.seconds:.0f}s", file=sys.stderr, flush=True)
     return [res for res, _ in plan]
+
+
+def run_asked(cm, hay, cases: list[RetrievalCase], max_new_tokens: int, on_case=None, judge=None) -> list:
+    """camelot-question: each case's question words are set before its document is read, so what
+    memory keeps depends on the case and cases share no prefix (run_camelot shares them)."""
+    import torch
+
+    judge, out, dev = judge or make_judge(hay.tokenizer), [], cm.device
+    for case in cases:
+        cm.reset()
+        cm.set_question(torch.tensor([case.asked], device=dev))
+        cm.feed(torch.tensor([hay.intro + hay.stream[: case.needle_at]], device=dev), progress=False)
+        t0 = time.perf_counter()
+        gen = cm.generate(torch.tensor([case.suffix(hay)], device=dev), max_new_tokens=max_new_tokens)
+        out.append(judge(case, gen[0].tolist(), time.perf_counter() - t0))
+        if on_case:
+            on_case()
+    return out
 
 
 # ---------------------------------------------------------------------------- reports
@@ -275,7 +294,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.trials < 1 or args.max_new_tokens < 0:
         raise UserError("--trials must be >= 1 and --max-new-tokens >= 0")
     args.slots = budget_slots(args)
-    specs = plan_runs(sweep_from_args(args))
+    specs = plan_runs(sweep_from_args(args), questions=True)
     text = haystack_text(args.haystack)
     model, tok = load_model_from_args(args)
     prompt = make_prompt(tok, chat_template=not args.no_chat_template)

@@ -84,6 +84,8 @@ class RetrievalCase:
     inserts: list[tuple[int, list[int]]]  # (stream index, needle ids), ascending
     question: list[int] = field(repr=False)
     hay_len: int = 0  # stream tokens, needles excluded
+    # the question and the answer's start without the chat template (camelot-question reads it first)
+    asked: list[int] = field(default_factory=list, repr=False)
 
     @property
     def needle_at(self) -> int:
@@ -197,7 +199,8 @@ def make_cases(hay: Haystack, task: str, prompt: Prompt, lengths: list[int], dep
                     inserts = list(zip(sorted(places), needle_ids))
                 else:  # the first needle (the asked one) at the depth; sorting keeps ties in order
                     inserts = sorted(zip(places, needle_ids), key=lambda p: p[0])
-                cases.append(RetrievalCase(task, n, d, t, key, expected, inserts, q, hay_len))
+                asked = _ids(tok, question + " " + answer.lstrip())
+                cases.append(RetrievalCase(task, n, d, t, key, expected, inserts, q, hay_len, asked))
     return cases
 
 

@@ -9,7 +9,11 @@ the same token ids.
 
     .venv/bin/python scripts/needle_probe.py --threads 1 --trials 6 \
         --run full --run window --run sliding:slots=508 --run camelot:slots=380 \
-        --run camelot:slots=380,evict=use
+        --run camelot:slots=380,evict=use \
+        --run camelot:slots=380,span_reserve=254,span=8,span_follow=12,span_score=scan,importance=question
+
+importance=question reads the question and the answer's start ("What is <name>'s secret number?
+<name>'s secret number is") before the passage (CamelotModel.set_question).
 
 A run is `strategy[:key=value,...]`: CamelotConfig fields (window 128, sink 4, recent 128 unless
 given). `full` is the plain model over the whole prompt. Budget per head = sink + recent + slots
@@ -54,8 +58,9 @@ def make_trials(tok, n: int, length: int, seed: int) -> list[dict]:
         question = tok(QUESTION.format(name=name), add_special_tokens=False)["input_ids"]
         hay = ids[: length - len(needle) - len(question)]
         cut = _sentence_end(tok, hay, len(hay) * depth // 100)
+        asked = tok(QUESTION.format(name=name).strip(), add_special_tokens=False)["input_ids"]
         trials.append({"book": book, "depth": depth, "name": name, "num": num,
-                       "ids": hay[:cut] + needle + hay[cut:] + question})
+                       "ids": hay[:cut] + needle + hay[cut:] + question, "asked": asked})
     return trials
 
 
@@ -85,7 +90,10 @@ def _value(v: str):
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
-def answer(model, tok, strategy: str, changes: dict, ids: list[int], new: int = 8) -> str:
+def answer(model, tok, strategy: str, changes: dict, ids: list[int], new: int = 8,
+           asked: list[int] | None = None) -> str:
+    """asked: the question's words, read before the document where the write ranks by a question
+    (importance=question)."""
     import camelot
 
     x = torch.tensor([ids])
@@ -95,9 +103,19 @@ def answer(model, tok, strategy: str, changes: dict, ids: list[int], new: int = 
     cfg = {"window": 128, "sink": 4, "recent": 128, "strategy": strategy, **changes}
     w = camelot.wrap(model, camelot.CamelotConfig(**cfg))
     try:
+        if w.ranks_by_question:
+            w.set_question(asked)
         return tok.decode(w.generate(x, max_new_tokens=new)[0])
     finally:
         w.unwrap()
+
+
+def emit(row: dict, out: str | None) -> None:
+    """Print one run's JSON line, and append it to `out` where given."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def common_args(doc: str) -> argparse.ArgumentParser:
@@ -125,17 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         strategy, changes = parse_run(spec)
         hits, answers, t0 = [], [], time.perf_counter()
         for tr in trials:
-            text = answer(model, tok, strategy, changes, tr["ids"])
+            text = answer(model, tok, strategy, changes, tr["ids"], asked=tr["asked"])
             found = re.search(r"\d+", text)
             hits.append(bool(found and found.group() == tr["num"]))
             answers.append(text.strip()[:20])
         row = {"run": spec, "hits": sum(hits), "trials": len(trials), "per_trial": [int(h) for h in hits],
                "depths": [tr["depth"] for tr in trials], "seconds": round(time.perf_counter() - t0, 1),
                "answers": answers}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ corpus (token-weighted over its documents) and seconds spent in SlotBank.write.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ CORPORA = {"sotu": ["state_union/1945-Truman.txt", "state_union/1946-Truman.txt"
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from needle_probe import common_args, parse_run
+    from needle_probe import common_args, emit, parse_run
 
     import camelot
     from camelot.memory import SlotBank
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             w.unwrap()
         row["write_s"] = round(spent[0], 2)
         row["total_s"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     return 0
 
 

@@ -244,6 +244,13 @@ def _other_write_setup(ctx: Ctx) -> None:
                                     span_score="scan")
 
 
+def _question_wrapper(ctx: Ctx):
+    """A wrapper whose reserve ranks by a question (CamelotConfig.recall('question')), none set yet."""
+    if "qcm" not in ctx.extra:
+        ctx.extra["qcm"] = camelot.wrap(tiny_llama(seed=1), CamelotConfig.recall("question", **LIVE))
+    return ctx.extra["qcm"]
+
+
 def _bert(ctx: Ctx):
     from transformers import BertConfig, BertForMaskedLM
 
@@ -513,6 +520,11 @@ CASES: list[Case] = [
     Case("score on a model moved to cuda after its memory was written on cpu",
          lambda c: c.cm.score(doc(8), keep_memory=True), Refused(ValueError, "camelot memory is on cpu"),
          setup=_to_cuda_after_feed, watch=WATCH_MEMORY, needs_cuda=True),
+    Case("reading a document into a question-ranked reserve before set_question()",
+         lambda c: _question_wrapper(c).feed(doc(FED), progress=False), Refused(ValueError, "set_question"),
+         watch=lambda c: memory_state(_question_wrapper(c))),
+    Case("set_question() on a memory that does not rank by a question", lambda c: c.cm.set_question(doc(5)),
+         Refused(ValueError, "recall('question')"), watch=WATCH_MEMORY),
     # -- snapshots
     Case("snapshot from another model (same architecture, other weights)",
          lambda c: c.cm.memory.load(c.extra["path"]), Refused(SnapshotError, "another"),

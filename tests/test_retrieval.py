@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from camelot.eval.passkey import build_haystack, run_camelot
-from camelot.eval.retrieval import make_judge, wilson
+from camelot.eval.retrieval import make_judge, run_asked, wilson
 from camelot.eval.retrieval_tasks import TASKS, make_cases, make_prompt, score, task_haystack
 
 import camelot
@@ -104,6 +104,29 @@ def test_shared_prefixes_give_the_answers_of_reading_from_scratch(tok):
         cm.unwrap()
 
 
+def test_a_question_read_first_gives_the_answers_of_reading_each_case_from_scratch(tok):
+    """camelot-question: each case's question words (asked) are set before its document; the
+    runner's answers are those of set_question + reading the whole case."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(vocab=len(tok), max_pos=1024)
+    hay, prompt = hay_for(tok, "niah_number", 1000)
+    cases = make_cases(hay, "niah_number", prompt, [600], [10, 70], trials=1, max_new_tokens=3, seed=1)
+    for c in cases:  # the question and the answer's start, without the chat template around them
+        asked, full = tok.decode(c.asked), tok.decode(c.question)
+        assert asked.startswith("What is") and asked.endswith(full.split("assistant\n")[-1]) and "<|im" not in asked
+    cm = camelot.wrap(model, CamelotConfig.recall("question", window=48, slots=32, placement="recency"))
+    try:
+        got = {(t.length, t.depth): t.answer for t in run_asked(cm, hay, cases, 3, judge=make_judge(tok))}
+        for c in cases:
+            cm.reset()
+            cm.set_question(c.asked)
+            gen = cm.generate(torch.tensor([c.ids(hay)]), max_new_tokens=3)[0].tolist()
+            assert make_judge(tok)(c, gen, 0.0).answer == got[(c.length, c.depth)]
+    finally:
+        cm.unwrap()
+
+
 def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     folder = tiny_model_folder(tmp_path / "model", max_pos=1024)
     book = tmp_path / "book.txt"
@@ -112,25 +135,26 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number,vt", "--lengths", "700,1100",
             "--depths", "50", "--trials", "1", "--window", "128", "--budget", "300", "--recent", "128",
             "--max-new-tokens", "4", "--haystack", str(book), "--out", str(out), "--no-progress",
-            "--strategies", "window,sliding,knn,camelot,camelot-recall,full"]
+            "--strategies", "window,sliding,knn,camelot,camelot-recall,camelot-question,full"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "**niah_number**" in text and "**all tasks**" in text and "not run" in text
     assert "full: lengths 1100 exceed the model's 1024 positions" in text
     data = json.loads((out / "retrieval.json").read_text())
     runs = {r["strategy"]: r for r in data["runs"]}
-    assert set(runs) == {"window", "sliding", "knn", "camelot", "camelot-recall", "full"}
+    assert set(runs) == {"window", "sliding", "knn", "camelot", "camelot-recall", "camelot-question", "full"}
     cfg = {s: r["config"] for s, r in runs.items() if r["config"]}
     budget = {s: c["slots"] + c["sink"] + (c["recent"] if s != "sliding" else 0) for s, c in cfg.items()
-              if s in ("sliding", "camelot", "camelot-recall")}
-    assert budget == {"sliding": 300, "camelot": 300, "camelot-recall": 300}
+              if s in ("sliding", "camelot", "camelot-recall", "camelot-question")}
+    assert budget == {"sliding": 300, "camelot": 300, "camelot-recall": 300, "camelot-question": 300}
     assert cfg["camelot-recall"]["span_reserve"] == 168 - 56 and cfg["camelot"]["span_reserve"] == 0
+    assert cfg["camelot-question"]["importance"] == "question" and cfg["camelot-question"]["span_reserve"] == 112
     keys = {s: sorted((t["task"], t["length"], t["depth"], tuple(t["expected"])) for t in r["trials"])
             for s, r in runs.items()}
     assert all(len(k) == 2 * 2 and k == keys["window"] for s, k in keys.items() if s != "full")
     assert {t["length"] for t in runs["full"]["trials"]} == {700}
     assert runs["window"]["by_task_length"]["vt@700"]["n"] == 1
-    assert len(list(out.glob("heatmap_*.png"))) == 6 and (out / "retrieval.md").exists()
+    assert len(list(out.glob("heatmap_*.png"))) == 7 and (out / "retrieval.md").exists()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -138,6 +162,8 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     (["retrieval", "--budget", "100", "--slots", "64"], "not both"),
     (["retrieval", "--budget", "100"], "leaves no slots"),
     (["retrieval", "--depths", "120"], "percentages"),
+    (["ppl", "--data", "x.txt", "--strategies", "camelot-question"], "retrieval` only"),
+    (["passkey", "--strategies", "camelot,camelot-question"], "retrieval` only"),
 ])
 def test_bad_arguments_fail_in_one_line(argv, needle, capsys):
     assert main(argv) == 2

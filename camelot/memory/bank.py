@@ -62,6 +62,7 @@ class SlotBank:
         # token received in the window, or its NLL under the model
         self.wants_received = self.rule.scored and self.rule.importance == "attention"
         self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
+        self.wants_question = self.rule.scored and self.rule.importance == "question"
         self.observes_reads = self.rule.ranks_slots  # reads add the mass slots got to their scores
         self.wants_following = self.rule.span_reserve > 0  # its windows reach into the raw window's tokens
         self.empty = True  # host-side: no write has happened since reset

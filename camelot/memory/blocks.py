@@ -31,6 +31,7 @@ class BlockMemory:
 
     wants_received = True
     wants_surprise = False
+    wants_question = False
     observes_reads = False  # representatives come from the window's attention, not from reads
     wants_following = False
 

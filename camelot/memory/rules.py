@@ -23,7 +23,7 @@ from camelot.memory.spans import SPAN_SCORES, span_context
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
-IMPORTANCES = ("attention", "surprise")
+IMPORTANCES = ("attention", "surprise", "question")
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -65,7 +65,9 @@ class WriteRule:
     importance: what a token's importance is, for every rule above that ranks by it. "attention":
         the attention it received while in the window and raw tail (per KV head); "surprise": the
         model's own NLL of the token (the same for every head and layer, so all keep the same
-        tokens; EM-LLM's signal), handed to the write by the wrapper.
+        tokens; EM-LLM's signal), handed to the write by the wrapper; "question": how strongly a
+        question given before the document (`CamelotModel.set_question`) attends to the token: the
+        largest logit of its queries on the token's position-free key (per KV head; question.py).
     lazy: a token merges only where its head has fewer free slots than the segment has tokens;
         while there is room every token keeps a slot of its own, so a bank that is not yet full
         holds the past exactly, as a raw cache would.

@@ -14,6 +14,7 @@ class TokenStore:
 
     wants_received = False  # keeps every token: nothing to rank
     wants_surprise = False
+    wants_question = False
     observes_reads = False
     wants_following = False
 
