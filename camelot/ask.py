@@ -48,6 +48,7 @@ class AskSession:
         self.fed = ""  # the text the memory has read, with DOC in place of the document
         self.has_document = False
         self.tokens_read = 0  # tokens this session stepped into the model (document, prompts, answers)
+        self.asked: str | None = None  # the question the memory ranks by, where it ranks by one
 
     # ------------------------------------------------------------------ rendering
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -65,10 +66,15 @@ class AskSession:
         return ids[:1] if ids and ids[0] == self.tok.bos_token_id else []
 
     # ------------------------------------------------------------------ reading and asking
-    def read(self, document: str, progress: bool = True) -> int:
-        """Stream the document into memory (with the template's opening); returns tokens read."""
+    def read(self, document: str, progress: bool = True, question: str | None = None) -> int:
+        """Stream the document into memory (with the template's opening); returns tokens read.
+        question: the one that will be asked, for a memory that ranks by it (read first)."""
         if self.fed:
             raise UserError("a document was already read in this session")
+        if self.cm.ranks_by_question:
+            if not question:
+                raise UserError("this memory ranks the document by the question: give it before reading")
+            self._set_question(question)
         if self.chat:
             opening = self._render([{"role": "user", "content": DOC}], False)
             head = opening[: opening.index(DOC)]
@@ -105,7 +111,7 @@ class AskSession:
         delta, messages = self._prompt(question)
         ids = self._bos() + self._ids(delta)
         if self.cm.ranks_by_question:  # what is read from here on is ranked by this question
-            self.cm.set_question(torch.tensor([self._ids(question)]))
+            self._set_question(question)
         kwargs = dict(self.generation)
         stops = [] if self.chat else list(PLAIN_STOPS)
         gen = self.cm.generate(torch.tensor([ids]), eos_token_id=eos_ids(self.cm.model, self.tok),
@@ -118,6 +124,11 @@ class AskSession:
         self.tokens_read += len(ids) + len(gen)
         self.messages = messages + [{"role": "assistant", "content": content}]
         return cut_at_stop(self.tok.decode(gen, skip_special_tokens=True), stops).strip()
+
+    def _set_question(self, question: str) -> None:
+        if question != self.asked:  # the capture is a forward of the question: not twice
+            self.cm.set_question(torch.tensor([self._ids(question)]))
+            self.asked = question
 
     # ------------------------------------------------------------------ snapshots
     def metadata(self) -> dict[str, str]:
@@ -225,9 +236,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.load:
         session.resume(cm.memory.load(args.load))
     elif document is not None:
-        if cm.ranks_by_question:
-            cm.set_question(torch.tensor([session._ids(args.question)]))
-        n = session.read(document, progress=not args.no_progress)
+        n = session.read(document, progress=not args.no_progress, question=args.question)
         ranked = {"question": ", reserve ranked by the question", "surprise": ", reserve ranked by surprise",
                   "attention": ", reserve ranked by attention"}[cfg.importance] if cfg.span_reserve else ""
         print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window}{ranked})", file=sys.stderr)

@@ -149,7 +149,7 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
 
 
 def run_asked(cm, hay, cases: list[RetrievalCase], max_new_tokens: int, on_case=None, judge=None) -> list:
-    """camelot-question: each case's question words are set before its document is read, so what
+    """camelot-question: each case's question and answer start are set before its document is read, so what
     memory keeps depends on the case and cases share no prefix (run_camelot shares them)."""
     import torch
 

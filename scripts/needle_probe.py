@@ -10,7 +10,7 @@ the same token ids.
     .venv/bin/python scripts/needle_probe.py --threads 1 --trials 6 \
         --run full --run window --run sliding:slots=508 --run camelot:slots=380 \
         --run camelot:slots=380,evict=use \
-        --run camelot:slots=380,span_reserve=254,span=8,span_follow=12,span_score=scan,importance=question
+        --run camelot:slots=380,span_reserve=256,span=8,span_follow=12,span_score=scan,importance=question
 
 importance=question reads the question and the answer's start ("What is <name>'s secret number?
 <name>'s secret number is") before the passage (CamelotModel.set_question).

@@ -79,9 +79,7 @@ def answer_camelot(model, tok, cfg, doc: str, question: str, new: int) -> str:
 
     with camelot.wrap(model, cfg) as cm:
         session = AskSession(cm, tok, generation={"max_new_tokens": new})
-        if cm.ranks_by_question:
-            cm.set_question(torch.tensor([session._ids(question)]))
-        session.read(doc, progress=False)
+        session.read(doc, progress=False, question=question)
         return session.ask(question)
 
 

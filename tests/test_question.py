@@ -149,3 +149,25 @@ def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extr
     err = capsys.readouterr().err
     assert [k for k in ("surprise", "the question", "attention") if f"reserve ranked by {k}" in err] == (
         [ranked] if ranked else [])
+
+
+def test_an_ask_session_runs_the_question_once_and_needs_it_before_reading(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from camelot.ask import AskSession
+    from camelot.cli import UserError
+
+    folder = tiny_model_folder(tmp_path / "m")
+    cm = _wrapped(AutoModelForCausalLM.from_pretrained(folder), window=32, slots=64)
+    session = AskSession(cm, AutoTokenizer.from_pretrained(folder), generation={"max_new_tokens": 2})
+    with pytest.raises(UserError, match="give it before reading"):
+        session.read("The sky is blue. " * 20, progress=False)
+    assert cm.open_len == 0
+    calls = []
+    f = cm.set_question
+    cm.set_question = lambda ids: (calls.append(ids), f(ids))[1]
+    session.read("The sky is blue. " * 20, progress=False, question="What colour is the sky?")
+    session.ask("What colour is the sky?")
+    assert len(calls) == 1
+    session.ask("And the grass?")  # a later question ranks what is read from then on
+    assert len(calls) == 2
