@@ -181,6 +181,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--recall-question", dest="recall", action="store_const", const="question",
                    help="camelot: CamelotConfig.recall('question'): the question is read first and the reserve "
                         "keeps the document's tokens its queries attend to most (docs/inference.md)")
+    g.add_argument("--recall-question-facts", dest="recall", action="store_const", const="question+facts",
+                   help="camelot: CamelotConfig.recall('question+facts'): half the reserve as --recall-question "
+                        "ranks, half as --recall (the surprising tokens)")
     g.add_argument("--no-recall", dest="recall", action="store_const", const="none",
                    help="camelot: the plain write (the paper's consolidation, no reserve) also for one question "
                         "about a --context-file, where --recall is the default; the default with -i or --save")
@@ -205,8 +208,9 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("give a question, or -i for interactive mode")
     if args.context_file and args.load:
         raise UserError("--context-file and --load both give the memory's content; use one")
-    if args.recall == "question" and not args.question:
-        raise UserError("--recall-question ranks the document by the question: give it on the command line")
+    if args.recall in ("question", "question+facts") and not args.question:
+        flag = "--recall-" + args.recall.replace("+", "-")
+        raise UserError(f"{flag} ranks the document by the question: give it on the command line")
     if args.recall is None:  # one question about a document: keep its facts (docs/inference.md)
         one_shot = args.question and args.context_file and not (args.interactive or args.save)
         args.recall = "facts" if one_shot and args.strategy == "camelot" else None
@@ -238,6 +242,7 @@ def run_cli(args: argparse.Namespace) -> int:
     elif document is not None:
         n = session.read(document, progress=not args.no_progress, question=args.question)
         ranked = {"question": ", reserve ranked by the question", "surprise": ", reserve ranked by surprise",
+                  "question+surprise": ", reserve ranked half by the question, half by surprise",
                   "attention": ", reserve ranked by attention"}[cfg.importance] if cfg.span_reserve else ""
         print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window}{ranked})", file=sys.stderr)
         if args.save:

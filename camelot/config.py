@@ -49,10 +49,13 @@ AUTO_TOP_K = 8
 # sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
 # question: the facts' spans, ranked by the logit of a question given before the document
 # (camelot/question.py): a fact in plain prose is not a burst of surprise (docs/inference.md)
+# question+facts: half the reserve each, in one write (spans.HALVES["scan+scan"]); the two
+# signals may instead rank jointly (span_score "joint-scan", docs/retrieval.md)
 RECALL_KINDS: dict[str, dict[str, Any]] = {
     "facts": {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"},
     "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
     "question": {"span": 8, "span_follow": 12, "importance": "question", "span_score": "scan"},
+    "question+facts": {"span": 8, "span_follow": 12, "importance": "question+surprise", "span_score": "scan+scan"},
 }
 
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
@@ -157,14 +160,14 @@ class CamelotConfig:
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
     span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
-    span_score: str = option("relative", "camelot: span reserve ranking. relative: a window's importance over its "
-                                         "segment's mean; sum: its importance; shared: relative, max over KV heads; "
-                                         "peak: its top token; sum+peak: half each; scan: the best window of any "
-                                         "length up to span, by its excess over the mean", choices=SPAN_SCORES)
-    importance: str = option("attention", "camelot: what evict=use, protect and the span reserve rank tokens by. "
-                                          "attention: attention received in the window (per KV head); surprise: the "
-                                          "model's NLL of the token; question: a question's logit on it (set_question)",
-                             choices=IMPORTANCES)
+    span_score: str = option("relative", "camelot: span reserve ranking. relative: importance over the segment's "
+                                         "mean; sum; shared: relative, max over KV heads; peak: top token; sum+peak: "
+                                         "half each; scan: best window up to span by its excess over the mean; "
+                                         "scan+scan: half each, two importances; joint-scan: their scans summed in "
+                                         "s.d.", choices=SPAN_SCORES)
+    importance: str = option("attention", "camelot: what evict=use, protect and the span reserve rank by: attention "
+                                          "received in the window; surprise: the model's NLL; question: a question's "
+                                          "logit (set_question); question+surprise: both", choices=IMPORTANCES)
     lazy: bool = option(False, "camelot: no merges while a head has a free slot for every token of the segment, so "
                                "memory stays raw (exact) until it is full; with placement=mixed a bank larger than the "
                                "document is full attention (docs/memory_write.md)")

@@ -32,7 +32,8 @@ class LayerState:
         # heads and the queries), kept only for a memory that `wants_received` (InfLLM picks
         # block representatives by it); fp32 [B, Hkv, local_len] and [B, Hkv, tail]. For a memory
         # that `wants_surprise` they hold each token's NLL instead (`note_surprise`), for one that
-        # `wants_question` how strongly the question attends to it (`note_question`).
+        # `wants_question` how strongly the question attends to it (`note_question`), for one that
+        # wants both [..., 2]: (question, surprise).
         self.received_open: torch.Tensor | None = None
         self.received_tail: torch.Tensor | None = None
         # [B or 1, Hkv, R, D] fp32: position-free queries of a question set before the document
@@ -62,18 +63,28 @@ class LayerState:
         """The memory ranks tokens by how strongly a question given beforehand attends to them."""
         return self.memory is not None and self.memory.wants_question
 
+    @property
+    def tracks_two(self) -> bool:
+        """The memory ranks by a question and by surprise at once (importance "question+surprise")."""
+        return self.tracks_question and self.tracks_surprise
+
+    def _signals_like(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, n]: shaped as the importance of those n tokens ([B, H, n, 2] when tracking two)."""
+        return x[..., None].expand(*x.shape, 2) if self.tracks_two else x
+
     def note_surprise(self, nll: torch.Tensor) -> None:
         """nll [B, m]: the model's NLL of the open segment's last m tokens (kept already)."""
-        self._note(nll[:, None, :])
+        self._note(nll[:, None, :], channel=1)
 
     def note_question(self, score: torch.Tensor) -> None:
         """score [B, Hkv, m]: the question's attention logits on the open segment's last m tokens."""
-        self._note(score)
+        self._note(score, channel=0)
 
-    def _note(self, importance: torch.Tensor) -> None:
-        like = self.local_k[:, :, :, 0]
+    def _note(self, importance: torch.Tensor, channel: int) -> None:
+        like = self._signals_like(self.local_k[:, :, :, 0])
         got = _fit(self.received_open, like, at_end=False).clone()
-        got[:, :, like.shape[2] - importance.shape[-1]:] = importance.to(got.device, torch.float32)
+        into = got[..., channel] if self.tracks_two else got
+        into[:, :, like.shape[2] - importance.shape[-1]:] = importance.to(got.device, torch.float32)
         self.received_open = got
 
     # ------------------------------------------------------------------ the open segment
@@ -116,7 +127,7 @@ class LayerState:
             raw, v = self.raw_open(unplace), self.local_v
             got = None
             if self.tracks_received or self.tracks_surprise or self.tracks_question:
-                got = _fit(self.received_open, raw[..., 0], at_end=False)
+                got = _fit(self.received_open, self._signals_like(raw[..., 0]), at_end=False)
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)
                 got = None if got is None else got[:, :, got.shape[2] - raw.shape[2]:]
@@ -125,7 +136,8 @@ class LayerState:
                     _write(self.memory, raw, v, got)
             else:  # with both, tokens reach memory as they leave the raw tail
                 if got is not None and self.tail:  # [tail ; open] in the order the window pushes out
-                    got = torch.cat([_fit(self.received_tail, self.prefix.finite, at_end=True), got], dim=2)
+                    tail = _fit(self.received_tail, self._signals_like(self.prefix.finite), at_end=True)
+                    got = torch.cat([tail, got], dim=2)
                 out = self.prefix.write(raw, v.float())
                 if got is not None:
                     self.received_tail = got[:, :, got.shape[2] - self.prefix.size:]
@@ -194,12 +206,12 @@ def _fit(held: torch.Tensor | None, like: torch.Tensor, at_end: bool) -> torch.T
     Lengths differ only where someone replaced the open segment or the tail directly (a
     checkpoint, a snapshot, eval/icl's restore of the open segment): those tokens start from 0."""
     n = like.shape[2]
-    if held is None or held.shape[:2] != like.shape[:2]:
-        return torch.zeros_like(like, dtype=torch.float32)
+    if held is None or held.shape[:2] != like.shape[:2] or held.shape[3:] != like.shape[3:]:
+        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     if held.shape[2] >= n:
         return held[:, :, held.shape[2] - n:] if at_end else held[:, :, :n]
-    pad = (n - held.shape[2], 0) if at_end else (0, n - held.shape[2])
-    return torch.nn.functional.pad(held, pad)
+    zeros = held.new_zeros(*held.shape[:2], n - held.shape[2], *held.shape[3:])
+    return torch.cat([zeros, held] if at_end else [held, zeros], dim=2)
 
 
 def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Tensor | None,

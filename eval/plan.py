@@ -17,7 +17,9 @@ from camelot.options import AUTO_SET, UserError, parse_top_k
 
 RECALL = "camelot-recall"  # camelot with CamelotConfig.recall's write (a surprise-ranked raw reserve)
 QUESTION = "camelot-question"  # CamelotConfig.recall("question"): the question is given before the document
-RECALL_STRATEGIES = {RECALL: "facts", QUESTION: "question"}
+QUESTION_FACTS = "camelot-question-facts"  # recall("question+facts"): half the reserve each, question and surprise
+RECALL_STRATEGIES = {RECALL: "facts", QUESTION: "question", QUESTION_FACTS: "question+facts"}
+ASKED = (QUESTION, QUESTION_FACTS)  # strategies that read each case's question before its document
 ALL_STRATEGIES = (*STRATEGIES, *RECALL_STRATEGIES, "full")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
 
@@ -96,8 +98,9 @@ def plan_runs(sweep: Sweep, questions: bool = False) -> list[RunSpec]:
     unknown = [s for s in sweep.strategies if s not in ALL_STRATEGIES]
     if unknown:
         raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
-    if QUESTION in sweep.strategies and not questions:
-        raise UserError(f"{QUESTION} reads each case's question before its document: `camelot retrieval` only")
+    asked = [s for s in sweep.strategies if s in ASKED]
+    if asked and not questions:
+        raise UserError(f"{asked[0]} reads each case's question before its document: `camelot retrieval` only")
     specs: list[RunSpec] = []
     base = {"search": sweep.search, "write_mode": sweep.write_mode}
     for w in sweep.windows:
@@ -120,7 +123,7 @@ def plan_runs(sweep: Sweep, questions: bool = False) -> list[RunSpec]:
                 grid = _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
                                 memory_distance=sweep.memory_distances, placement=sweep.placements,
                                 retrieve=sweep.retrieves, layers=sweep.layers)
-            else:  # camelot, camelot-recall, camelot-question
+            else:  # camelot and the recall strategies
                 grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
                                 read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
                                 count_mode=sweep.count_modes, count_cap=sweep.count_caps,
@@ -246,6 +249,7 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
                    help=f"from {','.join(ALL_STRATEGIES)} ({RECALL}: camelot with CamelotConfig.recall's write, "
                         "a raw reserve of the most surprising tokens for finding facts again; rule flags "
                         f"moved off their defaults still apply; {QUESTION}, retrieval only: the reserve keeps what "
-                        "each case's question, read before the document, attends to most)")
+                        f"each case's question, read before the document, attends to most; {QUESTION_FACTS}: half "
+                        "of it that, half the surprising tokens)")
     p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
     options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)

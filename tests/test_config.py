@@ -134,5 +134,6 @@ def test_recall_of_demonstrations_ranks_single_tokens_by_attention_shared_over_h
         1920, 1, 0, "attention", "shared")
     assert CamelotConfig.recall("facts") == CamelotConfig.recall()
     assert CamelotConfig.recall("demonstrations", span_score="sum").span_score == "sum"  # what is given wins
-    with pytest.raises(ValueError, match="recall kind must be one of facts, demonstrations, question; got 'labels'"):
+    kinds = "facts, demonstrations, question, question\\+facts"
+    with pytest.raises(ValueError, match=f"recall kind must be one of {kinds}; got 'labels'"):
         CamelotConfig.recall("labels")

@@ -14,8 +14,8 @@ from tests.test_ask import ARGS, _answer, tiny_model_folder
 QUESTION = [5, 17, 33, 8, 60, 2]
 
 
-def _wrapped(model=None, **kw) -> camelot.CamelotModel:
-    return camelot.wrap(model or tiny_llama(), camelot.CamelotConfig.recall("question", **{
+def _wrapped(model=None, kind: str = "question", **kw) -> camelot.CamelotModel:
+    return camelot.wrap(model or tiny_llama(), camelot.CamelotConfig.recall(kind, **{
         "window": 16, "slots": 12, "recent": 16, "sink": 2, **kw}))
 
 
@@ -80,8 +80,9 @@ def test_the_reserve_keeps_the_tokens_the_question_ranks_highest():
         assert bool((d.min(dim=1).values < 1e-4).all()) and bool((d.min(dim=0).values < 1e-4).all())
 
 
-def test_set_question_leaves_the_documents_state_as_it_was_and_reset_forgets_it():
-    cm = _wrapped()
+@pytest.mark.parametrize("kind", ["question", "question+facts"])
+def test_set_question_leaves_the_documents_state_as_it_was_and_reset_forgets_it(kind):
+    cm = _wrapped(kind=kind)
     cm.set_question(QUESTION)
     cm.feed(_doc()[:, :70], progress=False)
     before = {i: {n: t.clone() for n, t in rt.state.state_dict().items()} for i, rt in enumerate(cm.runtimes)}
@@ -96,8 +97,10 @@ def test_set_question_leaves_the_documents_state_as_it_was_and_reset_forgets_it(
     assert cm.open_len == 0 and all(not rt.state.memory.allocated for rt in cm.runtimes)  # refused before any change
 
 
-def test_causal_and_identical_to_an_empty_memory_before_anything_is_written():
-    cm = _wrapped()
+@pytest.mark.parametrize("kind, extra", [("question", {}), ("question+facts", {}),
+                                         ("question+facts", {"span_score": "joint-scan"})])
+def test_causal_and_identical_to_an_empty_memory_before_anything_is_written(kind, extra):
+    cm = _wrapped(kind=kind, **extra)
     doc = _doc(100)
     cm.set_question(QUESTION)
     a = cm.score(doc, keep_memory=True).token_nll
@@ -128,9 +131,10 @@ def test_ask_reads_the_question_first(tmp_path, capsys):
     base = ["ask", "--model", str(folder), "--context-file", str(book), *ARGS]
     assert main([*base, "--recall-question", "What is the pass key?"]) == 0
     assert _answer(capsys).endswith("\n")
-    assert main([*base, "--recall-question", "-i"]) == 2
-    err = capsys.readouterr().err
-    assert "give it on the command line" in err and "Traceback" not in err
+    for flag in ("--recall-question", "--recall-question-facts"):
+        assert main([*base, flag, "-i"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} ranks the document" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("extra, ranked", [
@@ -138,6 +142,7 @@ def test_ask_reads_the_question_first(tmp_path, capsys):
     (["--no-recall"], None),
     (["--save", "SNAP"], None),  # the memory will meet other questions
     (["--recall-question"], "the question"),
+    (["--recall-question-facts"], "half by the question"),
     (["--recall-demos"], "attention"),
 ])
 def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extra, ranked):
@@ -147,7 +152,8 @@ def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extr
     extra = [str(tmp_path / "s.camelot") if x == "SNAP" else x for x in extra]
     assert main(["ask", "--model", str(folder), "--context-file", str(book), *ARGS, *extra, "Who?"]) == 0
     err = capsys.readouterr().err
-    assert [k for k in ("surprise", "the question", "attention") if f"reserve ranked by {k}" in err] == (
+    kinds = ("surprise", "the question", "attention", "half by the question")
+    assert [k for k in kinds if f"reserve ranked {'' if k.startswith('half') else 'by '}{k}" in err] == (
         [ranked] if ranked else [])
 
 

@@ -104,7 +104,8 @@ def test_shared_prefixes_give_the_answers_of_reading_from_scratch(tok):
         cm.unwrap()
 
 
-def test_a_question_read_first_gives_the_answers_of_reading_each_case_from_scratch(tok):
+@pytest.mark.parametrize("kind", ["question", "question+facts"])
+def test_a_question_read_first_gives_the_answers_of_reading_each_case_from_scratch(tok, kind):
     """camelot-question: each case's question words (asked) are set before its document; the
     runner's answers are those of set_question + reading the whole case."""
     from tests.conftest import tiny_llama
@@ -115,7 +116,7 @@ def test_a_question_read_first_gives_the_answers_of_reading_each_case_from_scrat
     for c in cases:  # the question and the answer's start, without the chat template around them
         asked, full = tok.decode(c.asked), tok.decode(c.question)
         assert asked.startswith("What is") and asked.endswith(full.split("assistant\n")[-1]) and "<|im" not in asked
-    cm = camelot.wrap(model, CamelotConfig.recall("question", window=48, slots=32, placement="recency"))
+    cm = camelot.wrap(model, CamelotConfig.recall(kind, window=48, slots=32, placement="recency"))
     try:
         got = {(t.length, t.depth): t.answer for t in run_asked(cm, hay, cases, 3, judge=make_judge(tok))}
         for c in cases:
@@ -135,26 +136,28 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number,vt", "--lengths", "700,1100",
             "--depths", "50", "--trials", "1", "--window", "128", "--budget", "300", "--recent", "128",
             "--max-new-tokens", "4", "--haystack", str(book), "--out", str(out), "--no-progress",
-            "--strategies", "window,sliding,knn,camelot,camelot-recall,camelot-question,full"]
+            "--strategies", "window,sliding,knn,camelot,camelot-recall,camelot-question,camelot-question-facts,full"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "**niah_number**" in text and "**all tasks**" in text and "not run" in text
     assert "full: lengths 1100 exceed the model's 1024 positions" in text
     data = json.loads((out / "retrieval.json").read_text())
     runs = {r["strategy"]: r for r in data["runs"]}
-    assert set(runs) == {"window", "sliding", "knn", "camelot", "camelot-recall", "camelot-question", "full"}
+    recalls = ("camelot-recall", "camelot-question", "camelot-question-facts")
+    assert set(runs) == {"window", "sliding", "knn", "camelot", *recalls, "full"}
     cfg = {s: r["config"] for s, r in runs.items() if r["config"]}
     budget = {s: c["slots"] + c["sink"] + (c["recent"] if s != "sliding" else 0) for s, c in cfg.items()
-              if s in ("sliding", "camelot", "camelot-recall", "camelot-question")}
-    assert budget == {"sliding": 300, "camelot": 300, "camelot-recall": 300, "camelot-question": 300}
+              if s in ("sliding", "camelot", *recalls)}
+    assert budget == {"sliding": 300, "camelot": 300, **{s: 300 for s in recalls}}
     assert cfg["camelot-recall"]["span_reserve"] == 168 - 56 and cfg["camelot"]["span_reserve"] == 0
     assert cfg["camelot-question"]["importance"] == "question" and cfg["camelot-question"]["span_reserve"] == 112
+    assert cfg["camelot-question-facts"]["importance"] == "question+surprise"
     keys = {s: sorted((t["task"], t["length"], t["depth"], tuple(t["expected"])) for t in r["trials"])
             for s, r in runs.items()}
     assert all(len(k) == 2 * 2 and k == keys["window"] for s, k in keys.items() if s != "full")
     assert {t["length"] for t in runs["full"]["trials"]} == {700}
     assert runs["window"]["by_task_length"]["vt@700"]["n"] == 1
-    assert len(list(out.glob("heatmap_*.png"))) == 7 and (out / "retrieval.md").exists()
+    assert len(list(out.glob("heatmap_*.png"))) == 8 and (out / "retrieval.md").exists()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -164,6 +167,7 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     (["retrieval", "--depths", "120"], "percentages"),
     (["ppl", "--data", "x.txt", "--strategies", "camelot-question"], "retrieval` only"),
     (["passkey", "--strategies", "camelot,camelot-question"], "retrieval` only"),
+    (["ppl", "--data", "x.txt", "--strategies", "camelot-question-facts"], "retrieval` only"),
 ])
 def test_bad_arguments_fail_in_one_line(argv, needle, capsys):
     assert main(argv) == 2

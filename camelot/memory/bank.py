@@ -58,11 +58,9 @@ class SlotBank:
         self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
         self.span_score: torch.Tensor | None = None  # [B, H, span_reserve+1] float32, -inf: empty (spans.py)
         self.span_before: torch.Tensor | None = None  # [B, H, span_context] the last written tokens' importance
-        # what the layer hands `write` as `received` for a rule that ranks tokens: the attention each
-        # token received in the window, or its NLL under the model
-        self.wants_received = self.rule.scored and self.rule.importance == "attention"
-        self.wants_surprise = self.rule.scored and self.rule.importance == "surprise"
-        self.wants_question = self.rule.scored and self.rule.importance == "question"
+        wanted = self.rule.wanted  # what the layer hands `write` as `received` (WriteRule.importance)
+        self.wants_received, self.wants_surprise, self.wants_question = (
+            x in wanted for x in ("attention", "surprise", "question"))
         self.observes_reads = self.rule.ranks_slots  # reads add the mass slots got to their scores
         self.wants_following = self.rule.span_reserve > 0  # its windows reach into the raw window's tokens
         self.empty = True  # host-side: no write has happened since reset
@@ -100,7 +98,8 @@ class SlotBank:
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
-        self.span_before = torch.full((b, h, self.rule.span_carried), float("-inf"), device=dev)
+        carried = (b, h, self.rule.span_carried) + ((2,) if self.rule.signals == 2 else ())
+        self.span_before = torch.full(carried, float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
     def check_batch(self, batch: int) -> None:
@@ -180,10 +179,10 @@ class SlotBank:
                 return
             merge = finite & (best_sim >= self.threshold)
         else:
-            importance = k.new_zeros(b, h, t, dtype=torch.float32) if importance is None else importance
+            signals, importance = _importance(rule, importance, k)
             held = None
             if rule.span_reserve:
-                held, span_slot = _choose_spans(self, importance, finite, after, base)
+                held, span_slot = _choose_spans(self, signals, finite, after, base)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
                 if rule.plain_but_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
                                                                      span_slot, importance):
@@ -237,25 +236,35 @@ class SlotBank:
 # ------------------------------------------------ parts of the write (module level: the class stays small)
 
 
+def _importance(rule, importance: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the reserve ranks by, what the other rules rank by): the same, or for two signals
+    [B, H, T, 2] and the last of them (the surprise); zeros where the layer handed none."""
+    if importance is None:
+        importance = k.new_zeros(k.shape[:3] + ((2,) if rule.signals == 2 else ()), dtype=torch.float32)
+    return importance, importance[..., -1] if rule.signals == 2 else importance
+
+
 def _token_context(importance: torch.Tensor | None, following: torch.Tensor | None,
                    t: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Token t's importance and that of the tokens after it (the token-by-token reference write)."""
     if importance is None:
         return None, None
     after = importance[:, :, t + 1 :]
-    return importance[:, :, t : t + 1], after if following is None else torch.cat([after, following], dim=-1)
+    return importance[:, :, t : t + 1], after if following is None else torch.cat([after, following], dim=2)
 
 
 def _choose_spans(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after: torch.Tensor | None,
                   base: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The span reserve's pick among the segment's tokens (spans.py), judged with the importance of
-    the tokens written before (carried: `span_before`) and after (still raw) the segment."""
+    the tokens written before (carried: `span_before`) and after (still raw) the segment;
+    importance [B, H, T] or, for two signals, [B, H, T, 2]."""
     rule = bank.rule
     held, slot, bank.span_score = choose_reserve(bank.span_score, importance, finite, rule.span, base, bank.slots,
                                                  rule.span_score, before=bank.span_before, after=after,
                                                  follow=rule.span_follow, apart=rule.span_apart)
-    seen = torch.cat([bank.span_before, torch.where(finite, importance, float("-inf"))], dim=-1)
-    bank.span_before = seen[..., seen.shape[-1] - bank.span_before.shape[-1]:]
+    mask = finite if importance.dim() == 3 else finite[..., None]
+    seen = torch.cat([bank.span_before, torch.where(mask, importance, float("-inf"))], dim=2)
+    bank.span_before = seen[:, :, seen.shape[2] - bank.span_before.shape[2]:]
     return held, slot
 
 

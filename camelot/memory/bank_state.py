@@ -22,7 +22,7 @@ def state_of(bank: SlotBank) -> dict[str, torch.Tensor]:
              "ages": bank.ages[..., :s], "telemetry": bank.telemetry}
     if bank.rule.span_reserve:  # the reserve's ranking (scratch entry dropped), then the importance of the
         # last tokens written (windows reach back over them); -inf (an empty place, no token) as EMPTY_SPAN
-        spans = torch.cat([bank.span_score[..., :-1], bank.span_before], dim=-1)
+        spans = torch.cat([bank.span_score[..., :-1], bank.span_before.flatten(2)], dim=-1)
         state["span_score"] = torch.where(torch.isneginf(spans), EMPTY_SPAN, spans)
     return state
 
@@ -31,7 +31,7 @@ def span_state_len(bank: SlotBank) -> tuple[int, ...]:
     """Lengths a saved `span_score` may have: the reserve's places alone (snapshots before the
     carried context, which then starts empty) or followed by the carried context."""
     n = bank.rule.span_reserve
-    return (n, n + bank.rule.span_carried) if n else ()
+    return (n, n + bank.rule.span_carried * bank.rule.signals) if n else ()
 
 
 def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:
@@ -60,6 +60,6 @@ def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.dev
         spans = torch.where((spans <= EMPTY_SPAN) | (spans == -1.0), float("-inf"), spans)
         bank.span_score[..., :n] = spans[..., :n]
         if spans.shape[2] > n:
-            bank.span_before.copy_(spans[..., n:])
+            bank.span_before.copy_(spans[..., n:].reshape(bank.span_before.shape))
     bank.empty = not bool((bank.counts > 0).any())
     bank.version += 1

@@ -19,11 +19,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from camelot.guards import check_int
-from camelot.memory.spans import SPAN_SCORES, span_context
+from camelot.memory.spans import SPAN_SCORES, TWO_SIGNALS, span_context
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
-IMPORTANCES = ("attention", "surprise", "question")
+IMPORTANCES = ("attention", "surprise", "question", "question+surprise")
+TWO_IMPORTANCES = ("question+surprise",)  # [..., 2] per token, in the order named
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -61,13 +62,17 @@ class WriteRule:
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
         peak with spans.PEAK_SPAN / PEAK_FOLLOW) or "scan" (the best window of any length 2, 4, ...
         span, by its excess over the context's mean token over sqrt(length): a short burst and a
-        long passage on one scale); spans.py.
+        long passage on one scale) or "scan+scan" (half the reserve each, the scan of each of two
+        importances) or "joint-scan" (one ranking, the sum of the two scans in standard
+        deviations); the last two need importance "question+surprise"; spans.py.
     importance: what a token's importance is, for every rule above that ranks by it. "attention":
         the attention it received while in the window and raw tail (per KV head); "surprise": the
         model's own NLL of the token (the same for every head and layer, so all keep the same
         tokens; EM-LLM's signal), handed to the write by the wrapper; "question": how strongly a
         question given before the document (`CamelotModel.set_question`) attends to the token: the
-        largest logit of its queries on the token's position-free key (per KV head; question.py).
+        largest logit of its queries on the token's position-free key (per KV head; question.py);
+        "question+surprise": the two, for span_score "scan+scan" (the rules other than the reserve
+        rank by the surprise).
     lazy: a token merges only where its head has fewer free slots than the segment has tokens;
         while there is room every token keeps a slot of its own, so a bank that is not yet full
         holds the past exactly, as a raw cache would.
@@ -107,6 +112,10 @@ class WriteRule:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
+        if (self.importance in TWO_IMPORTANCES) != (self.span_score in TWO_SIGNALS):
+            raise ValueError(f"importance {' or '.join(TWO_IMPORTANCES)} goes with span_score "
+                             f"{' or '.join(TWO_SIGNALS)} and only with it (two rankings, half the reserve each); "
+                             f"got importance {self.importance!r}, span_score {self.span_score!r}")
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
@@ -117,6 +126,16 @@ class WriteRule:
         # hides merge targets before the bookkeeping
         return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
                                                   importance="attention", lazy=False) == WriteRule()
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The importances the write takes, in channel order (none for a rule that ranks nothing)."""
+        return tuple(self.importance.split("+")) if self.scored else ()
+
+    @property
+    def signals(self) -> int:
+        """Importance values per token the write takes: 2 for a two-signal importance."""
+        return 2 if self.importance in TWO_IMPORTANCES else 1
 
     @property
     def span_carried(self) -> int:

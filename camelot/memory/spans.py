@@ -21,39 +21,61 @@ from __future__ import annotations
 
 import torch
 
-SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak", "scan")
+SPAN_SCORES = ("relative", "sum", "shared", "peak", "sum+peak", "scan", "scan+scan", "joint-scan")
 # "sum+peak": the peak half's windows: a name with the 3 tokens before it and the 15 after it (a
 # key and its value; docs/retrieval.md measured these on RULER multi-key)
 PEAK_SPAN, PEAK_FOLLOW = 4, 12
+# Rankings that split the reserve in two: the first part's share of the places, then per part
+# (ranking, span, follow, importance channel); None: the rule's own span / follow, or the only
+# channel. "scan+scan" ranks two signals ([..., 2]) in one write: the first half by the scan of
+# channel 0, the second by the scan of channel 1 among the tokens the first did not take
+# (importance "question+surprise": what a question will look for, and what surprised the model).
+HALVES: dict[str, tuple] = {
+    "sum+peak": (0.5, ("sum", None, None, None), ("peak", PEAK_SPAN, PEAK_FOLLOW, None)),
+    "scan+scan": (0.5, ("scan", None, None, 0), ("scan", None, None, 1)),
+}
+# "joint-scan": one ranking of two signals: a window scores the sum of its two scan statistics,
+# each over its signal's spread in the write's context (z-scores), so a window high on both (the
+# question's key that also surprised the model) beats one high on either alone
+TWO_SIGNALS = ("scan+scan", "joint-scan")  # rankings that take two importances per token, [..., 2]
 
 
 def span_context(span: int, follow: int, how: str = "sum", apart: int = 0) -> int:
     """Importance values of the tokens before a segment the reserve carries over, so windows
     straddle the segment boundary: a window may start span - 1 + follow tokens before a token,
     and its rivals (`apart`) lie up to `apart` windows before that."""
-    return max(span - 1 + follow, PEAK_SPAN - 1 + PEAK_FOLLOW if how == "sum+peak" else 0) + apart
+    parts = HALVES[how][1:] if how in HALVES else ()
+    reach = [(span if s is None else s) - 1 + (follow if f is None else f) for _, s, f, _ in parts]
+    return max([span - 1 + follow, *reach]) + apart
 
 
 def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                    base: int, scratch: int, how: str, before: torch.Tensor | None = None,
                    after: torch.Tensor | None = None, follow: int = 0, apart: int = 0,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """choose_spans over the whole reserve, or for "sum+peak" over two halves: the first ranks
-    windows by their sum (surprising sentences), the second, among the tokens the first did not
-    take, by their peak (surprising names and what follows them: the first half keeps only a
-    repeated fact's first copy, whose template is the surprise). Same returns as choose_spans."""
-    if how != "sum+peak":
+    """choose_spans over the whole reserve, or, for the rankings of HALVES, over two parts, the
+    second choosing among the tokens the first did not take. "sum+peak": the first half ranks
+    windows by their sum (surprising sentences), the second by their peak (surprising names and
+    what follows them: the first half keeps only a repeated fact's first copy). "scan+scan":
+    importance, before and after carry two signals [..., 2], each half scans its own. Same
+    returns as choose_spans."""
+    if how not in HALVES:
         return choose_spans(span_score, importance, finite, span, base, scratch, how, before, after, follow,
                             apart=apart)
     n = span_score.shape[-1] - 1
-    half, end = n // 2, span_score[..., n:]
-    held, slot, first = choose_spans(torch.cat([span_score[..., :half], end], -1), importance, finite, span, base,
-                                     scratch, "sum", before, after, follow, apart=apart)
-    held2, slot2, second = choose_spans(torch.cat([span_score[..., half:n], end], -1), importance, finite,
-                                        PEAK_SPAN, base + half, scratch, "peak", before, after, PEAK_FOLLOW,
-                                        eligible=~held, apart=apart)
-    score = torch.cat([first[..., :half], second], -1)
-    return held | held2, torch.where(held, slot, slot2), score
+    share, *parts = HALVES[how]
+    bounds, end = (0, int(n * share), n), span_score[..., n:]
+    held = slot = None
+    scores = []
+    for i, (rank, s, f, channel) in enumerate(parts):
+        sig = [x if x is None or channel is None else x[..., channel] for x in (importance, before, after)]
+        part = torch.cat([span_score[..., bounds[i] : bounds[i + 1]], end], -1)
+        got, where, score = choose_spans(part, sig[0], finite, span if s is None else s, base + bounds[i], scratch,
+                                         rank, sig[1], sig[2], follow if f is None else f,
+                                         eligible=None if held is None else ~held, apart=apart)
+        held, slot = (got, where) if held is None else (held | got, torch.where(held, slot, where))
+        scores.append(score[..., :-1])
+    return held, slot, torch.cat([*scores, end.new_full(end.shape, float("-inf"))], -1)
 
 
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
@@ -78,21 +100,21 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     over sqrt(length) (a scan statistic: a two-token name and a long surprising passage compete
     fairly); the reach after each window is its length + follow. The mean is the write's context
     (carried, segment and raw tokens), so unlike "sum" a scan's scores move a little with where
-    writes are cut.
+    writes are cut. "joint-scan": importance, before and after [..., 2], two signals; a window
+    scores the sum of their scans, each over its signal's standard deviation in the context.
     Returns (held [B, H, T]: the tokens the reserve takes, slot [B, H, T]: the slot each goes to
     (`scratch` for the others), new span_score [B, H, n+1])."""
-    b, h, t = importance.shape
+    b, h, t = importance.shape[:3]
     n = span_score.shape[-1] - 1
     dev = importance.device
-    imp = torch.where(finite, importance.float(), float("-inf"))
-    c = 0 if before is None else before.shape[-1]
-    ctx = torch.cat([x for x in (before, imp, after) if x is not None], dim=-1)
-    if ctx.shape[-1] < span:  # no whole window: the segment's tokens go to the consolidated part
+    imp = torch.where(finite if importance.dim() == 3 else finite[..., None], importance.float(), float("-inf"))
+    c = 0 if before is None else before.shape[2]
+    ctx = torch.cat([x for x in (before, imp, after) if x is not None], dim=2)
+    if ctx.shape[2] < span:  # no whole window: the segment's tokens go to the consolidated part
         return (torch.zeros(b, h, t, dtype=torch.bool, device=dev),
                 torch.full((b, h, t), scratch, dtype=torch.long, device=dev), span_score)
-    if how == "scan":  # the best of several window lengths, each by its excess over the write's mean
-        mean = _finite_mean(ctx)
-        new = torch.stack([_token_scores(_scan_windows(ctx, mean, w), w, follow, apart, c, t)
+    if how in ("scan", "joint-scan"):  # the best of several window lengths, each by its excess over the mean
+        new = torch.stack([_token_scores(_scan_or_joint(ctx, w, how), w, follow, apart, c, t)
                            for w in scan_lengths(span)]).amax(0)
     else:
         new = _token_scores(_windows(ctx, span, how), span, follow, apart, c, t)
@@ -144,6 +166,17 @@ def _scan_windows(ctx: torch.Tensor, mean: torch.Tensor, w: int) -> torch.Tensor
     scale (docs/retrieval.md, "A scan over window lengths")."""
     win = _not_whole(ctx.unfold(-1, w, 1).sum(-1))
     return (win - w * mean) / w ** 0.5
+
+
+def _scan_or_joint(ctx: torch.Tensor, w: int, how: str) -> torch.Tensor:
+    """[B, H, W]: "scan" windows of ctx [B, H, C]; "joint-scan": ctx [B, H, C, 2], the sum over
+    the two signals of their scan windows over the signal's standard deviation in the context."""
+    if how == "scan":
+        return _scan_windows(ctx, _finite_mean(ctx), w)
+    sig = ctx.movedim(-1, 0)  # [2, B, H, C]
+    mean = _finite_mean(sig)
+    spread = (_finite_mean(torch.where(torch.isfinite(sig), (sig - mean) ** 2, float("-inf"))) ** 0.5)
+    return (_scan_windows(sig, mean, w) / spread.clamp(min=1e-6)).sum(0)
 
 
 def _finite_mean(x: torch.Tensor) -> torch.Tensor:
