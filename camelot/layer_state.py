@@ -156,15 +156,21 @@ class LayerState:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor the layer holds, by name ("open.keys", "memory.counts", "prefix.finite"...)."""
+        """Every tensor the layer holds, by name ("open.keys", "memory.counts", "prefix.finite"...;
+        "open.importance" / "prefix.importance" for a memory that ranks tokens)."""
         out: dict[str, torch.Tensor] = {}
+        ranks = self.tracks_received or self.tracks_surprise or self.tracks_question
         if self.local_k is not None:
             out["open.keys"], out["open.values"] = self.local_k, self.local_v
+            if ranks:  # what the write will rank these tokens by (a snapshot continues exactly)
+                out["open.importance"] = _fit(self.received_open, self._signals_like(self.local_k[..., 0]), False)
         if self.memory is not None:
             out.update({f"memory.{n}": t for n, t in self.memory.state_dict().items()})
         if self.prefix is not None and self.prefix.size:
             out["prefix.keys"], out["prefix.values"] = self.prefix.keys, self.prefix.values
             out["prefix.finite"] = self.prefix.finite.to(torch.uint8)
+            if ranks:
+                out["prefix.importance"] = _fit(self.received_tail, self._signals_like(self.prefix.finite), True)
         if self.sink is not None and self.sink.size:
             out["sink.keys"], out["sink.values"] = self.sink.keys, self.sink.values
         return out

@@ -2,10 +2,12 @@
 safetensors (never pickle).
 
 A snapshot holds everything the wrapper has read: per layer the memory (slot bank or token
-store), the raw prefix (`recurrent` / `sliding`) and the open, not yet consolidated segment. So
-saving changes nothing, and a wrapper that loads the file answers exactly as the one that saved
-it would have. The file records which model it belongs to (architecture facts and a digest of
-a few weight tensors) and a digest of its own tensor bytes; loading it into another model, or
+store), the raw prefix (`recurrent` / `sliding`) and the open, not yet consolidated segment, and
+for a memory that ranks tokens what it will rank the still-raw ones by, with the last
+prediction (the next token's surprise). So saving changes nothing, and a wrapper that loads the
+file answers exactly as the one that saved it would have. The file records which model it
+belongs to (architecture facts and a digest of a few weight tensors) and a digest of its own
+tensor bytes; loading it into another model, or
 loading a damaged, truncated or pickle file, is refused with a `SnapshotError` before the live
 memory is touched: the new state of every layer is built and checked aside, then swapped in.
 """
@@ -27,6 +29,7 @@ from camelot.ownership import exclusive_view
 from camelot.snapshot_format import (  # noqa: F401  (re-exported: the snapshot API in one place)
     FORMAT,
     FORMAT_VERSION,
+    LAST_LOGP,
     USER_PREFIX,
     SnapshotError,
     _read_tensors,
@@ -163,6 +166,8 @@ class MemoryView:
         tensors: dict[str, torch.Tensor] = {}
         for rt in self.cm.runtimes:
             tensors.update({f"layer{rt.layer_idx}.{n}": t for n, t in rt.state.state_dict().items()})
+        if self.cm.surprise.last_logp is not None and any(rt.state.tracks_surprise for rt in self.cm.runtimes):
+            tensors[LAST_LOGP] = self.cm.surprise.last_logp  # the next token's surprise, as if never saved
         # copies: state tensors are views into larger buffers (the bank's scratch slot, capacity)
         tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         meta = {
@@ -203,6 +208,9 @@ class MemoryView:
         check_header(Path(path), self.cm, _open_len(path, meta))  # before any tensor byte is read
         tensors = _read_tensors(Path(path), meta)
         check_values(Path(path), tensors, self.cm)
+        last_logp = tensors.pop(LAST_LOGP, None)
+        if last_logp is not None and not torch.isfinite(last_logp.float()).all():
+            raise SnapshotError(f"{path}: {LAST_LOGP} holds non-finite values")
         new_state = [_build_layer(path, rt, tensors, meta, self.cm) for rt in self.cm.runtimes]
         left = set(tensors) - {k for *_, used in new_state for k in used}
         if left:
@@ -210,12 +218,15 @@ class MemoryView:
         batches = {t.shape[0] for t in tensors.values() if t.dim() >= 3}
         if len(batches) > 1:
             raise SnapshotError(f"{path}: tensors disagree on the batch size ({sorted(batches)})")
-        for rt, (k, v, mem, pre, sink, _) in zip(self.cm.runtimes, new_state):  # nothing below can fail
+        for rt, (k, v, mem, pre, sink, ranked, _) in zip(self.cm.runtimes, new_state):  # nothing below can fail
             new = LayerState(mem, pre, sink)
             new.local_k, new.local_v = k, v
+            new.received_open, new.received_tail = ranked
             rt.state.load_state_dict(new)
             rt.last_read = None
-        self.cm.surprise.reset()  # a snapshot does not carry the last prediction: no leak from before
+        self.cm.surprise.reset()  # nothing of the last prediction before the load survives it
+        if last_logp is not None:
+            self.cm.surprise.last_logp = last_logp.float()  # SurpriseFeed moves it to the logits' device
         return meta
 
 
@@ -281,8 +292,9 @@ def _open_len(path, meta: dict[str, str]) -> int:
 
 def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta: dict[str, str],
                  cm: Wrapper) -> tuple[Any, Any, Any, Any, Any, list[str]]:
-    """The new (open keys, open values, memory, prefix, sink) of one layer, checked, on the layer's
-    device; the live runtime is not touched. Also returns the tensor names it used."""
+    """The new (open keys, open values, memory, prefix, sink, (open, prefix) importance) of one
+    layer, checked, on the layer's device; the live runtime is not touched. Also returns the tensor
+    names it used."""
     i = rt.layer_idx
     arch = architecture(cm)
     h, d = arch["num_kv_heads"], arch["head_dim"]
@@ -366,6 +378,19 @@ def _build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta:
         sink = SinkTokens(rt.state.sink.length)
         if f"layer{i}.sink.keys" in tensors:
             sink.keys, sink.values = take_raw("sink", sink.length)
-    return open_k, open_v, mem, pre, sink, used
+
+    def importance(part: str, like: torch.Tensor | None) -> torch.Tensor | None:
+        """What the write will rank the open / raw tail tokens by; absent: they start from 0."""
+        if f"layer{i}.{part}.importance" not in tensors:
+            return None
+        two = rt.state.tracks_two
+        t = take(f"{part}.importance", 4 if two else 3, True)
+        want = None if like is None else (*like.shape[:3], *((2,) if two else ()))
+        if tuple(t.shape) != want:
+            raise SnapshotError(f"{path}: layer {i} {part}.importance {tuple(t.shape)} does not fit its tokens {want}")
+        return t.to(dev, torch.float32)
+
+    ranked = importance("open", open_k), importance("prefix", None if pre is None else pre.keys)
+    return open_k, open_v, mem, pre, sink, ranked, used
 
 

@@ -26,7 +26,7 @@ import torch
 
 from camelot.memory import TELEMETRY_FIELDS, SlotBank
 from camelot.memory.bank_state import EMPTY_SPAN, span_state_len
-from camelot.snapshot_format import SnapshotError, architecture
+from camelot.snapshot_format import LAST_LOGP, SnapshotError, architecture
 
 if TYPE_CHECKING:
     from camelot.attention import LayerRuntime
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 # Counts, ages and telemetry are token counts: 2^40 (1.1e12 tokens) is far beyond any document,
 # and keeps sums over slots (2^22 slots at most) far below int64's 2^63.
 MAX_COUNT = 1 << 40
-_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\.(keys|values|counts|ages|telemetry|finite|span_score)")
+_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\."
+                   r"(keys|values|counts|ages|telemetry|finite|span_score|importance)")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
                 "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -72,6 +73,13 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
     runtimes = {rt.layer_idx: rt for rt in cm.runtimes}
     batches, total = set(), 0
     for name, (dtype, shape) in header_entries(path).items():
+        if name == LAST_LOGP and any(rt.state.tracks_surprise for rt in cm.runtimes):
+            if len(shape) != 2 or shape[1] != logits_size(cm) or not dtype.startswith(("F", "BF")):
+                raise SnapshotError(f"{path}: {name} has shape {shape} and dtype {dtype}; this model predicts "
+                                    f"[batch, {logits_size(cm)}] floats")
+            batches.add(shape[0])
+            total += _DTYPE_BYTES.get(dtype, 8) * _numel(shape)
+            continue
         m = _NAME.fullmatch(name)
         rt = runtimes.get(int(m[1])) if m else None
         cap = _capacity(rt, m[2], cm.config.window, open_len) if rt is not None else None
@@ -82,12 +90,21 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
         if field == "span_score" and not reserve:
             raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (span reserve scores; this wrapper's "
                                 f"{m[2]} of layer {m[1]} keeps no span reserve: span_reserve=0)")
-        floating = field in ("keys", "values", "span_score")
+        floating = field in ("keys", "values", "span_score", "importance")
         if dtype not in _DTYPE_BYTES or dtype.startswith(("F", "BF")) != floating:
             raise SnapshotError(f"{path}: {name} has dtype {dtype}")
         if field == "telemetry":
             if shape != [len(TELEMETRY_FIELDS)]:
                 raise SnapshotError(f"{path}: {name} has shape {shape}, expected [{len(TELEMETRY_FIELDS)}]")
+        elif field == "importance":
+            two = rt.state.tracks_two
+            ranks = rt.state.tracks_received or rt.state.tracks_surprise or rt.state.tracks_question
+            if not ranks or m[2] not in ("open", "prefix") or len(shape) != 3 + two or shape[1] != h or \
+                    shape[2] > cap or (two and shape[3] != 2):
+                raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper's {m[2]} of layer {m[1]} "
+                                    + (f"takes [batch, {h} kv heads, <= {cap} tokens{', 2' if two else ''}]"
+                                       if ranks and m[2] in ("open", "prefix") else "ranks no tokens"))
+            batches.add(shape[0])
         elif field == "span_score":
             lengths = span_state_len(rt.state.memory)
             if len(shape) != 3 or shape[1] != h or shape[2] not in lengths:
@@ -108,6 +125,12 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
     if ram is not None and total > ram:
         raise SnapshotError(f"{path}: declares {total / 2**30:.1f} GiB of tensors, more than this machine's "
                             f"{ram / 2**30:.1f} GiB of memory")
+
+
+def logits_size(cm: Wrapper) -> int:
+    """Entries of the model's next-token prediction (its output embedding's rows)."""
+    head = cm.model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else cm.model.config.vocab_size
 
 
 def _capacity(rt: LayerRuntime, part: str, window: int, open_len: int) -> float | None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 FORMAT = "camelot-memory"
 FORMAT_VERSION = 1
 USER_PREFIX = "user."  # metadata keys a caller adds (e.g. `camelot ask` records its prompt format)
+LAST_LOGP = "surprise.last_logp"  # the last prediction [batch, vocab]: scores the next step's first token
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip archive
 
 

@@ -33,7 +33,7 @@ class SurpriseFeed:
         nll[:, 1:] = lse[:, :-1] - logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
         prev = self.last_logp
         if prev is not None and prev.shape[0] == ids.shape[0]:
-            nll[:, 0] = -prev.gather(-1, ids[:, :1])[:, 0]
+            nll[:, 0] = -prev.to(nll.device).gather(-1, ids[:, :1].to(nll.device))[:, 0]
         self.last_logp = logits[:, -1] - lse[:, -1:]
         for st in wanting:
             st.note_surprise(nll)

@@ -138,6 +138,10 @@ SNAPSHOT_CASES = [
          setup=_doctored("v-1.safetensors", meta_edit=_meta("format_version", "-1")), watch=WATCH_MEMORY),
     Case("snapshot with batch 0 (every state tensor has 0 rows)", _load, Refused(SnapshotError, "batch size"),
          setup=_doctored("b0.safetensors", _batch0), watch=WATCH_MEMORY),
+    Case("snapshot with the tokens' importance for a memory that ranks none", _load,
+         Refused(SnapshotError, "ranks no tokens"), watch=WATCH_MEMORY,
+         setup=_doctored("imp.safetensors", lambda t: {**t, "layer0.open.importance": torch.zeros(
+             t["layer0.open.keys"].shape[:3])})),
     Case("snapshot whose config metadata is not a JSON object (memory.load)", _load,
          Refused(SnapshotError, "bad config metadata"),
          setup=_doctored("cfg.safetensors", meta_edit=_meta("config", "7")), watch=WATCH_MEMORY),
