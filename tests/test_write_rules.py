@@ -207,10 +207,10 @@ def test_importance_by_surprise_hands_each_token_its_nll_under_the_model_to_ever
     assert seen.numel() == 90 - 2 - 16 - 10 and torch.allclose(seen, nll[1 : 1 + seen.numel()], atol=1e-5)
 
 
-def test_a_checkpoint_carries_the_last_prediction_and_a_loaded_snapshot_starts_without_one(tmp_path):
-    """The first token of the next step is scored from the previous step's last row: restore
-    brings back the checkpoint's, so a continuation's importance does not depend on what was
-    read in between; after a load nothing of the document read before is used."""
+def test_a_checkpoint_and_a_snapshot_carry_the_last_prediction(tmp_path):
+    """The first token of the next step is scored from the previous step's last row: restore and
+    load bring back the saved one, so a continuation's importance does not depend on what was
+    read in between (tests/test_snapshot_importance.py: the continuation is exact)."""
     import camelot
     from tests.conftest import tiny_llama
 
@@ -226,8 +226,9 @@ def test_a_checkpoint_carries_the_last_prediction_and_a_loaded_snapshot_starts_w
     assert torch.equal(cm.surprise.last_logp, held)
     path = cm.memory.save(tmp_path / "s.camelot")
     cm.feed(ids[:, 40:], progress=False)
+    assert not torch.equal(cm.surprise.last_logp, held)
     cm.memory.load(path)
-    assert cm.surprise.last_logp is None
+    assert torch.equal(cm.surprise.last_logp, held)
 
 
 @pytest.mark.parametrize("bad", [{"evict": "lru"}, {"protect": -1}, {"reserve": -1}, {"use_decay": 0},
