@@ -64,6 +64,11 @@ class LayerState:
         return self.memory is not None and self.memory.wants_question
 
     @property
+    def tracks_importance(self) -> bool:
+        """The memory ranks tokens by something the layer hands it (attention, surprise, a question)."""
+        return self.tracks_received or self.tracks_surprise or self.tracks_question
+
+    @property
     def tracks_two(self) -> bool:
         """The memory ranks by a question and by surprise at once (importance "question+surprise")."""
         return self.tracks_question and self.tracks_surprise
@@ -126,7 +131,7 @@ class LayerState:
         if self.memory is not None or self.prefix is not None or self.sink is not None:
             raw, v = self.raw_open(unplace), self.local_v
             got = None
-            if self.tracks_received or self.tracks_surprise or self.tracks_question:
+            if self.tracks_importance:
                 got = _fit(self.received_open, self._signals_like(raw[..., 0]), at_end=False)
             if self.sink is not None and not self.sink.full:
                 raw, v = self.sink.write(raw, v)
@@ -159,17 +164,16 @@ class LayerState:
         """Every tensor the layer holds, by name ("open.keys", "memory.counts", "prefix.finite"...;
         "open.importance" / "prefix.importance" for a memory that ranks tokens)."""
         out: dict[str, torch.Tensor] = {}
-        ranks = self.tracks_received or self.tracks_surprise or self.tracks_question
         if self.local_k is not None:
             out["open.keys"], out["open.values"] = self.local_k, self.local_v
-            if ranks:  # what the write will rank these tokens by (a snapshot continues exactly)
+            if self.tracks_importance:  # what the write will rank these tokens by (snapshots continue exactly)
                 out["open.importance"] = _fit(self.received_open, self._signals_like(self.local_k[..., 0]), False)
         if self.memory is not None:
             out.update({f"memory.{n}": t for n, t in self.memory.state_dict().items()})
         if self.prefix is not None and self.prefix.size:
             out["prefix.keys"], out["prefix.values"] = self.prefix.keys, self.prefix.values
             out["prefix.finite"] = self.prefix.finite.to(torch.uint8)
-            if ranks:
+            if self.tracks_importance:
                 out["prefix.importance"] = _fit(self.received_tail, self._signals_like(self.prefix.finite), True)
         if self.sink is not None and self.sink.size:
             out["sink.keys"], out["sink.values"] = self.sink.keys, self.sink.values

@@ -98,7 +98,7 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
                 raise SnapshotError(f"{path}: {name} has shape {shape}, expected [{len(TELEMETRY_FIELDS)}]")
         elif field == "importance":
             two = rt.state.tracks_two
-            ranks = rt.state.tracks_received or rt.state.tracks_surprise or rt.state.tracks_question
+            ranks = rt.state.tracks_importance
             if not ranks or m[2] not in ("open", "prefix") or len(shape) != 3 + two or shape[1] != h or \
                     shape[2] > cap or (two and shape[3] != 2):
                 raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper's {m[2]} of layer {m[1]} "

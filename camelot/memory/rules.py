@@ -114,7 +114,7 @@ class WriteRule:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
         if (self.importance in TWO_IMPORTANCES) != (self.span_score in TWO_SIGNALS):
             raise ValueError(f"importance {' or '.join(TWO_IMPORTANCES)} goes with span_score "
-                             f"{' or '.join(TWO_SIGNALS)} and only with it (two rankings, half the reserve each); "
+                             f"{' or '.join(TWO_SIGNALS)} and only with it (they rank by two importances at once); "
                              f"got importance {self.importance!r}, span_score {self.span_score!r}")
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
