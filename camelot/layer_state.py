@@ -162,7 +162,8 @@ class LayerState:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor the layer holds, by name ("open.keys", "memory.counts", "prefix.finite"...;
-        "open.importance" / "prefix.importance" for a memory that ranks tokens)."""
+        "open.importance" / "prefix.importance" for a memory that ranks tokens, "question.queries"
+        for one that ranks them by a question)."""
         out: dict[str, torch.Tensor] = {}
         if self.local_k is not None:
             out["open.keys"], out["open.values"] = self.local_k, self.local_v
@@ -177,15 +178,18 @@ class LayerState:
                 out["prefix.importance"] = _fit(self.received_tail, self._signals_like(self.prefix.finite), True)
         if self.sink is not None and self.sink.size:
             out["sink.keys"], out["sink.values"] = self.sink.keys, self.sink.values
+        if self.tracks_question and self.question is not None:  # what the reserve ranks the rest by
+            out["question.queries"] = self.question
         return out
 
     def load_state_dict(self, other: LayerState) -> None:
         """Take over a state built and checked aside (camelot.snapshot builds it from a file);
-        nothing here can fail, so a refused load leaves this state as it was. A question set
-        beforehand stays: it belongs to the reading, not to the memory's content."""
+        nothing here can fail, so a refused load leaves this state as it was. The other state's
+        question replaces the one set here; where it carries none, the one set here stays."""
         self.local_k, self.local_v, self.local_raw, self._raw_for = other.local_k, other.local_v, None, None
         self.memory, self.prefix, self.sink = other.memory, other.prefix, other.sink
         self.received_open, self.received_tail = other.received_open, other.received_tail
+        self.question = self.question if other.question is None else other.question
 
     def to(self, device: torch.device | str) -> LayerState:
         """Move the open segment and raw context (memories move through their state dicts)."""

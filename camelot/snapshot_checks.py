@@ -11,7 +11,9 @@ In the order `MemoryView.load` runs them:
 3. `check_values`: after reading, floats are finite in the dtype they will be kept in (1e300 is
    finite in float64 but inf in float32), counts, ages and telemetry lie in [0, MAX_COUNT], and a
    span reserve's scores (`memory.span_score`, only for a memory with a reserve) are >= EMPTY_SPAN
-   (-1e30, an empty place; a scan's scores may be negative).
+   (-1e30, an empty place; a scan's scores may be negative). A question's queries
+   (`question.queries`, only for a memory ranked by a question) have a batch of 1 or the rows'
+   (checked by `MemoryView.load` once every tensor's batch is known).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ if TYPE_CHECKING:
 # Counts, ages and telemetry are token counts: 2^40 (1.1e12 tokens) is far beyond any document,
 # and keeps sums over slots (2^22 slots at most) far below int64's 2^63.
 MAX_COUNT = 1 << 40
-_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink)\."
-                   r"(keys|values|counts|ages|telemetry|finite|span_score|importance)")
+_NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink|question)\."
+                   r"(keys|values|counts|ages|telemetry|finite|span_score|importance|queries)")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
                 "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -83,14 +85,18 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
         m = _NAME.fullmatch(name)
         rt = runtimes.get(int(m[1])) if m else None
         cap = _capacity(rt, m[2], cm.config.window, open_len) if rt is not None else None
+        if m and m[2] == "question":  # a KV head's query heads times the question's tokens (at most a window)
+            cap = (arch["num_heads"] // h) * cm.config.window if rt is not None and rt.state.tracks_question else None
         if cap is None:
             raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (not written by this camelot layout)")
         field = m[3]
+        if (m[2] == "question") != (field == "queries"):
+            raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (not written by this camelot layout)")
         reserve = _span_reserve(rt) if m[2] == "memory" else 0
         if field == "span_score" and not reserve:
             raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (span reserve scores; this wrapper's "
                                 f"{m[2]} of layer {m[1]} keeps no span reserve: span_reserve=0)")
-        floating = field in ("keys", "values", "span_score", "importance")
+        floating = field in ("keys", "values", "span_score", "importance", "queries")
         if dtype not in _DTYPE_BYTES or dtype.startswith(("F", "BF")) != floating:
             raise SnapshotError(f"{path}: {name} has dtype {dtype}")
         if field == "telemetry":
@@ -105,6 +111,10 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
                                     + (f"takes [batch, {h} kv heads, <= {cap} tokens{', 2' if two else ''}]"
                                        if ranks and m[2] in ("open", "prefix") else "ranks no tokens"))
             batches.add(shape[0])
+        elif field == "queries":  # batch 1 (one question for every row) or the rows' batch: checked on load
+            if len(shape) != 4 or shape[1] != h or not 1 <= shape[2] <= cap or shape[3] != d or shape[0] < 1:
+                raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper takes [batch, {h} kv heads, "
+                                    f"1 to {cap} question queries, {d}]")
         elif field == "span_score":
             lengths = span_state_len(rt.state.memory)
             if len(shape) != 3 or shape[1] != h or shape[2] not in lengths:
@@ -137,6 +147,8 @@ def _capacity(rt: LayerRuntime, part: str, window: int, open_len: int) -> float 
     """Most tokens per row this layer keeps in `part`; None where it keeps no such part."""
     if part == "open":
         return open_len
+    if part == "question":  # sized by check_header (query heads per KV head x window)
+        return None
     store = {"memory": rt.state.memory, "prefix": rt.state.prefix, "sink": rt.state.sink}[part]
     if store is None:
         return None
@@ -177,7 +189,10 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> N
         m = _NAME.fullmatch(name)
         if m is None or int(m[1]) not in layer_dtypes:
             continue  # check_header refused these; the layer build reports any left
-        if m[3] == "span_score":  # kept in float32 whatever the memory's dtype
+        if m[3] == "queries":  # a question's queries are kept in float32
+            if not torch.isfinite(t.float()).all():
+                raise SnapshotError(f"{path}: {name} holds non-finite values in float32 (the dtype it is kept in)")
+        elif m[3] == "span_score":  # kept in float32 whatever the memory's dtype
             if t.numel() and not (torch.isfinite(t.float()).all() and float(t.min()) >= EMPTY_SPAN):
                 raise SnapshotError(f"{path}: {name} holds non-finite values or values below {EMPTY_SPAN:g} "
                                     "(which marks an empty place)")

@@ -142,6 +142,10 @@ SNAPSHOT_CASES = [
          Refused(SnapshotError, "ranks no tokens"), watch=WATCH_MEMORY,
          setup=_doctored("imp.safetensors", lambda t: {**t, "layer0.open.importance": torch.zeros(
              t["layer0.open.keys"].shape[:3])})),
+    Case("snapshot with a question's queries for a memory that ranks by none", _load,
+         Refused(SnapshotError, "unexpected tensors"), watch=WATCH_MEMORY,
+         setup=_doctored("asked.safetensors", lambda t: {**t, "layer0.question.queries": t["layer0.open.keys"][:, :, :3]
+                                                         .float().clone()})),
     Case("snapshot whose config metadata is not a JSON object (memory.load)", _load,
          Refused(SnapshotError, "bad config metadata"),
          setup=_doctored("cfg.safetensors", meta_edit=_meta("config", "7")), watch=WATCH_MEMORY),
