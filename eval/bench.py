@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from camelot.eval.bench_decode import decode_rows, decode_table, default_rows, defaults_table
+from camelot.eval.bench_decode import decode_rows, decode_table, default_rows, defaults_table, read_share
 from camelot.eval.bench_measure import (  # noqa: F401  (re-exported)
     SYNC_OPS,
     PeakRSS,
@@ -300,6 +300,10 @@ def run_cli(args: argparse.Namespace) -> int:
         report["defaults"] = [asdict(r) for r in rows]
         print(f"## The default config ({args.tokens} tokens; CamelotConfig(window={args.window}), banks full)\n\n"
               f"{defaults_table(rows)}\n")
+        share = read_share(model, CamelotConfig(window=args.window))
+        report["read_share"] = share
+        print(f"Reading every memory entry is {share:.2f}x window-only's multiply-adds per token: the default "
+              f"cannot cost less than ~{1 + share:.2f}x window-only without a top-k read.\n")
     if "decode" not in skip:
         drows = decode_rows(model, ids, decode_lengths, args.decode_tokens, args.window, progress)
         report["decode"] = [asdict(r) for r in drows]

@@ -32,6 +32,25 @@ def default_rows(model, ids: torch.Tensor, window: int, progress: bool) -> list[
                                f"sliding {budget} (same budget)", prefill=True, progress=progress)]
 
 
+def read_share(model, cfg: CamelotConfig) -> float:
+    """Multiply-adds per token of reading every memory entry (sinks + slots + raw tail, keys and
+    values, every query head of every layer) over those of window-only (every linear layer, the
+    output head included, plus attending a whole window). With equal efficiency per multiply-add,
+    an every-slot read cannot cost less than 1 + this share of window-only: the floor under the
+    default's ratio, whatever the code around it."""
+    import camelot
+    from camelot.snapshot_format import architecture
+
+    cm = camelot.wrap(model, cfg)
+    try:
+        arch = architecture(cm)
+    finally:
+        cm.unwrap()
+    per_entry = arch["num_layers"] * arch["num_heads"] * arch["head_dim"] * 2  # a key and a value
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return per_entry * (cfg.sink + cfg.slots + cfg.recent) / (linear + per_entry * cfg.window)
+
+
 def defaults_table(rows: list[Row]) -> str:
     base = rows[0].seg_median
     out = ["| run | time/segment (ms) | × window | × sliding (same budget) |", "|---|---|---|---|"]

@@ -46,6 +46,7 @@ def test_bench_cli_prints_every_table(tiny_model_dir, tmp_path, capsys, long_tex
     exact = [] if search == "torch" else ["camelot defaults, search=torch (exact)"]
     assert [r["label"] for r in report["defaults"]] == [
         "window", f"camelot defaults (2048 slots + 128 tail, search={search})", *exact, "sliding 2176 (same budget)"]
+    assert "cannot cost less than" in printed and 0 < report["read_share"] < 10
     (dec,) = report["decode"]
     assert dec["tokens_read"] == 40 and dec["camelot_tps"] > 0 and dec["hf_tps"] > 0 and dec["full_first_s"] > 0
     # 2 layers x 2 KV heads x (slots + 1 scratch) x (16-dim fp32 key + value, int64 count + age)
@@ -120,3 +121,15 @@ def test_fill_banks_puts_every_layer_in_its_steady_state():
         fill_banks(cm)
         assert {rt.state.prefix.size for rt in cm.runtimes} == {8}
         assert all(bool((rt.state.memory.counts[..., :32] > 0).all()) for rt in cm.runtimes)
+
+
+def test_read_share_counts_the_reads_and_the_models_multiply_adds():
+    """tiny_llama: 2 layers, 4 heads of 16 dims, hidden 64, MLP 128, vocabulary 101, by hand."""
+    from camelot.eval.bench_decode import read_share
+
+    from tests.conftest import tiny_llama
+
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 64 * 101  # q, k+v (2 KV heads), o, MLP; head
+    per_entry = 2 * 4 * 16 * 2  # layers x heads x head dim x (key, value)
+    cfg = CamelotConfig(window=16, slots=24, recent=8, sink=2)
+    assert read_share(tiny_llama(), cfg) == pytest.approx(per_entry * 34 / (linear + per_entry * 16))
