@@ -131,7 +131,7 @@ class CamelotConfig:
     search: str = option(
         "auto", "nearest-slot backend: torch (exact), torch-bf16 (bfloat16 scores: of every slot in an "
         "every-slot read, of the candidates in a top-k read), faiss, faiss-gpu, faiss-ivf, faiss-hnsw; auto: "
-        "torch-bf16 where the CPU has bfloat16 dot products (AMX, AVX512-BF16), else torch (docs/speed.md)",
+        "torch-bf16 where the CPU has AMX bfloat16 tiles, else torch (docs/speed.md)",
         choices=("auto", *BACKENDS), sweep=False)
     write_mode: WriteMode = option(
         "segment", "segment: a whole segment matched against memory at once (fast); token: token by token "
@@ -291,11 +291,12 @@ def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
 
 
 def fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16): there an every-slot
-    read in bfloat16 costs a fraction of fp32 and measured the same perplexity (docs/speed.md);
-    elsewhere bfloat16 is emulated and slower than fp32."""
+    """Whether this CPU has AMX tiles: there an every-slot read in bfloat16 costs a fraction of fp32
+    and measured the same perplexity (docs/speed.md). With AVX512-BF16 alone (AMD EPYC) the fused
+    bfloat16 read measured no faster than fp32 (0.99-1.08x its time), and without either bfloat16
+    is emulated and slower, so the exact fp32 read is the default there."""
     cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _check_layers(cfg: CamelotConfig) -> None:

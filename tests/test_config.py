@@ -97,6 +97,18 @@ def test_auto_search_scores_in_bfloat16_only_where_the_cpu_multiplies_it_nativel
 AUTO_SLOTS_BIG = 10000
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, fast", [(True, True, True), (False, True, False), (False, False, False)])
+def test_bfloat16_counts_as_fast_only_with_amx(monkeypatch, amx, avx512_bf16, fast):
+    """AVX512-BF16 alone (AMD EPYC) measured the fused bfloat16 read no faster than fp32 (docs/speed.md)."""
+    import torch
+
+    import camelot.config as config
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert config.fast_bfloat16() is fast
+
+
 def test_count_mode_choices_are_the_ones_the_bias_implements():
     from typing import get_args
 
