@@ -29,8 +29,13 @@ def snapshot_stats(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> di
         rows.append({"layer": i, **layer_stats(state)})
     prefix_len = max((t.shape[2] for k, t in tensors.items() if k.endswith(".prefix.keys")), default=0)
     config = json.loads(meta.get("config", "{}"))
+    heads, kv = metadata_value(meta.get("num_heads")), metadata_value(meta.get("num_kv_heads"))
+    per_kv = heads // kv if isinstance(heads, int) and isinstance(kv, int) and kv > 0 else 1
+    # a KV head's query heads times the question's tokens: the rows of its saved queries
+    asked = max((t.shape[2] // max(per_kv, 1) for k, t in tensors.items() if k.endswith(".question.queries")),
+                default=0)
     return {"strategy": config.get("strategy"), "open_tokens": int(meta.get("open_len", "0")),
-            "prefix_tokens": prefix_len, "layers": rows}
+            "prefix_tokens": prefix_len, "question_tokens": asked, "layers": rows}
 
 
 def describe(path: Path, meta: dict[str, str], stats: dict[str, Any]) -> str:
@@ -50,6 +55,11 @@ def describe(path: Path, meta: dict[str, str], stats: dict[str, Any]) -> str:
                                if k in cfg),
         f"open segment: {stats['open_tokens']} tokens; raw prefix: {stats['prefix_tokens']} tokens",
     ]
+    if cfg.get("span_reserve"):  # which tokens the raw reserve keeps, and what it ranks them by
+        lines.append(f"raw reserve: {cfg['span_reserve']} slots per head ranked by {cfg.get('importance')} "
+                     f"(span_score={cfg.get('span_score')}, span={cfg.get('span')}, follow={cfg.get('span_follow')})"
+                     + (f"; the question it ranks by is saved ({stats['question_tokens']} tokens)"
+                        if stats.get("question_tokens") else ""))
     for k, v in sorted(meta.items()):
         if k.startswith(USER_PREFIX):
             shown = v if len(v) <= 80 else v[:77] + "..."

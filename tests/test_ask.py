@@ -132,6 +132,20 @@ def test_user_errors_are_one_line(argv, needle, capsys):
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_inspect_names_the_reserve_and_the_saved_question(folder, book, tmp_path, capsys):
+    snap = tmp_path / "asked.camelot"
+    assert main(["ask", "--model", str(folder), "--context-file", str(book), "--save", str(snap), *ARGS,
+                 "--recall-question", "Who?"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(snap), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "ranked by question (span_score=scan" in out
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(folder)("Who?", add_special_tokens=False)["input_ids"])
+    assert f"the question it ranks by is saved ({n} tokens)" in out
+
+
 def test_inspect_prints_stats_and_plots(folder, book, tmp_path, capsys):
     snap = tmp_path / "book.camelot"
     main(["ask", "--model", str(folder), "--context-file", str(book), "--save", str(snap), *ARGS, "Who?"])
