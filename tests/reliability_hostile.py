@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 import camelot
 from camelot import CamelotConfig
+from camelot.masks import MaskCache
 from camelot.ownership import UnwrappedError
 from camelot.snapshot import SnapshotError, tensor_digest
 from tests.conftest import tiny_llama
@@ -332,6 +333,21 @@ def _two_threads_check(ctx: Ctx, r) -> str | None:
     return None if not bad and all(len(v) == 3 for v in got.values()) else f"results differ from sequential: {bad}"
 
 
+def _masks_freed(ctx: Ctx) -> tuple[int, int, int]:
+    """(masks cached, their bytes) after scoring at window 128, and masks cached after unwrap."""
+    cm = camelot.wrap(tiny_llama(), CamelotConfig(**{**LIVE, "window": 128}))
+    cm.score(doc(300, seed=4))
+    cached, size = len(cm.masks), cm.masks.bytes
+    cm.unwrap()
+    return cached, size, len(cm.masks)
+
+
+def _masks_check(ctx: Ctx, r) -> str | None:
+    cached, size, after = r
+    ok = cached > 0 and 0 < size <= MaskCache().max_bytes and after == 0
+    return None if ok else f"masks cached {cached} ({size} bytes), after unwrap {after}"
+
+
 OWNERSHIP_CASES = [
     Case("unwrap, wrap the model anew, then old.unwrap() again", lambda c: c.cm.unwrap(),
          Refused(UnwrappedError, "was unwrapped"), setup=_rewrapped, watch=_new_state),
@@ -345,6 +361,9 @@ OWNERSHIP_CASES = [
     Case("one wrapper scoring from two threads (3 rounds each)", _two_threads,
          Returns(_two_threads_check, lambda c, r: "calls are serialised by the wrapper's lock: every result "
                  "equals the sequential one bit for bit")),
+    Case("mask caches after scoring at a window 8x the tiny one's, then unwrap (item 7)", _masks_freed,
+         Returns(_masks_check, lambda c, r: f"the masks are the wrapper's own: {r[0]} cached ({r[1] / 2**10:.0f} "
+                 f"KiB, bound {MaskCache().max_bytes >> 20} MiB), 0 after unwrap; nothing module-level")),
 ]
 
 HOSTILE_CASES += OWNERSHIP_CASES
