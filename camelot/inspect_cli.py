@@ -30,10 +30,9 @@ def snapshot_stats(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> di
     prefix_len = max((t.shape[2] for k, t in tensors.items() if k.endswith(".prefix.keys")), default=0)
     config = json.loads(meta.get("config", "{}"))
     heads, kv = metadata_value(meta.get("num_heads")), metadata_value(meta.get("num_kv_heads"))
-    per_kv = heads // kv if isinstance(heads, int) and isinstance(kv, int) and kv > 0 else 1
+    per_kv = max(heads // kv, 1) if isinstance(heads, int) and isinstance(kv, int) and kv > 0 else 1
     # a KV head's query heads times the question's tokens: the rows of its saved queries
-    asked = max((t.shape[2] // max(per_kv, 1) for k, t in tensors.items() if k.endswith(".question.queries")),
-                default=0)
+    asked = max((t.shape[2] // per_kv for k, t in tensors.items() if k.endswith(".question.queries")), default=0)
     return {"strategy": config.get("strategy"), "open_tokens": int(meta.get("open_len", "0")),
             "prefix_tokens": prefix_len, "question_tokens": asked, "layers": rows}
 

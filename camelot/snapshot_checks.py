@@ -84,9 +84,7 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
             continue
         m = _NAME.fullmatch(name)
         rt = runtimes.get(int(m[1])) if m else None
-        cap = _capacity(rt, m[2], cm.config.window, open_len) if rt is not None else None
-        if m and m[2] == "question":  # a KV head's query heads times the question's tokens (at most a window)
-            cap = (arch["num_heads"] // h) * cm.config.window if rt is not None and rt.state.tracks_question else None
+        cap = _capacity(rt, m[2], cm.config.window, open_len, arch["num_heads"] // h) if rt is not None else None
         if cap is None:
             raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (not written by this camelot layout)")
         field = m[3]
@@ -143,12 +141,12 @@ def logits_size(cm: Wrapper) -> int:
     return head.weight.shape[0] if head is not None else cm.model.config.vocab_size
 
 
-def _capacity(rt: LayerRuntime, part: str, window: int, open_len: int) -> float | None:
+def _capacity(rt: LayerRuntime, part: str, window: int, open_len: int, per_kv: int) -> float | None:
     """Most tokens per row this layer keeps in `part`; None where it keeps no such part."""
     if part == "open":
         return open_len
-    if part == "question":  # sized by check_header (query heads per KV head x window)
-        return None
+    if part == "question":  # a KV head's query heads times the question's tokens (at most a window)
+        return per_kv * window if rt.state.tracks_question else None
     store = {"memory": rt.state.memory, "prefix": rt.state.prefix, "sink": rt.state.sink}[part]
     if store is None:
         return None
