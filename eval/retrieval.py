@@ -36,6 +36,7 @@ from camelot.eval.passkey import (
     run_full,
 )
 from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_from_args
+from camelot.eval.retrieval_journal import Journal, run_settings
 from camelot.eval.retrieval_tasks import TASKS, RetrievalCase, make_cases, make_prompt, score, task_haystack
 
 from camelot.cli import UserError
@@ -102,8 +103,12 @@ def wilson(scores: list[float], z: float = 1.96) -> tuple[float, float, float] |
 
 # ---------------------------------------------------------------------------- running
 def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: list[RunSpec],
-             new_tokens: dict[str, int], progress: bool = True, log: bool = False) -> list[RetrievalResult]:
-    """Every run over every task's cases; the model is wrapped once per run and handed back."""
+             new_tokens: dict[str, int], progress: bool = True, log: bool = False,
+             journal: Journal | None = None, on_run=None) -> list[RetrievalResult]:
+    """Every run over every task's cases; the model is wrapped once per run and handed back.
+
+    With a journal each trial is written down as it is judged, and the trials it already holds
+    for a run are taken as they are, not read again; `on_run(results so far)` after each run."""
     from camelot.adapters import get_adapter
 
     import camelot
@@ -120,14 +125,23 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
             res.note = next((n for n in notes if n), None)
             if not any(mine.values()):
                 res.skipped = res.note
+        if journal is not None:
+            res.trials = [RetrievalTrial(**{k: v for k, v in t.items() if k != "run"})
+                          for t in journal.done(spec.label)]
+            seen = {(t.task, t.length, t.depth, t.trial) for t in res.trials}
+            mine = {task: [c for c in cs if (c.task, c.length, c.depth, c.trial) not in seen]
+                    for task, cs in mine.items()}
         plan.append((res, mine))
     total = sum(len(c) for res, mine in plan if not res.skipped for c in mine.values())
-    judge = make_judge(next(iter(hays.values())).tokenizer)
+    judged = make_judge(next(iter(hays.values())).tokenizer)
     bar = progress_bar(range(total), desc="retrieval (runs x cases)", enabled=progress, unit="case")
     tick = (lambda: next(bar, None)) if progress else None
     for res, mine in plan:
         if res.skipped:
             continue
+        if not any(mine.values()):
+            continue
+        judge = judged if journal is None else _journaled(judged, journal, res.spec.label)
         t0 = time.perf_counter()
         cm = camelot.wrap(model, res.spec.config) if res.spec.config is not None else None
         try:
@@ -145,7 +159,18 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
         res.seconds = time.perf_counter() - t0
         if log:
             print(f"{res.spec.label}: {_cell(res.scores())} in {res.seconds:.0f}s", file=sys.stderr, flush=True)
+        if on_run is not None:
+            on_run([r for r, _ in plan])
     return [res for res, _ in plan]
+
+
+def _journaled(judge, journal: Journal, label: str):
+    def write_down(case: RetrievalCase, ids: list[int], seconds: float) -> RetrievalTrial:
+        trial = judge(case, ids, seconds)
+        journal.add(label, trial)
+        return trial
+
+    return write_down
 
 
 def run_asked(cm, hay, cases: list[RetrievalCase], max_new_tokens: int, on_case=None, judge=None) -> list:
@@ -260,7 +285,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt (base models)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="answer tokens (0: per task, 16-48)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trials")
-    p.add_argument("--out", default="results/retrieval", help="folder for the table, JSON and heat maps")
+    p.add_argument("--out", default="results/retrieval", help="folder for the table, JSON and heat maps; every "
+                   "trial is also appended to OUT/trials.jsonl as it is judged, and the table and JSON are "
+                   "rewritten after each run")
+    p.add_argument("--resume", action="store_true", help="go on with the unfinished run whose journal is in --out "
+                   "(same settings): its trials are kept, the rest are run")
     p.set_defaults(func=run_cli)
 
 
@@ -295,6 +324,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("--trials must be >= 1 and --max-new-tokens >= 0")
     args.slots = budget_slots(args)
     specs = plan_runs(sweep_from_args(args), questions=True)
+    out = Path(args.out)
+    journal = Journal(out, run_settings(vars(args)), args.resume)
     text = haystack_text(args.haystack)
     model, tok = load_model_from_args(args)
     prompt = make_prompt(tok, chat_template=not args.no_chat_template)
@@ -302,13 +333,23 @@ def run_cli(args: argparse.Namespace) -> int:
     base = build_haystack(tok, max(lengths), text)
     hays = {t: task_haystack(base, t, prompt) for t in tasks}
     cases = {t: make_cases(hays[t], t, prompt, lengths, depths, args.trials, new_tokens[t], args.seed) for t in tasks}
-    results = evaluate(model, hays, cases, specs, new_tokens, progress=not args.no_progress, log=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "retrieval.json").write_text(json.dumps(to_json(results, config, tasks, lengths, depths), indent=1))
-    table = markdown_tables(results, tasks, lengths)
-    (out / "retrieval.md").write_text(table + "\n")
+
+    def write_reports(results: list[RetrievalResult]) -> str:
+        (out / "retrieval.json").write_text(json.dumps(to_json(results, config, tasks, lengths, depths), indent=1))
+        table = markdown_tables(results, tasks, lengths)
+        (out / "retrieval.md").write_text(table + "\n")
+        return table
+
+    try:
+        results = evaluate(model, hays, cases, specs, new_tokens, progress=not args.no_progress, log=True,
+                           journal=journal, on_run=write_reports)
+    except KeyboardInterrupt:
+        print(f"the trials judged so far are in {journal.path}: the same command with --resume goes on",
+              file=sys.stderr)
+        raise
+    journal.finish()
+    table = write_reports(results)
     maps = heat_maps(results, depths, lengths, out)
     print(table)
     for r in results:

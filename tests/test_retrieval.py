@@ -160,6 +160,42 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     assert len(list(out.glob("heatmap_*.png"))) == 8 and (out / "retrieval.md").exists()
 
 
+def test_a_stopped_run_keeps_its_trials_and_resume_runs_only_the_rest(tmp_path, capsys):
+    folder = tiny_model_folder(tmp_path / "model", max_pos=1024)
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 4)
+    out = tmp_path / "out"
+    argv = ["retrieval", "--model", str(folder), "--tasks", "niah_number", "--lengths", "700", "--depths", "30,70",
+            "--trials", "1", "--window", "128", "--budget", "300", "--max-new-tokens", "4", "--haystack", str(book),
+            "--out", str(out), "--no-progress", "--strategies", "sliding,camelot"]
+    assert main(argv) == 0 and main(argv) == 0  # a finished journal is simply started over
+    journal = (out / "trials.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in journal]
+    assert "settings" in rows[0] and rows[-1] == {"done": True} and len(rows) == 2 + 2 * 2
+    whole = json.loads((out / "retrieval.json").read_text())["runs"]
+
+    # stopped after three trials, the last line cut short by the kill; the kept trial's answer
+    # marked, to see that it is taken as it is and not read again
+    kept = rows[:4]
+    kept[1] = {**kept[1], "answer": "KEPT"}
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"run": "cam')
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "did not finish: add --resume" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--seed", "1"]) == 2
+    assert "seed differ" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    resumed = json.loads((out / "retrieval.json").read_text())["runs"]
+
+    def answers(runs):
+        return {(r["label"], t["depth"], t["trial"]): t["answer"] for r in runs for t in r["trials"]}
+
+    first = (kept[1]["run"], kept[1]["depth"], kept[1]["trial"])
+    assert answers(resumed) == {**answers(whole), first: "KEPT"}
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert rows[-1] == {"done": True} and sum("run" in r for r in rows) == 4
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["retrieval", "--tasks", "magic"], "unknown task"),
     (["retrieval", "--budget", "100", "--slots", "64"], "not both"),
