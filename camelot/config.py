@@ -118,10 +118,10 @@ class CamelotConfig:
         "like count_cap raw copies of its key (absolute) or count_cap times the mean (relative), so slots of "
         "frequent tokens that merge without end cannot drown the window in a long run. None: no cap")
     placement: Placement = option(
-        "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` "
-        "positions before the segment. recency: each slot at its last write. mixed: a slot that holds one "
-        "token (never merged into) at its last write, which is exactly where that token was, and merged slots "
-        "fixed", choices=PLACEMENTS)
+        "fixed", "where memory sits for rotary models. fixed (the paper): every slot `memory_distance` positions "
+        "before the segment. recency: each slot at its last write (those beyond the model's range packed in order). "
+        "mixed: one-token slots (never merged into) at their last write, where that token was, merged ones fixed",
+        choices=PLACEMENTS)
     memory_distance: int | None = option(
         None, "positions between memory and the segment's first token (rotary models); None: right "
         "before the raw tail (window + recent)")

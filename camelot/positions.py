@@ -90,6 +90,8 @@ class Positions:
                 self._fixed_pos = torch.tensor([-self.distance], device=device)
             return self._fixed_pos
         pos = memory.positions().to(device) - tail  # the raw tail sits between memory and the segment
+        if self.max_distance is not None:
+            pos = packed_beyond(pos, self.max_distance, tail)
         if self.placement == "mixed":  # a merged slot's last write is not where its tokens were: fixed
             counts = memory.readable()[2].to(device)
             pos = pos.masked_fill(counts != 1, -self.distance)
@@ -103,3 +105,24 @@ class Positions:
     def placed_memory(self, keys: torch.Tensor, memory: Memory, tail: int) -> torch.Tensor:
         return place_keys(self.rope, keys, self.memory_positions(memory, tail, keys.device))
 
+
+
+def packed_beyond(pos: torch.Tensor, limit: int, tail: int) -> torch.Tensor:
+    """Slot positions [..., S] (negative) fitted into the model's range where some lie beyond it.
+
+    Clamping would put every slot older than `limit` at one position, so a number kept digit by
+    digit would lose its order. Instead, where a (sequence, head) has a slot beyond the range,
+    each slot sits at min(its own distance, its distance were the slots packed one per position
+    with the oldest at `limit`): recent slots keep their place, older ones keep their order and
+    the adjacency of tokens written side by side. Heads with every slot in range are unchanged.
+    """
+    dist = -pos
+    s = dist.shape[-1]
+    if s == 0:
+        return pos
+    rank = torch.empty_like(dist)
+    order = dist.argsort(dim=-1, stable=True)
+    rank.scatter_(-1, order, torch.arange(1, s + 1, device=dist.device, dtype=dist.dtype).expand_as(dist))
+    packed = rank + max(limit - s, tail)  # 1 + tail at least: memory stays before the raw tail
+    beyond = (dist > limit).any(dim=-1, keepdim=True)
+    return -torch.where(beyond, torch.minimum(dist, packed), dist)

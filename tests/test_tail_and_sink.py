@@ -173,3 +173,40 @@ def test_lazy_write_merges_once_the_bank_is_full():
     bank.write(k[:, :, :1], k[:, :, :1])  # full: the copy merges
     assert sorted(bank.counts[0, 0, :6].tolist()) == [1, 1, 1, 1, 1, 2]
     assert WriteRule(lazy=True).plain  # the C kernel's bookkeeping still applies
+
+
+def test_slots_beyond_the_models_range_keep_their_order_instead_of_one_clamped_position():
+    """Recency placement of a document longer than the model's positions: slots older than the
+    range are packed one per position (order and adjacency kept), not all clamped to its edge;
+    heads with every slot in range keep their exact positions."""
+    from camelot.positions import packed_beyond
+
+    g = torch.Generator().manual_seed(0)
+    limit, tail = 100, 8
+    near = -(torch.randperm(60, generator=g)[:20] + 1 + tail)  # every slot in range
+    far = -(torch.randperm(5000, generator=g)[:40] + 1 + tail)  # most beyond it
+    far[:5] = -torch.arange(3001 + tail, 3006 + tail)  # five tokens written side by side, long ago
+    for pos in (near, far):
+        got = packed_beyond(pos[None, None], limit, tail)[0, 0]
+        assert int(got.max()) <= -(1 + tail) and int(got.min()) >= -limit
+        order = (-pos).argsort()
+        assert bool((torch.diff(-got[order]) > 0).all())  # the same order, no two at one position
+        assert bool((got >= pos).all())  # never placed farther than the token was
+    assert torch.equal(packed_beyond(near[None, None], limit, tail)[0, 0], near)
+    packed = packed_beyond(far[None, None], limit, tail)[0, 0]
+    assert torch.equal(torch.diff(-packed[:5]), torch.ones(4, dtype=packed.dtype))  # still adjacent
+    both = packed_beyond(torch.stack([torch.cat([near, near]), far])[None], limit, tail)[0]
+    assert torch.equal(both[0], torch.cat([near, near]))  # per head: the in-range one is untouched
+
+    # on a model: every memory key a wrapped layer places is in range and at its own position
+    from camelot.positions import Positions
+
+    model = tiny_llama(max_pos=64)
+    cm = camelot.wrap(model, CamelotConfig(window=16, recent=8, sink=0, slots=24, threshold=1.0,
+                                           placement="recency"))
+    cm.feed(_distinct(200), progress=False)
+    rt = cm.runtimes[1]
+    assert isinstance(rt.positions, Positions) and rt.positions.max_distance == 64 - 16
+    at = rt.positions.memory_positions(rt.state.memory, tail=8, device=torch.device("cpu"))
+    assert int(at.min()) >= -(64 - 16) and all(len(set(row.tolist())) == 24 for row in at.reshape(-1, 24))
+    cm.unwrap()
