@@ -111,10 +111,11 @@ def packed_beyond(pos: torch.Tensor, limit: int, tail: int) -> torch.Tensor:
     """Slot positions [..., S] (negative) fitted into the model's range where some lie beyond it.
 
     Clamping would put every slot older than `limit` at one position, so a number kept digit by
-    digit would lose its order. Instead, where a (sequence, head) has a slot beyond the range,
-    each slot sits at min(its own distance, its distance were the slots packed one per position
-    with the oldest at `limit`): recent slots keep their place, older ones keep their order and
-    the adjacency of tokens written side by side. Heads with every slot in range are unchanged.
+    digit would lose its order. Instead a (sequence, head) with a slot beyond the range gets its
+    slots packed one per position right behind the raw tail, newest nearest: order and the
+    adjacency of tokens written side by side are kept, and an old fact sits no farther than the
+    number of slots written after it (placed at the edge of its range instead, SmolLM2 read the
+    wrong number back: docs/retrieval.md). Heads with every slot in range keep their exact places.
     """
     dist = -pos
     s = dist.shape[-1]
@@ -123,6 +124,5 @@ def packed_beyond(pos: torch.Tensor, limit: int, tail: int) -> torch.Tensor:
     rank = torch.empty_like(dist)
     order = dist.argsort(dim=-1, stable=True)
     rank.scatter_(-1, order, torch.arange(1, s + 1, device=dist.device, dtype=dist.dtype).expand_as(dist))
-    packed = rank + max(limit - s, tail)  # 1 + tail at least: memory stays before the raw tail
     beyond = (dist > limit).any(dim=-1, keepdim=True)
-    return -torch.where(beyond, torch.minimum(dist, packed), dist)
+    return -torch.where(beyond, rank + tail, dist)
