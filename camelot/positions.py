@@ -40,6 +40,10 @@ class Positions:
         self._ranges: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fixed_pos: torch.Tensor | None = None
+        # recency / mixed: the last placement and what it was made from (the memory itself, not its
+        # id, as reads.base.CountBias keeps it): it changes only when memory is written
+        self._placed_for: tuple | None = None
+        self._placed: torch.Tensor | None = None
 
     def _range_cos_sin(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (start, end, device)
@@ -89,13 +93,19 @@ class Positions:
             if self._fixed_pos is None or self._fixed_pos.device != device:  # no host-to-device copy per read
                 self._fixed_pos = torch.tensor([-self.distance], device=device)
             return self._fixed_pos
+        key = (memory.version, tail, device)
+        if self._placed_for is not None and self._placed_for[0] is memory and self._placed_for[1:] == key:
+            return self._placed
         pos = memory.positions().to(device) - tail  # the raw tail sits between memory and the segment
         if self.max_distance is not None:
             pos = packed_beyond(pos, self.max_distance, tail)
         if self.placement == "mixed":  # a merged slot's last write is not where its tokens were: fixed
             counts = memory.readable()[2].to(device)
             pos = pos.masked_fill(counts != 1, -self.distance)
-        return pos.clamp(min=-self.max_distance) if self.max_distance is not None else pos
+        if self.max_distance is not None:
+            pos = pos.clamp(min=-self.max_distance)
+        self._placed_for, self._placed = (memory, *key), pos
+        return pos
 
     @property
     def rotates_memory(self) -> bool:

@@ -210,4 +210,10 @@ def test_slots_beyond_the_models_range_keep_their_order_instead_of_one_clamped_p
     assert isinstance(rt.positions, Positions) and rt.positions.max_distance == 64 - 16
     at = rt.positions.memory_positions(rt.state.memory, tail=8, device=torch.device("cpu"))
     assert int(at.min()) >= -(64 - 16) and all(len(set(row.tolist())) == 24 for row in at.reshape(-1, 24))
+    # kept while memory is unchanged (a decoded token reads it 30 times), made again after a write
+    assert rt.positions.memory_positions(rt.state.memory, tail=8, device=torch.device("cpu")) is at
+    cm.feed(_distinct(16), progress=False)
+    cpu = torch.device("cpu")
+    again = rt.positions.memory_positions(rt.state.memory, tail=8, device=cpu)
+    assert again is not at and torch.equal(again, rt.positions.memory_positions(rt.state.memory, 8, cpu))
     cm.unwrap()
