@@ -116,7 +116,6 @@ class Positions:
         return place_keys(self.rope, keys, self.memory_positions(memory, tail, keys.device))
 
 
-
 def packed_beyond(pos: torch.Tensor, limit: int, tail: int) -> torch.Tensor:
     """Slot positions [..., S] (negative) fitted into the model's range where some lie beyond it.
 
