@@ -137,9 +137,7 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
     bar = progress_bar(range(total), desc="retrieval (runs x cases)", enabled=progress, unit="case")
     tick = (lambda: next(bar, None)) if progress else None
     for res, mine in plan:
-        if res.skipped:
-            continue
-        if not any(mine.values()):
+        if res.skipped or not any(mine.values()):  # nothing to run, or all of it in the journal
             continue
         judge = judged if journal is None else _journaled(judged, journal, res.spec.label)
         t0 = time.perf_counter()
