@@ -36,7 +36,8 @@ from camelot.eval.passkey import (
     run_full,
 )
 from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_from_args
-from camelot.eval.retrieval_journal import Journal, run_settings
+from camelot.eval.retrieval_journal import NAME as JOURNAL
+from camelot.eval.retrieval_journal import Journal, read_journal, run_settings
 from camelot.eval.retrieval_tasks import TASKS, RetrievalCase, make_cases, make_prompt, score, task_haystack
 
 from camelot.cli import UserError
@@ -288,6 +289,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "rewritten after each run")
     p.add_argument("--resume", action="store_true", help="go on with the unfinished run whose journal is in --out "
                    "(same settings): its trials are kept, the rest are run")
+    p.add_argument("--report", action="store_true", help="print the table of the trials the journal in --out holds "
+                   "so far (the same command as the run; it may still be going on), without running anything")
     p.set_defaults(func=run_cli)
 
 
@@ -308,6 +311,22 @@ def budget_slots(args: argparse.Namespace) -> str:
     return ",".join(out)
 
 
+def report_journal(out: Path, specs: list[RunSpec], tasks: list[str], lengths: list[int],
+                   args: argparse.Namespace) -> int:
+    """`--report`: the table of what the journal holds, read only, with each run's count of cases."""
+    path = out / JOURNAL
+    if not path.exists():
+        raise UserError(f"--report: {path} does not exist; the run writes it (same command without --report)")
+    trials, finished = read_journal(path, run_settings(vars(args)))
+    results = [RetrievalResult(spec, [RetrievalTrial(**{k: v for k, v in t.items() if k != "run"})
+                                      for t in trials if t["run"] == spec.label]) for spec in specs]
+    print(markdown_tables(results, tasks, lengths))
+    planned = args.trials * len(tasks) * len(lengths) * len(parse_list(args.depths, int, "depths"))
+    print(f"\n{'finished' if finished else 'not finished'}; cases judged: "
+          + ", ".join(f"{r.spec.label} {len(r.trials)} of {planned}" for r in results))
+    return 0
+
+
 def run_cli(args: argparse.Namespace) -> int:
 
     tasks = list(parse_list(args.tasks, str, "tasks"))
@@ -323,6 +342,8 @@ def run_cli(args: argparse.Namespace) -> int:
     args.slots = budget_slots(args)
     specs = plan_runs(sweep_from_args(args), questions=True)
     out = Path(args.out)
+    if args.report:
+        return report_journal(out, specs, tasks, lengths, args)
     journal = Journal(out, run_settings(vars(args)), args.resume)
     text = haystack_text(args.haystack)
     model, tok = load_model_from_args(args)

@@ -17,13 +17,35 @@ from camelot.cli import UserError
 
 NAME = "trials.jsonl"
 # what does not change a case or its answer: where results go and how the run is shown or threaded
-IGNORED = {"out", "no_progress", "threads", "resume", "func"}
+IGNORED = {"out", "no_progress", "threads", "resume", "report", "func"}
 
 
 def run_settings(args: dict) -> dict:
     """The settings a journal must match to be continued (JSON-safe: values as repr where needed)."""
     return {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
             for k, v in sorted(args.items()) if k not in IGNORED}
+
+
+def read_journal(path: Path, settings: dict | None) -> tuple[list[dict], bool]:
+    """(trials, finished) of a journal, read only (a run may still be appending to it); with
+    `settings`, a journal written with other settings is refused, naming those that differ."""
+    lines = Path(path).read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # only the last line may be cut short by a kill
+                raise UserError(f"{path}: line {i + 1} is not JSON; move the file away to start over") from None
+    if not rows or "settings" not in rows[0]:
+        raise UserError(f"{path} is not a retrieval journal; move it away or choose another --out")
+    if settings is not None:
+        differ = sorted(k for k in set(settings) | set(rows[0]["settings"])
+                        if settings.get(k) != rows[0]["settings"].get(k))
+        if differ:
+            raise UserError(f"{path} was written with other settings ({', '.join(differ)} differ); "
+                            "run with those settings or choose another --out")
+    return [r for r in rows[1:] if "run" in r], any(r.get("done") for r in rows[1:])
 
 
 class Journal:
@@ -43,29 +65,12 @@ class Journal:
     def _read(self, settings: dict, resume: bool) -> list[dict]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text().splitlines()
-        rows = []
-        for i, line in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i < len(lines) - 1:  # only the last line may be cut short by a kill
-                    raise UserError(f"{self.path}: line {i + 1} is not JSON; move the file away to start "
-                                    "over") from None
-        if not rows or "settings" not in rows[0]:
-            raise UserError(f"{self.path} is not a retrieval journal; move it away or choose another --out")
-        trials = [r for r in rows[1:] if "run" in r]
-        finished = any(r.get("done") for r in rows[1:])
+        trials, finished = read_journal(self.path, settings if resume else None)
         if not resume:
             if finished or not trials:
                 return []
             raise UserError(f"{self.path} holds {len(trials)} trials of a run that did not finish: add --resume to "
                             "go on from there, or choose another --out (or delete the file) to start over")
-        differ = sorted(k for k in set(settings) | set(rows[0]["settings"])
-                        if settings.get(k) != rows[0]["settings"].get(k))
-        if differ:
-            raise UserError(f"--resume: {self.path} was written with other settings ({', '.join(differ)} differ); "
-                            "run with those settings or choose another --out")
         for r in trials:
             self._done.setdefault(r["run"], []).append(r)
         return trials

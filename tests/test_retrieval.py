@@ -182,6 +182,10 @@ def test_a_stopped_run_keeps_its_trials_and_resume_runs_only_the_rest(tmp_path, 
     capsys.readouterr()
     assert main(argv) == 2
     assert "did not finish: add --resume" in capsys.readouterr().err
+    stopped = (out / "trials.jsonl").read_text()
+    assert main([*argv, "--report"]) == 0  # read only: a run may still be appending
+    assert re.search(r"not finished; cases judged: sliding[^,]* 2 of 2, camelot[^,]* 1 of 2", capsys.readouterr().out)
+    assert (out / "trials.jsonl").read_text() == stopped
     assert main([*argv, "--resume", "--seed", "1"]) == 2
     assert "seed differ" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
