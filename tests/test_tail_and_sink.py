@@ -175,6 +175,22 @@ def test_lazy_write_merges_once_the_bank_is_full():
     assert WriteRule(lazy=True).plain  # the C kernel's bookkeeping still applies
 
 
+def test_lazy_write_merges_only_what_does_not_fit():
+    """3 free slots, 5 tokens of which 4 copy held keys: only 2 merge (the fewest that let the
+    segment fit) and the bank ends full; the eager write merges all 4 and leaves 2 slots empty."""
+    from camelot.memory import SlotBank
+    from camelot.memory.rules import WriteRule
+
+    k = torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(1))
+    seg = torch.cat([k, k[:, :, :1], torch.randn(1, 1, 1, 8, generator=torch.Generator().manual_seed(2))], 2)
+    for lazy, merged, used in ((True, 2, 6), (False, 4, 4)):
+        bank = SlotBank(6, 0.99, rule=WriteRule(lazy=lazy))
+        bank.write(k, k)
+        bank.write(seg, seg)
+        counts = bank.counts[0, 0, :6]
+        assert (int(bank.telemetry[0]), int((counts > 0).sum()), int(counts.sum())) == (merged, used, 8)
+
+
 def test_slots_beyond_the_models_range_keep_their_order_instead_of_one_clamped_position():
     """Recency placement of a document longer than the model's positions: a head with slots beyond
     the range gets them packed one per position behind the tail (order and adjacency kept), not
