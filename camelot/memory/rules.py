@@ -73,9 +73,9 @@ class WriteRule:
         largest logit of its queries on the token's position-free key (per KV head; question.py);
         "question+surprise": the two, for span_score "scan+scan" (the rules other than the reserve
         rank by the surprise).
-    lazy: a token merges only where its head has fewer free slots than the segment has tokens;
-        while there is room every token keeps a slot of its own, so a bank that is not yet full
-        holds the past exactly, as a raw cache would.
+    lazy: a head with f free slots lets only the t - f most similar tokens of a t-token segment
+        merge; while there is room every token keeps a slot of its own, so a bank that is not yet
+        full holds the past exactly, as a raw cache would.
     """
 
     evict: str = "age"
