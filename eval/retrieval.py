@@ -76,6 +76,11 @@ class RetrievalResult:
                 and (length is None or t.length == length) and (depth is None or t.depth == depth)]
 
 
+def journaled_trial(row: dict) -> RetrievalTrial:
+    """A trial from its journal line (which also names its run)."""
+    return RetrievalTrial(**{k: v for k, v in row.items() if k != "run"})
+
+
 def make_judge(tok):
     """Trials from generated ids: the answer ends at the first special token (end of turn / text),
     as a chat would end it, so what greedy decoding writes after that is not scored."""
@@ -127,8 +132,7 @@ def evaluate(model, hays: dict, cases: dict[str, list[RetrievalCase]], specs: li
             if not any(mine.values()):
                 res.skipped = res.note
         if journal is not None:
-            res.trials = [RetrievalTrial(**{k: v for k, v in t.items() if k != "run"})
-                          for t in journal.done(spec.label)]
+            res.trials = [journaled_trial(t) for t in journal.done(spec.label)]
             seen = {(t.task, t.length, t.depth, t.trial) for t in res.trials}
             mine = {task: [c for c in cs if (c.task, c.length, c.depth, c.trial) not in seen]
                     for task, cs in mine.items()}
@@ -318,8 +322,8 @@ def report_journal(out: Path, specs: list[RunSpec], tasks: list[str], lengths: l
     if not path.exists():
         raise UserError(f"--report: {path} does not exist; the run writes it (same command without --report)")
     trials, finished = read_journal(path, run_settings(vars(args)))
-    results = [RetrievalResult(spec, [RetrievalTrial(**{k: v for k, v in t.items() if k != "run"})
-                                      for t in trials if t["run"] == spec.label]) for spec in specs]
+    results = [RetrievalResult(spec, [journaled_trial(t) for t in trials if t["run"] == spec.label])
+               for spec in specs]
     print(markdown_tables(results, tasks, lengths))
     planned = args.trials * len(tasks) * len(lengths) * len(parse_list(args.depths, int, "depths"))
     print(f"\n{'finished' if finished else 'not finished'}; cases judged: "
