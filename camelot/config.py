@@ -168,10 +168,9 @@ class CamelotConfig:
     importance: str = option("attention", "camelot: what evict=use, protect and the span reserve rank by: attention "
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both", choices=IMPORTANCES)
-    lazy: bool = option(False, "camelot: no merges while a head has a free slot for every token of the segment, then "
-                               "only as many as do not fit, so memory stays raw (exact) until it is full; with "
-                               "placement=mixed a bank larger than the document is full attention "
-                               "(docs/memory_write.md)")
+    lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
+                               "(exact) until full; with placement=mixed a bank larger than the document is full "
+                               "attention (docs/memory_write.md)")
 
     def __init__(self, **values: Any) -> None:
         for old, new in RENAMED.items():
