@@ -90,3 +90,17 @@ def test_importance_and_predictions_that_do_not_fit_are_refused(tmp_path):
     tensors = {**load_file(str(path)), imp: torch.zeros(1, 2, 8)}  # a memory that ranks nothing
     save_file(tensors, str(bad), metadata={**read_metadata(path), "digest": tensor_digest(tensors)})
     _refused(plain, bad, "ranks no tokens")
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.995, 0.9951])
+def test_loaded_tensors_sit_in_aligned_memory_whatever_the_header_length(tmp_path, decay):
+    """The metadata (here a config value's digits) sets the header's length and so where each
+    tensor's bytes fall in the file; read as they lie they are only 8-byte aligned, and SIMD sums
+    over them round differently from the saved memory's (the continuation above then differs in
+    the last bit). Loaded tensors are copies in fresh memory."""
+    from camelot.snapshot_format import read_snapshot
+
+    cm = _wrapped("facts", use_decay=decay)
+    cm.feed(_doc(60, seed=1), progress=False)
+    tensors, _ = read_snapshot(cm.memory.save(tmp_path / "m.camelot"))
+    assert all(t.data_ptr() % 64 == 0 for t in tensors.values() if t.numel())

@@ -28,7 +28,7 @@ def test_general_path_with_the_age_rule_equals_the_paper_write(slots, t, mode):
     eviction gives exactly the reference write (C kernel / torch), overflow and NaN included."""
     torch.manual_seed(slots)
     a = SlotBank(slots, 0.6, write_mode=mode)
-    b = SlotBank(slots, 0.6, write_mode=mode, rule=WriteRule(use_decay=0.5))  # not plain: torch rules path
+    b = SlotBank(slots, 0.6, write_mode=mode, rule=WriteRule(value_threshold=-1.0))  # not plain: torch rules path
     assert a.rule.plain and not b.rule.plain
     protos = torch.randn(6, 8)
     for seg in range(6):
@@ -71,8 +71,23 @@ def test_eviction_by_use_drops_a_novel_token_less_important_than_every_slot():
     assert bank.telemetry.tolist() == [0, 2, 1, 1, 0]
 
 
+def test_decayed_scores_let_a_slot_that_was_important_long_ago_go():
+    """Undecayed, a slot whose tokens were attended once stays for good; with the default decay
+    (0.995 per written token) a novel token of lower importance takes its place ~a few hundred
+    tokens later (what made `evict=use` beat the age rule on Qwen: docs/memory_write.md)."""
+    old = torch.zeros(1, 16)
+    old[0, 0] = 10.0
+    kept = {}
+    for decay in (1.0, WriteRule.use_decay):
+        bank = SlotBank(4, 0.99, rule=WriteRule(evict="use", use_decay=decay))
+        bank.write(*_one(old), received=torch.full((1, 1, 1), 2.0))
+        _flood(bank, 400, imp=0.5)
+        kept[decay] = bool(((bank.keys[0, 0, :4] - old).abs().amax(-1) < 1e-6).any())
+    assert WriteRule.use_decay == 0.995 and kept == {1.0: True, 0.995: False}
+
+
 def test_reads_raise_a_slot_score_and_save_it_from_eviction():
-    bank = SlotBank(2, 0.99, rule=WriteRule(evict="use"))
+    bank = SlotBank(2, 0.99, rule=WriteRule(evict="use", use_decay=1.0))
     bank.write(*_one(torch.eye(4)[:2]), received=torch.tensor([[[1.0, 1.0]]]))
     bank.observe_reads(torch.tensor([[[2.0, 0.0]]]))
     bank.write(*_one(torch.eye(4)[2:3]), received=torch.tensor([[[1.5]]]))

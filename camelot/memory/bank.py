@@ -189,7 +189,7 @@ class SlotBank:
                     return
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
-            if rule.use_decay < 1:
+            if rule.ranks_slots and rule.use_decay < 1:
                 self.score *= rule.use_decay ** t
         novel = finite & ~merge
         touched = _merge(self, k, v, merge, best, importance)

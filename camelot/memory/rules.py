@@ -41,7 +41,8 @@ class WriteRule:
         lowest importance first. 0: off.
     reserve: at most this many protected slots per head (the raw episodic reserve); beyond it
         the least important lose their protection. None: no cap.
-    use_decay: factor per written token on slot scores (evict="use", protect).
+    use_decay: factor per written token on slot scores (evict="use", protect); 0.995, a half-life of
+        ~140 tokens, measured best (docs/memory_write.md): undecayed scores keep old heavy hitters for good.
     value_threshold: a token merges only where its value's cosine to the slot's value also
         reaches this. None: keys only.
     merge_target: per-head thresholds from the similarity distribution: each head merges this
@@ -81,7 +82,7 @@ class WriteRule:
     evict: str = "age"
     protect: float = 0.0
     reserve: int | None = None
-    use_decay: float = 1.0
+    use_decay: float = 0.995
     value_threshold: float | None = None
     merge_target: float | None = None
     span_reserve: int = 0
@@ -124,8 +125,10 @@ class WriteRule:
         """The paper's rule: the C kernel and the reference torch code do it."""
         # span, span_score and importance change nothing while no rule ranks tokens; lazy only
         # hides merge targets before the bookkeeping
+        # (use_decay only matters where slots are ranked by score: evict="use", protect)
         return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
-                                                  importance="attention", lazy=False) == WriteRule()
+                                                  importance="attention", lazy=False,
+                                                  use_decay=WriteRule.use_decay) == WriteRule()
 
     @property
     def wanted(self) -> tuple[str, ...]:
