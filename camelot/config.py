@@ -17,7 +17,7 @@ import torch
 
 from camelot.backends import BACKENDS
 from camelot.guards import check_int
-from camelot.memory.rules import EVICTIONS, IMPORTANCES, rule_from_config
+from camelot.memory.rules import EVICTIONS, IMPORTANCES, WriteRule, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
 from camelot.reads.base import COUNT_MODES
 
@@ -150,8 +150,8 @@ class CamelotConfig:
                                  "leaving the raw window never merges, takes no merges and is evicted last (0: off)")
     reserve: int | None = option(None, "camelot: at most this many protected slots per head (the raw episodic "
                                        "reserve); None: no cap")
-    use_decay: float = option(0.995, "camelot: decay per written token of the slot scores that evict=use and "
-                                     "protect rank by (0.995: half-life ~140 tokens)")
+    use_decay: float = option(WriteRule.use_decay, "camelot: decay per written token of the slot scores that "
+                                                   "evict=use and protect rank by (0.995: half-life ~140 tokens)")
     value_threshold: float | None = option(None, "camelot: a token merges only where its value's cosine to the "
                                                  "slot's value also reaches this (None: keys only)")
     merge_target: float | None = option(None, "camelot: per-head thresholds, each head merging this fraction of "
