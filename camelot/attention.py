@@ -14,7 +14,6 @@ from camelot.interfaces import Memory, PositionBias, SearchBackend
 from camelot.layer_state import LayerState
 from camelot.masks import MaskCache, plain_logits
 from camelot.memory import RawWindow, SinkTokens
-from camelot.memory.usage import note_reads
 from camelot.positions import Positions
 from camelot.question import question_logits
 from camelot.reads import Read, ReadAttribution, make_read
@@ -89,7 +88,7 @@ class LayerRuntime:
             if self.read.needs_raw_keys:  # kept for the write at flush, which needs them position-free too
                 raw_key = pos.unplaced(key, l0)
                 raw_open = raw_key if l0 == 0 else torch.cat([st.raw_open(pos.unplaced), raw_key], dim=2)
-            # per-entry probabilities are needed only to attribute reads or rank slots by use
+            # per-entry probabilities are needed only to attribute reads, their sums to rank slots by use
             whole = not (self.record_reads or st.memory.observes_reads)
             mem = self.read.read(query, st.memory, pos, st.tail, scaling, softcap, alibi, raw_key, start=l0,
                                  whole=whole)
@@ -125,7 +124,7 @@ class LayerRuntime:
             if self.record_reads:
                 self.last_read = mem.attribution(probs, n_plain)
             if st.memory.observes_reads:  # a write rule ranks slots by use
-                note_reads(st.memory, mem.attribution(probs, n_plain))
+                st.memory.observe_reads(mem.attribution(probs, n_plain).mass(st.memory.readable()[0].shape[2]))
         # attention each open / tail token received, per KV head, for a memory that wants it
         received = probs[..., : l0 + m + p].sum(dim=(2, 3)) if st.tracks_received else None
         st.keep(k_loc, v_loc, raw_open, received)

@@ -289,14 +289,76 @@ def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads,
     fast, ref = Counted(slots, thr, rule=rule), _TorchBookkeeping(slots, thr, rule=rule)
     for _ in range(steps):
         t = int(torch.randint(1, 2 * slots + 4, (), generator=g))
-        k = protos[torch.randint(0, 3, (1, heads, t), generator=g)] + 0.05 * torch.randn(1, heads, t, D, generator=g)
-        k[..., 1] = torch.where(torch.rand(1, heads, t, generator=g) < 0.1, float("nan"), k[..., 1])
-        v = torch.randn(1, heads, t, 3, generator=g)
+        k, v = _clustered_segment(g, protos, 1, heads, t)
         imp = torch.rand(1, heads, t, generator=g) * 4
         fast.write(k, v, received=imp)
         ref.write(k, v, received=imp)
-        for name in ("counts", "ages", "telemetry", "span_score"):
-            assert torch.equal(getattr(fast, name), getattr(ref, name)), name
-        for name in ("keys", "values"):
-            assert torch.allclose(getattr(fast, name), getattr(ref, name), atol=1e-6, rtol=1e-5), name
+        _assert_same_banks(fast, ref, ("counts", "ages", "telemetry", "span_score"))
     assert calls == [slots - reserve] * steps  # the kernel did the consolidated part of every write
+
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 2), heads=st.integers(1, 3), slots=st.integers(1, 12),
+       thr=st.sampled_from([-1.0, 0.5, 0.9, 1.0]), decay=st.sampled_from([1.0, 0.995, 0.5]), lazy=st.booleans(),
+       steps=st.integers(1, 5))
+def test_the_c_kernel_evicting_by_use_matches_the_torch_write(seed, rows, heads, slots, thr, decay, lazy, steps):
+    """Eviction by use (WriteRule.use_only) in camelot/csrc/consolidate.c against `place_novel` in
+    torch: the same counts, ages, scores and telemetry, through ties of importance and score (a
+    coarse grid of values), free slots, dropped tokens, reads adding mass between writes and
+    non-finite tokens."""
+    _compare_use_writes(seed, rows, heads, slots, thr, decay, lazy, steps)
+
+
+def test_the_use_kernel_comparison_sees_evictions_and_dropped_tokens():
+    telemetry = _compare_use_writes(seed=3, rows=2, heads=3, slots=4, thr=1.0, decay=0.995, lazy=False, steps=5)
+    assert telemetry[2] > 0 and telemetry[3] > 0  # evicted, dropped: places were contested
+
+
+def _compare_use_writes(seed: int, rows: int, heads: int, slots: int, thr: float, decay: float, lazy: bool,
+                        steps: int) -> list[int]:
+    from camelot import topk as native
+    from camelot.memory.rules import WriteRule
+
+    if native.native_library() is None:
+        pytest.skip("no C compiler: the torch bookkeeping is the only one")
+    rule = WriteRule(evict="use", use_decay=decay, lazy=lazy)
+    assert rule.use_only
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(3, D, generator=g)
+    calls = []
+
+    class Counted(SlotBank):
+        def _native_bookkeeping(self, *args) -> bool:
+            calls.append(super()._native_bookkeeping(*args))
+            return calls[-1]
+
+    fast, ref = Counted(slots, thr, rule=rule), _TorchBookkeeping(slots, thr, rule=rule)
+    for _ in range(steps):
+        t = int(torch.randint(1, 2 * slots + 4, (), generator=g))
+        k, v = _clustered_segment(g, protos, rows, heads, t)
+        imp = torch.randint(0, 4, (rows, heads, t), generator=g).float() / 2  # ties on purpose
+        fast.write(k, v, received=imp)
+        ref.write(k, v, received=imp)
+        _assert_same_banks(fast, ref, ("counts", "ages", "telemetry", "score"))
+        mass = torch.randint(0, 3, (rows, heads, slots), generator=g).float() / 4
+        fast.observe_reads(mass)
+        ref.observe_reads(mass)
+    assert calls and all(calls)  # the kernel did every write of `fast`
+    return fast.telemetry.tolist()
+
+
+def _clustered_segment(g: torch.Generator, protos: torch.Tensor, rows: int, heads: int,
+                       t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys near one of the prototypes (merges), a tenth of them NaN (skipped); random values."""
+    k = protos[torch.randint(0, 3, (rows, heads, t), generator=g)] + 0.05 * torch.randn(rows, heads, t, D, generator=g)
+    k[..., 1] = torch.where(torch.rand(rows, heads, t, generator=g) < 0.1, float("nan"), k[..., 1])
+    return k, torch.randn(rows, heads, t, 3, generator=g)
+
+
+def _assert_same_banks(fast: SlotBank, ref: SlotBank, exact: tuple[str, ...]) -> None:
+    """`exact` equal; keys and values to float rounding (the kernel sums in token order)."""
+    for name in exact:
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+    for name in ("keys", "values"):
+        assert torch.allclose(getattr(fast, name), getattr(ref, name), atol=1e-6, rtol=1e-5), name

@@ -7,7 +7,6 @@ import torch
 
 from camelot.memory import SlotBank
 from camelot.memory.rules import WriteRule
-from camelot.memory.usage import note_reads
 from camelot.reads import ReadAttribution
 
 STATE = ("keys", "values", "counts", "ages", "telemetry")
@@ -161,14 +160,27 @@ def test_merge_target_sets_each_heads_threshold_from_its_similarities():
     assert merged == 2 * 5  # a quarter of each head's 20 tokens, though none reaches 0.99
 
 
-def test_note_reads_sums_each_slots_share_over_queries_and_heads():
+def test_read_mass_sums_each_slots_share_over_queries_and_heads():
     bank = SlotBank(3, 0.9, rule=WriteRule(evict="use"))
     bank.write(torch.eye(3)[None, None].expand(1, 2, 3, 3).contiguous(), torch.ones(1, 2, 3, 1))
     assert bank.wants_received and not SlotBank(3, 0.9).wants_received
     # B=1, Hkv=2, G=2, m=1, two slots read per query
     slots = torch.tensor([2, 1]).expand(1, 2, 2, 1, 2)
-    note_reads(bank, ReadAttribution(slots, torch.tensor([0.25, 0.5]).expand(1, 2, 2, 1, 2)))
+    bank.observe_reads(ReadAttribution(slots, torch.tensor([0.25, 0.5]).expand(1, 2, 2, 1, 2)).mass(3))
     assert torch.allclose(bank.score[0, :, :3], torch.tensor([0.0, 1.0, 0.5]).expand(2, 3))
+
+
+def test_a_read_of_every_slot_adds_the_same_mass_as_the_scatter_over_its_entries():
+    g = torch.Generator().manual_seed(1)
+    banks = [SlotBank(5, 0.9, rule=WriteRule(evict="use")) for _ in range(2)]
+    for bank in banks:
+        bank.write(torch.eye(5)[None, None].expand(1, 2, 5, 5).contiguous(), torch.ones(1, 2, 5, 1))
+    weights = torch.rand(1, 2, 3, 4, 5, generator=g)
+    slots = torch.arange(5).expand(1, 2, 3, 4, 5)
+    banks[0].observe_reads(ReadAttribution(slots, weights).mass(5))
+    banks[1].observe_reads(ReadAttribution(slots, weights, every=True).mass(5))
+    assert banks[1].score[..., :5].abs().sum() > 0
+    assert torch.allclose(banks[0].score, banks[1].score, atol=1e-6)
 
 
 def test_a_wrapped_model_with_a_scored_rule_feeds_importance_and_reads_to_the_bank():

@@ -13,71 +13,90 @@
  * slots not merged into (lower index first among equal ages); with more novel tokens than such
  * places the earliest are dropped. Arithmetic in float32 as torch does, sums in token order.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define FREE_PRIORITY ((int64_t)1 << 40)
 
-/* a candidate slot for a novel token: larger priority first, then lower index */
-typedef struct { int64_t priority, slot; } cand;
+/* Eviction by use (evict="use" of camelot/memory/rules.py, `place_novel`): the untouched slots
+ * and the novel tokens compete for places, ranked by (level, keep, index): free slots (level -1,
+ * keep 0) go first, then slots by score and tokens by importance (level 0), slots before tokens
+ * at equal keep, lower index first; the n_novel lowest lose: a losing token is dropped, a losing
+ * slot is taken by a placed token (placed tokens in token order take the losing slots in rank
+ * order). NaN keeps rank last, as torch's sort puts them. */
+typedef struct { int level; double keep; int64_t idx; } rank_t;
 
-static inline int before(cand a, cand b) {
-    return a.priority > b.priority || (a.priority == b.priority && a.slot < b.slot);
+static inline int rank_less(rank_t a, rank_t b) {
+    if (a.level != b.level) return a.level < b.level;
+    int an = isnan(a.keep), bn = isnan(b.keep);
+    if (an != bn) return bn;
+    if (!an && a.keep != b.keep) return a.keep < b.keep;
+    return a.idx < b.idx;
 }
 
-/* keep the `need` best candidates in a heap whose root is the worst kept */
-static void heap_push(cand *h, int64_t *n, int64_t need, cand c) {
+/* keep the `need` lowest in a heap whose root is the highest kept */
+static void lowest_push(rank_t *h, int64_t *n, int64_t need, rank_t c) {
     if (*n < need) {
         int64_t i = (*n)++;
         h[i] = c;
         while (i > 0) {
             int64_t p = (i - 1) / 2;
-            if (!before(h[p], h[i])) break;
-            cand t = h[p]; h[p] = h[i]; h[i] = t;
+            if (!rank_less(h[p], h[i])) break;
+            rank_t t = h[p]; h[p] = h[i]; h[i] = t;
             i = p;
         }
         return;
     }
-    if (!before(c, h[0])) return;
+    if (!rank_less(c, h[0])) return;
     h[0] = c;
     int64_t i = 0;
     for (;;) {
         int64_t l = 2 * i + 1, r = l + 1, w = i;
-        if (l < *n && before(h[w], h[l])) w = l;
-        if (r < *n && before(h[w], h[r])) w = r;
+        if (l < *n && rank_less(h[w], h[l])) w = l;
+        if (r < *n && rank_less(h[w], h[r])) w = r;
         if (w == i) break;
-        cand t = h[w]; h[w] = h[i]; h[i] = t;
+        rank_t t = h[w]; h[w] = h[i]; h[i] = t;
         i = w;
     }
 }
 
-static int by_order(const void *a, const void *b) {
-    cand x = *(const cand *)a, y = *(const cand *)b;
-    return before(x, y) ? -1 : before(y, x) ? 1 : 0;
+static int by_rank(const void *a, const void *b) {
+    rank_t x = *(const rank_t *)a, y = *(const rank_t *)b;
+    return rank_less(x, y) ? -1 : rank_less(y, x) ? 1 : 0;
 }
 
 /* rows: B*H. keys [rows, R, D], values [rows, R, DV], counts/ages [rows, R] with R >= S+1: the
  * write manages slots [0, S) and leaves the others untouched (the scratch slot, and the span
  * reserve of camelot/memory/spans.py, which the caller writes); k [rows, T, D], v [rows, T, DV]; best [rows, T] nearest
  * slot, sim [rows, T] its cosine (-inf: none), finite [rows, T]. telemetry[5] += merged, new,
- * evicted, dropped, skipped. Returns nonzero on a failed allocation (nothing written then). */
-int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV, float threshold,
-                            float *keys, float *values, int64_t *counts, int64_t *ages,
-                            const float *k, const float *v, const int64_t *best, const float *sim,
-                            const uint8_t *finite, int64_t *telemetry) {
+ * evicted, dropped, skipped. score [rows, R] and importance [rows, T]: NULL for the paper's
+ * eviction by age; given, eviction by use: scores are first multiplied by `decay`, then gather
+ * their merged tokens' importance, and a placed token's score is its importance. Returns nonzero
+ * on a failed allocation (nothing written then). */
+static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV, float threshold,
+                       float *keys, float *values, int64_t *counts, int64_t *ages,
+                       const float *k, const float *v, const int64_t *best, const float *sim,
+                       const uint8_t *finite, int64_t *telemetry, float *score, const float *importance,
+                       float decay) {
     int64_t *lead = malloc(sizeof(int64_t) * T), *n_add = malloc(sizeof(int64_t) * T);
     int64_t *last = malloc(sizeof(int64_t) * T);
     float *sum_k = malloc(sizeof(float) * T * D), *sum_v = malloc(sizeof(float) * T * DV);
     uint8_t *touched = malloc(S), *merge = malloc(T), *was_free = malloc(S);
-    cand *heap = malloc(sizeof(cand) * (T + 1));
-    int ok = lead && n_add && last && sum_k && sum_v && touched && merge && was_free && heap;
+    rank_t *lowest = malloc(sizeof(rank_t) * (T + 1));
+    int64_t *taken = malloc(sizeof(int64_t) * (T + 1));
+    uint8_t *lost_token = malloc(T);
+    int ok = lead && n_add && last && sum_k && sum_v && touched && merge && was_free && lowest && taken
+             && lost_token;
     for (int64_t r = 0; ok && r < rows; r++) {
         float *K = keys + r * R * D, *V = values + r * R * DV;
         int64_t *C = counts + r * R, *A = ages + r * R;
         const float *kr = k + r * T * D, *vr = v + r * T * DV, *sr = sim + r * T;
         const int64_t *br = best + r * T;
         const uint8_t *fr = finite + r * T;
+        float *SC = score ? score + r * R : NULL;
+        const float *ir = importance ? importance + r * T : NULL;
         int64_t n_merge = 0, n_skip = 0, n_novel = 0;
         memset(touched, 0, S);
         /* merges: each group of tokens into one slot is summed at its first token (the lead) */
@@ -102,6 +121,11 @@ int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64
             for (int64_t d = 0; d < DV; d++) sum_v[l * DV + d] += vr[t * DV + d];
         }
         for (int64_t j = 0; j < S; j++) A[j] += T;
+        if (SC) {
+            for (int64_t j = 0; j < S; j++) SC[j] *= decay;
+            for (int64_t t = 0; t < T; t++)  /* in token order, as torch's scatter_add sums */
+                if (merge[t]) SC[br[t]] += ir[t];
+        }
         for (int64_t t = 0; t < T; t++) {
             if (!merge[t] || lead[t] != t) continue;
             int64_t j = br[t], c = C[j], c_new = c + n_add[t];
@@ -112,27 +136,62 @@ int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64
             A[j] = (T - 1) - last[t];
             touched[j] = 1;
         }
-        /* novel tokens: the places they can take, best first */
-        int64_t available = 0;
-        for (int64_t j = 0; j < S; j++) available += !touched[j];
-        int64_t n_drop = n_novel > available ? n_novel - available : 0, n_place = n_novel - n_drop, n_heap = 0;
-        for (int64_t j = 0; j < S && n_place; j++) {
-            was_free[j] = C[j] == 0;
-            if (touched[j]) continue;
-            int64_t p = C[j] == 0 ? FREE_PRIORITY : (A[j] < FREE_PRIORITY - 1 ? A[j] : FREE_PRIORITY - 1);
-            heap_push(heap, &n_heap, n_place, (cand){p, j});
-        }
-        qsort(heap, n_heap, sizeof(cand), by_order);
-        int64_t seen = 0, placed = 0, n_new = 0;
-        for (int64_t t = 0; t < T; t++) {
-            if (!fr[t] || merge[t]) continue;
-            if (seen++ < n_drop) continue; /* overtaken by later novel tokens of this segment */
-            int64_t j = heap[placed++].slot;
-            n_new += was_free[j];
-            memcpy(K + j * D, kr + t * D, sizeof(float) * D);
-            memcpy(V + j * DV, vr + t * DV, sizeof(float) * DV);
-            C[j] = 1;
-            A[j] = (T - 1) - t;
+        int64_t n_drop, n_place, n_new = 0;
+        if (SC) {
+            /* eviction by use: the n_novel lowest of (untouched slots, novel tokens) lose */
+            int64_t n_low = 0;
+            for (int64_t j = 0; j < S && n_novel; j++) {
+                was_free[j] = C[j] == 0;
+                if (touched[j]) continue;
+                lowest_push(lowest, &n_low, n_novel, (rank_t){was_free[j] ? -1 : 0, was_free[j] ? 0.0 : SC[j], j});
+            }
+            for (int64_t t = 0; t < T && n_novel; t++)
+                if (fr[t] && !merge[t]) lowest_push(lowest, &n_low, n_novel, (rank_t){0, ir[t], S + 1 + t});
+            qsort(lowest, n_low, sizeof(rank_t), by_rank);
+            memset(lost_token, 0, T);
+            n_place = 0;
+            for (int64_t i = 0; i < n_low; i++) {
+                if (lowest[i].idx > S) lost_token[lowest[i].idx - S - 1] = 1;
+                else taken[n_place++] = lowest[i].idx;
+            }
+            n_drop = n_novel - n_place;
+            int64_t placed = 0;
+            for (int64_t t = 0; t < T; t++) {
+                if (!fr[t] || merge[t] || lost_token[t]) continue;
+                int64_t j = taken[placed++];
+                n_new += was_free[j];
+                memcpy(K + j * D, kr + t * D, sizeof(float) * D);
+                memcpy(V + j * DV, vr + t * DV, sizeof(float) * DV);
+                C[j] = 1;
+                A[j] = (T - 1) - t;
+                SC[j] = ir[t];
+            }
+        } else {
+            /* novel tokens: the places they can take, best first */
+            int64_t available = 0;
+            for (int64_t j = 0; j < S; j++) available += !touched[j];
+            n_drop = n_novel > available ? n_novel - available : 0;
+            n_place = n_novel - n_drop;
+            int64_t n_low = 0;
+            for (int64_t j = 0; j < S && n_place; j++) {
+                was_free[j] = C[j] == 0;
+                if (touched[j]) continue;
+                /* larger priority first: its negation ranks low (exact in a double below 2^53) */
+                int64_t p = C[j] == 0 ? FREE_PRIORITY : (A[j] < FREE_PRIORITY - 1 ? A[j] : FREE_PRIORITY - 1);
+                lowest_push(lowest, &n_low, n_place, (rank_t){0, -(double)p, j});
+            }
+            qsort(lowest, n_low, sizeof(rank_t), by_rank);
+            int64_t seen = 0, placed = 0;
+            for (int64_t t = 0; t < T; t++) {
+                if (!fr[t] || merge[t]) continue;
+                if (seen++ < n_drop) continue; /* overtaken by later novel tokens of this segment */
+                int64_t j = lowest[placed++].idx;
+                n_new += was_free[j];
+                memcpy(K + j * D, kr + t * D, sizeof(float) * D);
+                memcpy(V + j * DV, vr + t * DV, sizeof(float) * DV);
+                C[j] = 1;
+                A[j] = (T - 1) - t;
+            }
         }
         telemetry[0] += n_merge;
         telemetry[1] += n_new;
@@ -141,6 +200,23 @@ int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64
         telemetry[4] += n_skip;
     }
     free(lead); free(n_add); free(last); free(sum_k); free(sum_v); free(touched); free(merge); free(was_free);
-    free(heap);
+    free(lowest); free(taken); free(lost_token);
     return ok ? 0 : 1;
+}
+
+int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV, float threshold,
+                            float *keys, float *values, int64_t *counts, int64_t *ages,
+                            const float *k, const float *v, const int64_t *best, const float *sim,
+                            const uint8_t *finite, int64_t *telemetry) {
+    return consolidate(rows, T, S, R, D, DV, threshold, keys, values, counts, ages, k, v, best, sim, finite,
+                       telemetry, NULL, NULL, 1.0f);
+}
+
+int camelot_consolidate_use_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV,
+                                float threshold, float decay, float *keys, float *values, int64_t *counts,
+                                int64_t *ages, float *score, const float *k, const float *v, const int64_t *best,
+                                const float *sim, const uint8_t *finite, const float *importance,
+                                int64_t *telemetry) {
+    return consolidate(rows, T, S, R, D, DV, threshold, keys, values, counts, ages, k, v, best, sim, finite,
+                       telemetry, score, importance, decay);
 }

@@ -6,7 +6,8 @@ merges into it by running average (count + 1, age 0); otherwise it is novel and 
 free slot, or evicts the slot written longest ago. Ages count write steps (tokens).
 
 Other write rules (evict by use, pair merging, protected surprising tokens, key-and-value
-merge test, per-head thresholds) are in camelot/memory/rules.py; they run in torch only.
+merge test, per-head thresholds) are in camelot/memory/rules.py; they run in torch, but for
+eviction by use alone, which the C kernel also does.
 
 Tensors carry one extra scratch slot at index `slots`: scatters of tokens that must not
 land anywhere are sent there, which keeps the write free of data-dependent shapes (and so
@@ -180,6 +181,8 @@ class SlotBank:
             merge = finite & (best_sim >= self.threshold)
         else:
             signals, importance = _importance(rule, importance, k)
+            if rule.use_only and self._native_bookkeeping(k, v, best, best_sim, finite, None, importance):
+                return
             held = None
             if rule.span_reserve:
                 held, span_slot = _choose_spans(self, signals, finite, after, base)
@@ -367,22 +370,30 @@ def _native_beside_reserve(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, bes
 
 
 def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
-            finite: torch.Tensor, slots: int | None = None) -> bool:
+            finite: torch.Tensor, slots: int | None = None, importance: torch.Tensor | None = None) -> bool:
     """The rest of the write (merges, ages, novel tokens' places, telemetry) in the C kernel
     (camelot/csrc/consolidate.c) for a float32 bank on CPU, over its first `slots` slots (all:
-    None); False where it does not apply (_merge and _place_by_age then do it in torch: the two
-    are tested against each other)."""
+    None), evicting by age, or by use where `importance` [B, H, T] is given (WriteRule.use_only);
+    False where it does not apply (_merge with _place_by_age or place_novel then do it in torch:
+    they are tested against each other)."""
     if bank.dtype != torch.float32 or k.device.type != "cpu" or k.requires_grad:
         return False
     lib = native_library()
     state = (bank.keys, bank.values, bank.counts, bank.ages, bank.telemetry)
-    if lib is None or not all(x.is_contiguous() for x in state):
+    if lib is None or not all(x.is_contiguous() for x in (*state, bank.score)):
         return False
     b, h, t, d = k.shape
     inputs = (k.contiguous(), v.contiguous(), best.contiguous(), best_sim.float().contiguous(),
               finite.to(torch.uint8).contiguous())
-    rc = lib.camelot_consolidate_f32(b * h, t, bank.slots if slots is None else slots, bank.slots + 1, d,
-                                     v.shape[-1], bank.threshold,
-                                     *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
-                                     bank.telemetry.data_ptr())
+    n = bank.slots if slots is None else slots
+    if importance is None:
+        rc = lib.camelot_consolidate_f32(b * h, t, n, bank.slots + 1, d, v.shape[-1], bank.threshold,
+                                         *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
+                                         bank.telemetry.data_ptr())
+    else:  # eviction by use: the slots' scores and the tokens' importance too
+        imp = importance.float().contiguous()
+        rc = lib.camelot_consolidate_use_f32(b * h, t, n, bank.slots + 1, d, v.shape[-1], bank.threshold,
+                                             bank.rule.use_decay ** t, *(x.data_ptr() for x in state[:4]),
+                                             bank.score.data_ptr(), *(x.data_ptr() for x in inputs), imp.data_ptr(),
+                                             bank.telemetry.data_ptr())
     return rc == 0

@@ -131,6 +131,11 @@ class WriteRule:
                                                   use_decay=WriteRule.use_decay) == WriteRule()
 
     @property
+    def use_only(self) -> bool:
+        """Eviction by use and otherwise the paper's rule: the C kernel does it too."""
+        return self.evict == "use" and replace(self, evict="age").plain
+
+    @property
     def wanted(self) -> tuple[str, ...]:
         """The importances the write takes, in channel order (none for a rule that ranks nothing)."""
         return tuple(self.importance.split("+")) if self.scored else ()

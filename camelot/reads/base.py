@@ -25,6 +25,15 @@ class ReadAttribution:
 
     slots: torch.Tensor  # [B, Hkv, G, m, k]
     weights: torch.Tensor  # [B, Hkv, G, m, k] share of the query's attention mass on each
+    every: bool = False  # every entry, in order (slots is an arange): a sum gives each one's mass
+
+    def mass(self, n: int) -> torch.Tensor:
+        """[B, Hkv, n]: the attention mass each of n entries received, summed over the queries."""
+        b, hkv = self.weights.shape[:2]
+        if self.every and self.weights.shape[-1] == n:  # no scatter over G*m*n entries
+            return self.weights.float().sum(dim=(2, 3))
+        out = self.weights.new_zeros(b, hkv, n, dtype=torch.float32)
+        return out.scatter_add_(2, self.slots.reshape(b, hkv, -1), self.weights.reshape(b, hkv, -1).float())
 
 
 @dataclass
@@ -51,7 +60,7 @@ class DenseResult:
         share = probs[..., start: start + self.logits.shape[-1]]
         if self.slots is not None:
             return ReadAttribution(self.slots, share.gather(-1, self.slots))
-        return ReadAttribution(torch.arange(share.shape[-1], device=share.device).expand_as(share), share)
+        return ReadAttribution(torch.arange(share.shape[-1], device=share.device).expand_as(share), share, every=True)
 
 
 @dataclass
