@@ -94,6 +94,10 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                    help="camelot: CamelotConfig.recall('demonstrations'), for many-shot in-context learning: "
                         "the reserve keeps the tokens the window attended most (a demonstration's label), "
                         "not the surprising ones (docs/icl_memory.md)")
+    p.add_argument("--recall-balanced", dest="recall", action="store_const", const="balanced",
+                   help="camelot: CamelotConfig.recall('balanced'): half the slots a reserve of surprising windows "
+                        "(facts), half consolidated and evicted by recent use; give a --recent as long as --slots "
+                        "(docs/memory_write.md)")
 
 
 def memory_config(args: argparse.Namespace, **fixed):

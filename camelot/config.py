@@ -51,8 +51,13 @@ AUTO_TOP_K = 8
 # (camelot/question.py): a fact in plain prose is not a burst of surprise (docs/inference.md)
 # question+facts: half the reserve each, in one write (spans.HALVES["scan+scan"]); the two
 # signals may instead rank jointly (span_score "joint-scan", docs/retrieval.md)
+# balanced: facts in half the slots, the other half consolidated and evicted by recent use
+# (evict="use"); with a raw tail as long as the slots (`recent`) it keeps the needles of `facts`
+# and most of the perplexity of recent use (docs/memory_write.md)
+_FACTS = {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"}
 RECALL_KINDS: dict[str, dict[str, Any]] = {
-    "facts": {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"},
+    "facts": _FACTS,
+    "balanced": {**_FACTS, "evict": "use"},
     "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
     "question": {"span": 8, "span_follow": 12, "importance": "question", "span_score": "scan"},
     "question+facts": {"span": 8, "span_follow": 12, "importance": "question+surprise", "span_score": "scan+scan"},
@@ -248,13 +253,13 @@ class CamelotConfig:
 
     @classmethod
     def recall(cls, kind: str = "facts", **changes: Any) -> CamelotConfig:
-        """All slots but 128 (a third of a smaller bank) a raw reserve ranked as RECALL_KINDS[kind]
-        says, the rest consolidated (facts: docs/retrieval.md; demonstrations: docs/icl_memory.md)."""
+        """All slots but 128 (a third of a smaller bank; "balanced": half) a raw reserve ranked as
+        RECALL_KINDS[kind] says, the rest consolidated (facts: docs/retrieval.md; demonstrations:
+        docs/icl_memory.md)."""
         if kind not in RECALL_KINDS:
             raise ValueError(f"recall kind must be one of {', '.join(RECALL_KINDS)}; got {kind!r}")
         slots = changes.get("slots", cls.__dataclass_fields__["slots"].default)
-        reserve = slots - min(128, max(1, slots // 3)) if type(slots) is int else 0  # bad `slots`: validate() says so
-        return cls(**{"span_reserve": reserve, **RECALL_KINDS[kind], **changes})
+        return cls(**{"span_reserve": recall_reserve(kind, slots), **RECALL_KINDS[kind], **changes})
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -271,6 +276,13 @@ class CamelotConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def recall_reserve(kind: str, slots: Any) -> int:
+    """The span reserve of CamelotConfig.recall(kind) in a bank of `slots` slots."""
+    if type(slots) is not int:  # a bad `slots`: validate() says so
+        return 0
+    return slots // 2 if kind == "balanced" else slots - min(128, max(1, slots // 3))
 
 
 def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:

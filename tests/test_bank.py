@@ -266,24 +266,27 @@ def test_the_c_bookkeeping_of_a_write_matches_the_torch_one(seed, rows, heads, s
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), heads=st.integers(1, 3), slots=st.integers(3, 12), reserve=st.integers(1, 6),
-       span=st.integers(1, 3), thr=st.sampled_from([0.0, 0.9, 1.0]), steps=st.integers(1, 5))
-def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads, slots, reserve, span, thr, steps):
-    """The paper's rule plus a span reserve: the kernel does the consolidated slots, torch the
-    reserve; the same bank as the torch write of the whole rule (camelot/memory/spans.py)."""
+       span=st.integers(1, 3), thr=st.sampled_from([0.0, 0.9, 1.0]), steps=st.integers(1, 5),
+       evict=st.sampled_from(["age", "use"]))
+def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads, slots, reserve, span, thr, steps,
+                                                                     evict):
+    """The paper's rule, or eviction by use, plus a span reserve: the kernel does the consolidated
+    slots, torch the reserve; the same bank as the torch write of the whole rule
+    (camelot/memory/spans.py), the consolidated slots' scores included."""
     from camelot import topk as native
     from camelot.memory.rules import WriteRule
 
     if native.native_library() is None:
         pytest.skip("no C compiler: the torch bookkeeping is the only one")
     reserve = min(reserve, slots - 1)
-    rule = WriteRule(span_reserve=reserve, span=span, span_score="sum", importance="surprise")
+    rule = WriteRule(span_reserve=reserve, span=span, span_score="sum", importance="surprise", evict=evict)
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn(3, D, generator=g)
     calls = []
 
     class Counted(SlotBank):
         def _native_bookkeeping(self, *args) -> bool:
-            calls.append(args[-1])  # the slots the kernel manages
+            calls.append(args[5])  # the slots the kernel manages
             return super()._native_bookkeeping(*args)
 
     fast, ref = Counted(slots, thr, rule=rule), _TorchBookkeeping(slots, thr, rule=rule)
@@ -294,6 +297,8 @@ def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads,
         fast.write(k, v, received=imp)
         ref.write(k, v, received=imp)
         _assert_same_banks(fast, ref, ("counts", "ages", "telemetry", "span_score"))
+        if evict == "use":  # only eviction by use ranks the consolidated slots' scores (never the reserve's)
+            assert torch.equal(fast.score[..., : slots - reserve], ref.score[..., : slots - reserve])
     assert calls == [slots - reserve] * steps  # the kernel did the consolidated part of every write
 
 

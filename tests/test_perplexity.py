@@ -104,6 +104,11 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
     moved = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
         ["--strategies", "camelot-recall", "--slots", "892", "--span-follow", "2"]))))["camelot-recall"][0]
     assert (moved.config.span_follow, moved.config.span_reserve) == (2, 764)  # a flag moved off its default wins
+    balanced = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "sliding,camelot-balanced", "--slots", "252", "--recent", "256"]))))
+    assert balanced["camelot-balanced"][0].config == CamelotConfig.recall("balanced", slots=252, recent=256)
+    assert balanced["camelot-balanced"][0].config.span_reserve == 126
+    assert balanced["sliding"][0].config.slots == 252 + 256  # the same budget
 
 
 def _by_strategy_specs(specs) -> dict[str, list]:

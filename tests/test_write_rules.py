@@ -264,3 +264,25 @@ def test_a_checkpoint_and_a_snapshot_carry_the_last_prediction(tmp_path):
 def test_bad_rules_are_refused(bad):
     with pytest.raises(ValueError):
         WriteRule(**bad)
+
+
+def test_balanced_recall_runs_its_consolidated_half_in_the_kernel_and_stays_causal(monkeypatch):
+    import camelot
+    from camelot import topk as native
+    from tests.conftest import tiny_llama
+
+    if native.native_library() is None:
+        pytest.skip("no C compiler: the torch write is the only one")
+    used = []
+    real = SlotBank._native_bookkeeping
+    monkeypatch.setattr(SlotBank, "_native_bookkeeping", lambda self, *a: used.append(real(self, *a)) or used[-1])
+    cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig.recall("balanced", window=16, slots=16, recent=16, sink=2))
+    ids = torch.randint(0, 101, (1, 160), generator=torch.Generator().manual_seed(0))
+    a = cm.score(ids).token_nll
+    banks = [rt.state.memory for rt in cm.runtimes]
+    assert used and all(used)  # every write's consolidated half in the kernel
+    assert all(bool((b.span_score[..., :8] > float("-inf")).any()) for b in banks)  # the reserve holds windows
+    assert all(bool((b.counts[..., :8] > 0).all()) for b in banks)  # the consolidated half is full
+    changed = ids.clone()
+    changed[0, 140] = (changed[0, 140] + 7) % 101
+    assert torch.equal(a[:, :139], cm.score(changed).token_nll[:, :139])

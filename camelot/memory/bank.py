@@ -187,7 +187,7 @@ class SlotBank:
             if rule.span_reserve:
                 held, span_slot = _choose_spans(self, signals, finite, after, base)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
-                if rule.plain_but_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
+                if rule.kernel_beside_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
                                                                      span_slot, importance):
                     return
             surprising = surprising_tokens(rule, importance, finite)
@@ -355,10 +355,11 @@ def _write_spans(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, held: torch.T
 def _native_beside_reserve(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor,
                            best_sim: torch.Tensor, finite: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
                            importance: torch.Tensor) -> bool:
-    """The paper's rule on the consolidated slots in the C kernel, then the span reserve's tokens
-    (`held`, skipped by the kernel) into their slots; False where the kernel does not apply."""
+    """The consolidated slots' rule (the paper's, or eviction by use) in the C kernel, then the span
+    reserve's tokens (`held`, skipped by the kernel) into their slots; False where the kernel does
+    not apply."""
     base, s = bank.slots - bank.rule.span_reserve, bank.slots
-    if not bank._native_bookkeeping(k, v, best, best_sim, finite, base):
+    if not bank._native_bookkeeping(k, v, best, best_sim, finite, base, importance if bank.rule.ranks_slots else None):
         return False
     bank.ages[..., base:s] += k.shape[2]  # the kernel ages only the slots it manages
     _write_spans(bank, k, v, held, slot, importance)

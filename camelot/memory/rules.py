@@ -151,9 +151,11 @@ class WriteRule:
         return span_context(self.span, self.span_follow, self.span_score, self.span_apart)
 
     @property
-    def plain_but_reserve(self) -> bool:
-        """The paper's rule plus a span reserve: the C kernel does the consolidated part."""
-        return self.span_reserve > 0 and replace(self, span_reserve=0).plain
+    def kernel_beside_reserve(self) -> bool:
+        """The paper's rule, or eviction by use alone, plus a span reserve: the C kernel does the
+        consolidated part."""
+        rest = replace(self, span_reserve=0)
+        return self.span_reserve > 0 and (rest.plain or rest.use_only)
 
     @property
     def scored(self) -> bool:
