@@ -188,7 +188,7 @@ class SlotBank:
                 held, span_slot = _choose_spans(self, signals, finite, after, base)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
                 if rule.kernel_beside_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
-                                                                     span_slot, importance):
+                                                                         span_slot, importance):
                     return
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
