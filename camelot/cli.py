@@ -95,9 +95,9 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
                         "the reserve keeps the tokens the window attended most (a demonstration's label), "
                         "not the surprising ones (docs/icl_memory.md)")
     p.add_argument("--recall-balanced", dest="recall", action="store_const", const="balanced",
-                   help="camelot: CamelotConfig.recall('balanced'): half the slots a reserve of surprising windows "
-                        "(facts), half consolidated and evicted by recent use; give a --recent as long as --slots "
-                        "(docs/memory_write.md)")
+                   help="camelot: CamelotConfig.recall('balanced'): a third of the slots a reserve of surprising "
+                        "windows (facts), the rest consolidated and evicted by recent use; give a --recent as long "
+                        "as --slots (docs/memory_write.md)")
 
 
 def memory_config(args: argparse.Namespace, **fixed):

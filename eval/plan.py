@@ -18,7 +18,7 @@ from camelot.options import AUTO_SET, UserError, parse_top_k
 RECALL = "camelot-recall"  # camelot with CamelotConfig.recall's write (a surprise-ranked raw reserve)
 QUESTION = "camelot-question"  # CamelotConfig.recall("question"): the question is given before the document
 QUESTION_FACTS = "camelot-question-facts"  # recall("question+facts"): half the reserve each, question and surprise
-BALANCED = "camelot-balanced"  # recall("balanced"): half the slots facts, half consolidated by recent use
+BALANCED = "camelot-balanced"  # recall("balanced"): a third of the slots facts, the rest consolidated by recent use
 RECALL_STRATEGIES = {RECALL: "facts", QUESTION: "question", QUESTION_FACTS: "question+facts", BALANCED: "balanced"}
 ASKED = (QUESTION, QUESTION_FACTS)  # strategies that read each case's question before its document
 ALL_STRATEGIES = (*STRATEGIES, *RECALL_STRATEGIES, "full")
@@ -251,7 +251,7 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
                         "a raw reserve of the most surprising tokens for finding facts again; rule flags "
                         f"moved off their defaults still apply; {QUESTION}, retrieval only: the reserve keeps what "
                         f"each case's question, read before the document, attends to most; {QUESTION_FACTS}: half "
-                        f"of it that, half the surprising tokens; {BALANCED}: half the slots surprising windows, "
-                        "half consolidated by recent use, measured with --recent as long as --slots)")
+                        f"of it that, half the surprising tokens; {BALANCED}: a third of the slots surprising windows, "
+                        "the rest consolidated by recent use, measured with --recent as long as --slots)")
     p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
     options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)

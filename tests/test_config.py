@@ -151,14 +151,14 @@ def test_recall_of_demonstrations_ranks_single_tokens_by_attention_shared_over_h
         CamelotConfig.recall("labels")
 
 
-def test_balanced_recall_keeps_half_the_slots_for_facts_and_evicts_the_rest_by_use_in_the_kernel():
+def test_balanced_recall_keeps_a_third_of_the_slots_for_facts_and_evicts_the_rest_by_use_in_the_kernel():
     from camelot.memory.rules import rule_from_config
 
     cfg = CamelotConfig.recall("balanced", slots=252, recent=256)
     facts = CamelotConfig.recall("facts", slots=252)
-    assert (cfg.span_reserve, cfg.evict, cfg.recent) == (126, "use", 256)
+    assert (cfg.span_reserve, cfg.evict, cfg.recent) == (84, "use", 256)
     assert all(getattr(cfg, k) == getattr(facts, k) for k in ("span", "span_follow", "importance", "span_score"))
     rule = rule_from_config(cfg)
     assert rule.kernel_beside_reserve and not rule.plain and not rule.use_only
     assert not rule_from_config(cfg.replace(protect=2.0)).kernel_beside_reserve  # a rule the kernel lacks
-    assert CamelotConfig.recall("balanced", slots=1).span_reserve == 0
+    assert CamelotConfig.recall("balanced", slots=2).span_reserve == 0

@@ -140,7 +140,7 @@ def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
                                          **{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
     assert demos.importance == "attention" != cfg.importance
     balanced = memory_config(parser.parse_args([*command, "--slots", "892", "--recent", "892", "--recall-balanced"]))
-    assert (balanced.span_reserve, balanced.evict, balanced.importance) == (446, "use", "surprise")
+    assert (balanced.span_reserve, balanced.evict, balanced.importance) == (297, "use", "surprise")
     assert balanced.recent == 892
     kept = memory_config(parser.parse_args([*command, "--slots", "892", "--recall-balanced", "--evict", "merge"]))
     assert kept.evict == "merge"  # a rule flag moved off its default still wins

@@ -107,7 +107,7 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
     balanced = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
         ["--strategies", "sliding,camelot-balanced", "--slots", "252", "--recent", "256"]))))
     assert balanced["camelot-balanced"][0].config == CamelotConfig.recall("balanced", slots=252, recent=256)
-    assert balanced["camelot-balanced"][0].config.span_reserve == 126
+    assert balanced["camelot-balanced"][0].config.span_reserve == 84
     assert balanced["sliding"][0].config.slots == 252 + 256  # the same budget
 
 

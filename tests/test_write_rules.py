@@ -280,9 +280,10 @@ def test_balanced_recall_runs_its_consolidated_half_in_the_kernel_and_stays_caus
     ids = torch.randint(0, 101, (1, 160), generator=torch.Generator().manual_seed(0))
     a = cm.score(ids).token_nll
     banks = [rt.state.memory for rt in cm.runtimes]
-    assert used and all(used)  # every write's consolidated half in the kernel
-    assert all(bool((b.span_score[..., :8] > float("-inf")).any()) for b in banks)  # the reserve holds windows
-    assert all(bool((b.counts[..., :8] > 0).all()) for b in banks)  # the consolidated half is full
+    reserve = banks[0].rule.span_reserve
+    assert reserve == 5 and used and all(used)  # every write's consolidated part in the kernel
+    assert all(bool((b.span_score[..., :reserve] > float("-inf")).any()) for b in banks)  # the reserve holds windows
+    assert all(bool((b.counts[..., : 16 - reserve] > 0).all()) for b in banks)  # the consolidated part is full
     changed = ids.clone()
     changed[0, 140] = (changed[0, 140] + 7) % 101
     assert torch.equal(a[:, :139], cm.score(changed).token_nll[:, :139])
