@@ -64,6 +64,8 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
     "question": {"span": 8, "span_follow": 12, "importance": "question", "span_score": "scan"},
     "question+facts": {"span": 8, "span_follow": 12, "importance": "question+surprise", "span_score": "scan+scan"},
 }
+# the kinds whose reserve is a fixed share of the slots (1/n); the others keep all slots but 128
+RECALL_SHARES: dict[str, int] = {"balanced": 3}
 
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
 # old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
@@ -284,7 +286,9 @@ def recall_reserve(kind: str, slots: Any) -> int:
     """The span reserve of CamelotConfig.recall(kind) in a bank of `slots` slots."""
     if type(slots) is not int:  # a bad `slots`: validate() says so
         return 0
-    return slots // 3 if kind == "balanced" else slots - min(128, max(1, slots // 3))
+    if kind in RECALL_SHARES:
+        return slots // RECALL_SHARES[kind]
+    return slots - min(128, max(1, slots // 3))
 
 
 def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
