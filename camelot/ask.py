@@ -185,8 +185,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="camelot: CamelotConfig.recall('question+facts'): half the reserve as --recall-question "
                         "ranks, half as --recall (the surprising tokens)")
     g.add_argument("--no-recall", dest="recall", action="store_const", const="none",
-                   help="camelot: the plain write (the paper's consolidation, no reserve) also for one question "
-                        "about a --context-file, where --recall is the default; the default with -i or --save")
+                   help="camelot: the default write (a third of the slots surprising windows, the rest evicted by "
+                        "recent use, a raw tail as long as the slots) also for one question about a --context-file, "
+                        "where --recall is the default; the default with -i or --save")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -241,9 +242,9 @@ def run_cli(args: argparse.Namespace) -> int:
         session.resume(cm.memory.load(args.load))
     elif document is not None:
         n = session.read(document, progress=not args.no_progress, question=args.question)
-        ranked = {"question": ", reserve ranked by the question", "surprise": ", reserve ranked by surprise",
-                  "question+surprise": ", reserve ranked half by the question, half by surprise",
-                  "attention": ", reserve ranked by attention"}[cfg.importance] if cfg.span_reserve else ""
+        ranked = {"question": "by the question", "surprise": "by surprise", "attention": "by attention",
+                  "question+surprise": "half by the question, half by surprise"}[cfg.importance]
+        ranked = f", {cfg.span_reserve} of {cfg.slots} slots a reserve ranked {ranked}" if cfg.span_reserve else ""
         print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window}{ranked})", file=sys.stderr)
         if args.save:
             cm.memory.save(args.save, metadata=session.metadata())

@@ -86,18 +86,27 @@ def add_memory_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, strate
     """The options of one memory configuration, for commands that run a single one (`ask`,
     `icl`, `soak`); `defaults` overrides CamelotConfig's defaults by field name."""
     add_config_args(p, only=MEMORY_FLAGS, skip=() if strategy else ("strategy",), **defaults)
-    p.add_argument("--recall", action="store_const", const="facts", default=None,
-                   help="camelot: CamelotConfig.recall's write, for finding facts again: all slots but 128 a raw "
-                        "reserve of the windows the model found most surprising (docs/retrieval.md); write-rule "
-                        "flags moved off their defaults still apply")
-    p.add_argument("--recall-demos", dest="recall", action="store_const", const="demonstrations",
-                   help="camelot: CamelotConfig.recall('demonstrations'), for many-shot in-context learning: "
-                        "the reserve keeps the tokens the window attended most (a demonstration's label), "
-                        "not the surprising ones (docs/icl_memory.md)")
-    p.add_argument("--recall-balanced", dest="recall", action="store_const", const="balanced",
-                   help="camelot: CamelotConfig.recall('balanced'): a third of the slots a reserve of surprising "
-                        "windows (facts), the rest consolidated and evicted by recent use; give a --recent as long "
-                        "as --slots (docs/memory_write.md)")
+    p.set_defaults(recall=None)
+    for flag, kind, help_text in PRESET_FLAGS:
+        p.add_argument(flag, dest="recall", action="store_const", const=kind, help=help_text)
+
+
+# the write presets a single-config command takes (options.recall_config builds them)
+PRESET_FLAGS = (
+    ("--recall", "facts", "camelot: CamelotConfig.recall's write, for finding facts again: all slots but 128 a raw "
+                          "reserve of the windows the model found most surprising (docs/retrieval.md); write-rule "
+                          "flags moved off their defaults still apply"),
+    ("--recall-demos", "demonstrations", "camelot: CamelotConfig.recall('demonstrations'), for many-shot in-context "
+                                         "learning: the reserve keeps the tokens the window attended most (a "
+                                         "demonstration's label), not the surprising ones (docs/icl_memory.md)"),
+    ("--recall-balanced", "balanced", "camelot: CamelotConfig.recall('balanced'), the default write (kept for "
+                                      "scripts): a third of the slots a reserve of surprising windows (facts), the "
+                                      "rest consolidated and evicted by recent use, beside a raw tail as long as "
+                                      "the slots (docs/memory_write.md)"),
+    ("--consolidating", "consolidating", "camelot: CamelotConfig.consolidating()'s write, the default until "
+                                         "2026-12-06: every slot consolidated, the oldest evicted, a raw tail of 128 "
+                                         "(give --slots 2048 for its old budget)"),
+)
 
 
 def memory_config(args: argparse.Namespace, **fixed):

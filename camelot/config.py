@@ -19,6 +19,15 @@ from camelot.backends import BACKENDS
 from camelot.guards import check_int
 from camelot.memory.rules import EVICTIONS, IMPORTANCES, WriteRule, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
+from camelot.presets import (
+    CONSOLIDATING,
+    RECALL_KINDS,
+    RECALL_SHARES,
+    TAIL,
+    WRITE_AUTO,
+    recall_reserve,
+    resolve_auto_write,
+)
 from camelot.reads.base import COUNT_MODES
 
 Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
@@ -39,33 +48,6 @@ RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
 # nearly useless (perplexity 42.6 vs 33.6 reading every slot, 44.6 window-only; README)
 AUTO_EVERY_SLOT_MAX = 8192
 AUTO_TOP_K = 8
-
-# CamelotConfig.recall: how its raw reserve ranks tokens, per kind of thing to recall.
-# facts: the most surprising burst of 2, 4 or 8 tokens by a scan statistic (a fact opens with a
-# name the model did not expect; 16-token sums, the preset until 2026-12-05, lost short names to
-# long surprising passages: docs/retrieval.md) and the 12 tokens after it (its value).
-# demonstrations: single tokens by the attention the window gave them, the largest over the
-# layer's KV heads (a demonstration's label is what later ones read; surprise keeps their
-# sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
-# question: the facts' spans, ranked by the logit of a question given before the document
-# (camelot/question.py): a fact in plain prose is not a burst of surprise (docs/inference.md)
-# question+facts: half the reserve each, in one write (spans.HALVES["scan+scan"]); the two
-# signals may instead rank jointly (span_score "joint-scan", docs/retrieval.md)
-# balanced: facts in a third of the slots, the rest consolidated and evicted by recent use
-# (evict="use"); with a raw tail as long as the slots (`recent`) it keeps most needles of `facts`
-# (fewer at 1/8 of the document) and most of the perplexity of recent use. A third, not half: at
-# 512 entries half cost 0.1-2% perplexity and 30 points of Qwen's RULER multi-key at 4k for one
-# single needle more; at 2048 half measured 0.1-0.6% better (docs/memory_write.md)
-_FACTS = {"span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"}
-RECALL_KINDS: dict[str, dict[str, Any]] = {
-    "facts": _FACTS,
-    "balanced": {**_FACTS, "evict": "use"},
-    "demonstrations": {"span": 1, "span_follow": 0, "importance": "attention", "span_score": "shared"},
-    "question": {"span": 8, "span_follow": 12, "importance": "question", "span_score": "scan"},
-    "question+facts": {"span": 8, "span_follow": 12, "importance": "question+surprise", "span_score": "scan+scan"},
-}
-# the kinds whose reserve is a fixed share of the slots (1/n); the others keep all slots but 128
-RECALL_SHARES: dict[str, int] = {"balanced": 3}
 
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
 # old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
@@ -90,11 +72,12 @@ class CamelotConfig:
         "block kept, `slots` / `block_size` of them read per forward)", choices=STRATEGIES, sweep=False)
     window: int = option(128, "tokens per segment (the local attention span)")
     slots: int = option(
-        2048, "consolidated memory slots per layer and KV head (camelot); for `sliding`, the raw tokens it "
-        "caches (its whole budget)")
-    recent: int = option(
-        128, "raw tokens kept right before the segment (camelot, knn): a token reaches memory when it leaves "
-        "this tail, so the nearest context stays exact and only older context is consolidated")
+        1020, "consolidated memory slots per layer and KV head (camelot; 1020 + the auto tail and sinks: 2048 "
+        "entries); for `sliding`, the raw tokens it caches (its whole budget)")
+    recent: int | Literal["auto"] = option(
+        "auto", "raw tokens kept right before the segment (camelot, knn; infllm's local window): a token reaches "
+        f"memory when it leaves this tail. auto: beside camelot's eviction by use, slots + sink (half the budget "
+        f"raw, as measured); else {TAIL}")
     sink: int = option(
         4, "the document's first tokens, kept raw for good right before the raw tail (recurrent, sliding, "
         "knn, camelot): StreamingLLM's attention sinks, where a model trained from position 0 parks attention")
@@ -152,9 +135,10 @@ class CamelotConfig:
                                "the most attention while in the local window")
     memory_dtype: MemoryDtype = option("float32", "storage dtype of slot keys and values", choices=MEMORY_DTYPES,
                                        sweep=False)
-    evict: str = option("age", "camelot: which slot a novel token replaces in a full bank. age: the one written "
-                        "longest ago (paper). use: the least attention received, decayed. merge: first fold "
-                        "mutually nearest slot pairs together (docs/memory_write.md)", choices=EVICTIONS)
+    evict: str = option("use", "camelot: which slot a novel token replaces in a full bank. age: the one written "
+                        "longest ago (paper). use (default): the lowest score, its tokens' importance "
+                        "plus the attention it received when read, decayed. merge: first fold mutually nearest slot "
+                        "pairs together (docs/memory_write.md)", choices=EVICTIONS)
     protect: float = option(0.0, "camelot: a token that received >= protect x its head's mean attention before "
                                  "leaving the raw window never merges, takes no merges and is evicted last (0: off)")
     reserve: int | None = option(None, "camelot: at most this many protected slots per head (the raw episodic "
@@ -165,16 +149,18 @@ class CamelotConfig:
                                                  "slot's value also reaches this (None: keys only)")
     merge_target: float | None = option(None, "camelot: per-head thresholds, each head merging this fraction of "
                                               "a segment's tokens (None: the global threshold)")
-    span_reserve: int = option(0, "camelot: the last span_reserve slots per head hold important windows raw (0: off)")
+    span_reserve: int | Literal["auto"] = option(
+        "auto", "camelot: the last span_reserve slots per head hold important windows raw (0: off; auto: a "
+        "third of the slots)")
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
-    span_follow: int = option(0, "camelot: the span reserve also keeps up to this many tokens after a winning window")
+    span_follow: int = option(12, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
-    span_score: str = option("relative", "camelot: span reserve ranking. relative: importance over the segment's "
+    span_score: str = option("scan", "camelot: span reserve ranking. relative: importance over the segment's "
                                          "mean; sum; shared: relative, max over KV heads; peak: top token; sum+peak: "
                                          "half each; scan: best window up to span by its excess over the mean; "
                                          "scan+scan: half each, two importances; joint-scan: their scans summed in "
                                          "s.d.", choices=SPAN_SCORES)
-    importance: str = option("attention", "camelot: what evict=use, protect and the span reserve rank by: attention "
+    importance: str = option("surprise", "camelot: what evict=use, protect and the span reserve rank by: attention "
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both", choices=IMPORTANCES)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
@@ -202,6 +188,9 @@ class CamelotConfig:
             object.__setattr__(self, "search", "torch-bf16" if fast_bfloat16() else "torch")
         if self.read_top_k == "auto":
             _resolve_auto_read(self, given)
+        # replace() keeps these "auto" unless changed: a tail and reserve that follow the new slots
+        object.__setattr__(self, "_auto", frozenset(n for n in WRITE_AUTO if getattr(self, n) == "auto"))
+        resolve_auto_write(self)
         self.validate()
 
     def __getattr__(self, name: str) -> Any:  # only reached for names the instance lacks
@@ -218,31 +207,7 @@ class CamelotConfig:
 
     def validate(self) -> None:
         """Raise ValueError for any setting camelot cannot run; normalises count_bias and layers."""
-        check_int("window", self.window, low=1)
-        check_int("slots", self.slots, low=1)
-        if self.read_top_k is not None:
-            check_int("read_top_k", self.read_top_k, low=1)
-        check_int("recent", self.recent, low=0)
-        check_int("sink", self.sink, low=0)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
-        if not -1.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [-1, 1] (a cosine similarity), got {self.threshold}")
-        for f in fields(self):
-            if f.metadata.get("choices"):
-                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-        if self.read_top_k is None and self.search not in EVERY_SLOT_SEARCH and self.strategy in ("camelot", "knn"):
-            raise ValueError(f"read_top_k=None (read every slot) needs search='torch' or 'torch-bf16'; the "
-                             f"{self.search} backend returns a top-k: give read_top_k (e.g. 8)")
-        if self.strategy == "camelot" and self.read_top_k is not None and self.read_top_k > self.slots:
-            raise ValueError(f"read_top_k ({self.read_top_k}) must not exceed slots ({self.slots}): a query cannot "
-                             "read more slots than the memory has")
-        if self.memory_distance is not None:
-            check_int("memory_distance", self.memory_distance, low=0)
-        _check_infllm(self)
-        rule_from_config(self)  # the write rule's options (evict, protect, ...) are checked there
-        _check_count_bias(self)
-        _check_layers(self)
+        _validate(self)
 
     @property
     def distance(self) -> int:
@@ -250,20 +215,28 @@ class CamelotConfig:
 
     @classmethod
     def paper(cls, **changes: Any) -> CamelotConfig:
-        """The CAMELoT paper's setting: consolidated slots alone, a top-1 read of the slot nearest
-        each token's key, fixed placement."""
-        return cls(**{"recent": 0, "sink": 0, "read_top_k": 1, "retrieve": "key", "count_bias": False,
-                      "placement": "fixed", **changes})
+        """The CAMELoT paper's setting: consolidated slots alone, written as `consolidating()` writes,
+        read top-1 by the slot nearest each token's key, fixed placement."""
+        return cls.consolidating(**{"recent": 0, "sink": 0, "read_top_k": 1, "retrieve": "key", "count_bias": False,
+                                    "placement": "fixed", **changes})
+
+    @classmethod
+    def consolidating(cls, **changes: Any) -> CamelotConfig:
+        """The default until 2026-12-06: every slot consolidated, the one written longest ago evicted
+        (the paper's write), 2048 slots beside a raw tail of 128."""
+        return cls(**{"slots": 2048, "recent": TAIL, **CONSOLIDATING, **changes})
 
     @classmethod
     def recall(cls, kind: str = "facts", **changes: Any) -> CamelotConfig:
-        """All slots but 128 (a third of a smaller bank; "balanced": a third) a raw reserve ranked as
-        RECALL_KINDS[kind] says, the rest consolidated (facts: docs/retrieval.md; demonstrations:
-        docs/icl_memory.md)."""
+        """All slots but 128 (a third of a smaller bank; "balanced", the default write: a third) a raw
+        reserve ranked as RECALL_KINDS[kind] says, the rest consolidated (facts: docs/retrieval.md;
+        demonstrations: docs/icl_memory.md)."""
         if kind not in RECALL_KINDS:
             raise ValueError(f"recall kind must be one of {', '.join(RECALL_KINDS)}; got {kind!r}")
-        slots = changes.get("slots", cls.__dataclass_fields__["slots"].default)
-        return cls(**{"span_reserve": recall_reserve(kind, slots), **RECALL_KINDS[kind], **changes})
+        # the other kinds were measured in the consolidating default's bank: 2048 slots + 128 tail
+        base = {} if kind in RECALL_SHARES else {"slots": 2048, "recent": TAIL}
+        slots = changes.get("slots", base.get("slots", cls.__dataclass_fields__["slots"].default))
+        return cls(**{**base, **RECALL_KINDS[kind], "span_reserve": recall_reserve(kind, slots), **changes})
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -275,20 +248,39 @@ class CamelotConfig:
         for old, new in RENAMED.items():
             if old in changes:
                 values.pop(new)
-        values.update(changes)
+        values.update({name: "auto" for name in self._auto}, **changes)
         return CamelotConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def recall_reserve(kind: str, slots: Any) -> int:
-    """The span reserve of CamelotConfig.recall(kind) in a bank of `slots` slots."""
-    if type(slots) is not int:  # a bad `slots`: validate() says so
-        return 0
-    if kind in RECALL_SHARES:
-        return slots // RECALL_SHARES[kind]
-    return slots - min(128, max(1, slots // 3))
+def _validate(cfg: CamelotConfig) -> None:
+    check_int("window", cfg.window, low=1)
+    check_int("slots", cfg.slots, low=1)
+    if cfg.read_top_k is not None:
+        check_int("read_top_k", cfg.read_top_k, low=1)
+    check_int("recent", cfg.recent, low=0)
+    check_int("sink", cfg.sink, low=0)
+    if isinstance(cfg.threshold, bool) or not isinstance(cfg.threshold, (int, float)):
+        raise ValueError(f"threshold must be a number in [-1, 1], got {cfg.threshold!r}")
+    if not -1.0 <= float(cfg.threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [-1, 1] (a cosine similarity), got {cfg.threshold}")
+    for f in fields(cfg):
+        if f.metadata.get("choices"):
+            _check_choice(f.name, getattr(cfg, f.name), f.metadata["choices"])
+    if cfg.read_top_k is None and cfg.search not in EVERY_SLOT_SEARCH and cfg.strategy in ("camelot", "knn"):
+        raise ValueError(f"read_top_k=None (read every slot) needs search='torch' or 'torch-bf16'; the "
+                         f"{cfg.search} backend returns a top-k: give read_top_k (e.g. 8)")
+    if cfg.strategy == "camelot" and cfg.read_top_k is not None and cfg.read_top_k > cfg.slots:
+        raise ValueError(f"read_top_k ({cfg.read_top_k}) must not exceed slots ({cfg.slots}): a query cannot "
+                         "read more slots than the memory has")
+    if cfg.memory_distance is not None:
+        check_int("memory_distance", cfg.memory_distance, low=0)
+    _check_infllm(cfg)
+    rule_from_config(cfg)  # the write rule's options (evict, protect, ...) are checked there
+    _check_count_bias(cfg)
+    _check_layers(cfg)
 
 
 def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:

@@ -30,12 +30,23 @@ def parse_top_k(text: str) -> int | None | str:
     """--read-top-k: an integer, 'all' (None: every slot) or 'auto' (camelot.config's rule)."""
     if str(text).strip().lower() == "all":
         return None
+    try:
+        return parse_int_or_auto(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'all'") from None
+
+
+def parse_int_or_auto(text: str) -> int | str:
+    """--recent, --span-reserve: an integer or 'auto' (camelot.config says what auto gives)."""
     if str(text).strip().lower() == "auto":
         return "auto"
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'all'") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'auto'") from None
+
+
+parse_int_or_auto.__name__ = "integer or auto"
 
 
 def parse_count_bias(text: str) -> float:
@@ -74,7 +85,7 @@ def parse_layers(text: str) -> list[int] | str | None:
 
 # how a field's text becomes its value, where its type alone does not say
 PARSERS = {"read_top_k": parse_top_k, "count_bias": parse_count_bias, "memory_distance": parse_distance,
-           "layers": parse_layers}
+           "layers": parse_layers, "recent": parse_int_or_auto, "span_reserve": parse_int_or_auto}
 # fields that read_top_k="auto" may set where the user left them: their flags default to "not given"
 AUTO_SET = ("search", "retrieve")
 # how a value is shown back as a flag's text (the default in --help)
@@ -208,9 +219,11 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
 
 
 def recall_config(kind: str = "facts", **values: Any) -> CamelotConfig:
-    """CamelotConfig.recall(kind) with these values, except write-rule values at their defaults: a
+    """CamelotConfig.recall(kind) (or .consolidating()) with these values, except write-rule values at their defaults: a
     flag the user did not move leaves the preset's choice (flags cannot tell "not given" apart)."""
     kept = {k: v for k, v in values.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
+    if kind == "consolidating":  # not a recall kind: the write of camelot 0.1, no reserve
+        return CamelotConfig.consolidating(**kept)
     return CamelotConfig.recall(kind, **kept)
 
 

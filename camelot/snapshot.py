@@ -141,19 +141,22 @@ class MemoryView:
             rt.last_read = None
         self.cm.surprise.last_logp = cp.last_logp
 
-    def open_segment(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    def open_segment(self) -> list[tuple[torch.Tensor | None, ...]]:
         """A free handle on every layer's open segment (attention never edits those tensors in
-        place), for reading several continuations of one open segment without a full checkpoint;
-        the memory is not part of it."""
-        return [(rt.state.local_k, rt.state.local_v) for rt in self.cm.runtimes]
+        place), for reading several continuations of one open segment without a full checkpoint.
+        The memory is not part of it, except the slots' use scores, which reads raise (a copy):
+        a continuation read and put back leaves no trace in what the write later evicts."""
+        return [(rt.state.local_k, rt.state.local_v, _use_scores(rt)) for rt in self.cm.runtimes]
 
     @exclusive_view
-    def restore_open_segment(self, handle: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
-        """Put back the open segment that `open_segment()` returned."""
+    def restore_open_segment(self, handle: list[tuple[torch.Tensor | None, ...]]) -> None:
+        """Put back the open segment (and the use scores) that `open_segment()` returned."""
         if len(handle) != len(self.cm.runtimes):
             raise ValueError("open segment handle of another wrapper")
-        for rt, (k, v) in zip(self.cm.runtimes, handle):
+        for rt, (k, v, scores) in zip(self.cm.runtimes, handle):
             rt.state.keep(k, v)
+            if scores is not None and _use_scores(rt) is not None:
+                rt.state.memory.score.copy_(scores)
 
     # ------------------------------------------------------------------ snapshots
     @exclusive_view
@@ -280,3 +283,9 @@ def _check_compatible(path, meta: dict[str, str], cm: Wrapper) -> None:
     if n_open >= cfg.window:
         raise SnapshotError(f"{path}: its open segment holds {n_open} tokens, more than fit this wrapper's "
                             f"window ({cfg.window}); use window > {n_open}")
+
+
+def _use_scores(rt: Any) -> torch.Tensor | None:
+    """A copy of the layer's slot scores where reads raise them (evict="use"); None elsewhere."""
+    mem = rt.state.memory
+    return mem.score.clone() if getattr(mem, "observes_reads", False) and mem.score is not None else None

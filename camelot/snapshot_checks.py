@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # and keeps sums over slots (2^22 slots at most) far below int64's 2^63.
 MAX_COUNT = 1 << 40
 _NAME = re.compile(r"layer(\d+)\.(open|memory|prefix|sink|question)\."
-                   r"(keys|values|counts|ages|telemetry|finite|span_score|importance|queries)")
+                   r"(keys|values|counts|ages|telemetry|finite|span_score|slot_score|pinned|importance|queries)")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
                 "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -94,7 +94,12 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
         if field == "span_score" and not reserve:
             raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (span reserve scores; this wrapper's "
                                 f"{m[2]} of layer {m[1]} keeps no span reserve: span_reserve=0)")
-        floating = field in ("keys", "values", "span_score", "importance", "queries")
+        rule = getattr(rt.state.memory, "rule", None) if m[2] == "memory" else None
+        if field in ("slot_score", "pinned") and not (rule and (rule.ranks_slots if field == "slot_score"
+                                                                else rule.protect > 0)):
+            raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (slot scores; this wrapper's {m[2]} of "
+                                f"layer {m[1]} ranks no slots)")
+        floating = field in ("keys", "values", "span_score", "slot_score", "importance", "queries")
         if dtype not in _DTYPE_BYTES or dtype.startswith(("F", "BF")) != floating:
             raise SnapshotError(f"{path}: {name} has dtype {dtype}")
         if field == "telemetry":
@@ -113,6 +118,11 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
             if len(shape) != 4 or shape[1] != h or not 1 <= shape[2] <= cap or shape[3] != d or shape[0] < 1:
                 raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper takes [batch, {h} kv heads, "
                                     f"1 to {cap} question queries, {d}]")
+        elif field in ("slot_score", "pinned"):
+            if len(shape) != 3 or shape[1] != h or shape[2] != cap:
+                raise SnapshotError(f"{path}: {name} has shape {shape}; this wrapper takes [batch, {h} kv heads, "
+                                    f"{cap} slots]")
+            batches.add(shape[0])
         elif field == "span_score":
             lengths = span_state_len(rt.state.memory)
             if len(shape) != 3 or shape[1] != h or shape[2] not in lengths:
@@ -191,7 +201,8 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cm: Wrapper) -> N
             if not torch.isfinite(t.float()).all():
                 raise SnapshotError(f"{path}: {name} holds non-finite values in float32 (the dtype it is kept in)")
         elif m[3] == "span_score":  # kept in float32 whatever the memory's dtype
-            if t.numel() and not (torch.isfinite(t.float()).all() and float(t.min()) >= EMPTY_SPAN):
+            # the mark as the file's float32 holds it (-1.00000002e30): compared in the tensor's dtype
+            if t.numel() and not (torch.isfinite(t.float()).all() and bool((t.float() >= EMPTY_SPAN).all())):
                 raise SnapshotError(f"{path}: {name} holds non-finite values or values below {EMPTY_SPAN:g} "
                                     "(which marks an empty place)")
         elif t.is_floating_point():

@@ -81,6 +81,9 @@ def build_layer(path, rt: LayerRuntime, tensors: dict[str, torch.Tensor], meta: 
                 state["ages"] = take("memory.ages", 3, False)
             if "span_score" in names:  # a span reserve's ranking; its shape is checked by load_state_dict
                 state["span_score"] = take("memory.span_score", 3, True)
+            for name, floating in (("slot_score", True), ("pinned", False)):  # the slots' ranking, where kept
+                if name in names:
+                    state[name] = take(f"memory.{name}", 3, floating)
             check_kv("memory", state["keys"], state["values"])
             for name in ("counts", "ages"):
                 if name in state and state[name].shape != state["keys"].shape[:3]:

@@ -45,7 +45,7 @@ from camelot.backends import BACKENDS
 from camelot.cli import UserError, parse_count_bias, parse_top_k
 from camelot.config import RETRIEVALS, CamelotConfig
 from camelot.documents import add_data_limit_arg
-from camelot.options import add_model_args, load_model_from_args
+from camelot.options import add_model_args, load_model_from_args, parse_int_or_auto
 
 APPROXIMATE = ("torch-bf16", "faiss-ivf", "faiss-hnsw")
 TABLES = ("speed", "growth", "recall", "profile", "defaults", "decode")
@@ -202,7 +202,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="slots read per query ('all': every one, torch only); torch rows are also timed with "
                    "every slot read, the library default")
     p.add_argument("--threshold", type=float, default=CamelotConfig.threshold)
-    p.add_argument("--recent", type=int, default=CamelotConfig.recent, help="raw tail tokens (camelot, knn)")
+    p.add_argument("--recent", type=parse_int_or_auto, default=CamelotConfig.recent,
+                   help="raw tail tokens (camelot, knn); auto: camelot's default, as long as its slots")
     p.add_argument("--sink", type=int, default=CamelotConfig.sink, help="attention sink tokens")
     p.add_argument("--count-bias", type=parse_count_bias, default=CamelotConfig.count_bias,
                    help="factor of the log(count / mean count) bias: a number, on or off")

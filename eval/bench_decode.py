@@ -15,11 +15,12 @@ from camelot.eval.bench_measure import Row, run_wrapped
 from camelot.eval.hf_cache import cache_kwarg, new_cache
 
 from camelot.config import CamelotConfig
+from camelot.presets import TAIL
 
 
 def default_rows(model, ids: torch.Tensor, window: int, progress: bool) -> list[Row]:
-    """window-only, `CamelotConfig(window=...)` with every other default, and `sliding` holding
-    the same KV entries per head (sinks + slots + raw tail)."""
+    """window-only, `CamelotConfig(window=...)` with every other default, the consolidating write
+    and `sliding` holding the same KV entries per head (sinks + slots + raw tail)."""
     cfg = CamelotConfig(window=window)
     budget = cfg.slots + cfg.recent
     rows = [run_wrapped(model, ids, cfg.replace(strategy="window"), "window", progress=progress),
@@ -28,6 +29,10 @@ def default_rows(model, ids: torch.Tensor, window: int, progress: bool) -> list[
     if cfg.search != "torch":  # the exact fp32 read beside the default bfloat16 one
         rows.append(run_wrapped(model, ids, cfg.replace(search="torch"), "camelot defaults, search=torch (exact)",
                                 prefill=True, progress=progress))
+    # the default write until 2026-12-06 at the same budget: what the new write costs against it
+    old = CamelotConfig.consolidating(window=window, slots=budget - TAIL, search=cfg.search)
+    rows.append(run_wrapped(model, ids, old, f"camelot consolidating ({old.slots} slots + {old.recent} tail; the "
+                            "default until 2026-12-06)", prefill=True, progress=progress))
     return rows + [run_wrapped(model, ids, cfg.replace(strategy="sliding", slots=budget),
                                f"sliding {budget} (same budget)", prefill=True, progress=progress)]
 

@@ -114,7 +114,7 @@ def window_budget(window: int, prefix_len: int, reserve: int) -> int:
 
 
 # ---------------------------------------------------------------------------- scoring
-OpenState = list[tuple[torch.Tensor | None, torch.Tensor | None]]
+OpenState = list[tuple[torch.Tensor | None, ...]]
 
 
 def open_state(cm: Any) -> OpenState:
@@ -231,13 +231,14 @@ def run_sweep(model: Any, data: TokenizedTask, shots: Sequence[int], strategies:
     line (one row, strategy "zero-shot"). Configurations whose model input is identical to one
     already scored (same window demonstrations, same memory or none) reuse its result."""
     import camelot
+    from camelot.presets import at_same_budget
 
     budget = window_budget(config.window, len(data.prefix_ids), data.reserve)
     pools = {s: balanced_pool(data.train, data.task.labels, max(shots), seed=s) for s in range(seeds)}
     cache: dict[tuple, tuple[PromptResult, str]] = {}
     rows: list[RunRow] = []
     for strategy in strategies:
-        cm = camelot.wrap(model, config.replace(strategy=strategy))
+        cm = camelot.wrap(model, at_same_budget(config, strategy))
         try:
             for seed in range(seeds):
                 for k in shots:

@@ -349,7 +349,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="2k,8k,32k,128k", help="tokens per sequence, answer included")
     p.add_argument("--depths", default="10,50,90", help="needle depths in percent of the filler")
     p.add_argument("--trials", type=int, default=3, help="keys per length and depth")
-    add_sweep_args(p, window="512", slots="4096", placement="recency")
+    add_sweep_args(p, window="512", slots="2044", placement="recency")
     p.add_argument("--filler", default="repeat",
                    help="'repeat' (grass is green...) or a text: a file, or builtin:genesis_kjv")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated (greedy)")

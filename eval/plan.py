@@ -14,12 +14,16 @@ from camelot import options
 from camelot.config import STRATEGIES, CamelotConfig
 from camelot.memory.rules import RULE_FIELDS
 from camelot.options import AUTO_SET, UserError, parse_top_k
+from camelot.presets import TAIL, slots_for_budget
 
 RECALL = "camelot-recall"  # camelot with CamelotConfig.recall's write (a surprise-ranked raw reserve)
 QUESTION = "camelot-question"  # CamelotConfig.recall("question"): the question is given before the document
 QUESTION_FACTS = "camelot-question-facts"  # recall("question+facts"): half the reserve each, question and surprise
-BALANCED = "camelot-balanced"  # recall("balanced"): a third of the slots facts, the rest consolidated by recent use
-RECALL_STRATEGIES = {RECALL: "facts", QUESTION: "question", QUESTION_FACTS: "question+facts", BALANCED: "balanced"}
+BALANCED = "camelot-balanced"  # recall("balanced"), the default write: what `camelot` runs
+CONSOLIDATING = "camelot-consolidating"  # CamelotConfig.consolidating(): the default write until 2026-12-06
+# the camelot strategies of a preset write, by the preset's kind (options.recall_config)
+RECALL_STRATEGIES = {RECALL: "facts", QUESTION: "question", QUESTION_FACTS: "question+facts", BALANCED: "balanced",
+                     CONSOLIDATING: "consolidating"}
 ASKED = (QUESTION, QUESTION_FACTS)  # strategies that read each case's question before its document
 ALL_STRATEGIES = (*STRATEGIES, *RECALL_STRATEGIES, "full")
 DEFAULT_STRATEGIES = ("window", "recurrent", "sliding", "knn", "camelot", "full")
@@ -50,6 +54,9 @@ class Sweep:
     search: str | None = None  # None: not given (read_top_k="auto" may choose)
     write_mode: str = CamelotConfig.write_mode
     rules: dict[str, tuple] = field(default_factory=dict)  # RULE_FIELDS -> values (camelot)
+    # KV entries per head besides the segment; where given, each camelot and infllm run's slots are
+    # what its sinks and its own raw tail leave (slots_for_budget), and `slots` is not used
+    budgets: tuple[int, ...] = ()
 
 
 @dataclass
@@ -105,44 +112,76 @@ def plan_runs(sweep: Sweep, questions: bool = False) -> list[RunSpec]:
     specs: list[RunSpec] = []
     base = {"search": sweep.search, "write_mode": sweep.write_mode}
     for w in sweep.windows:
-        for strategy in (s for s in sweep.strategies if s != "full"):
-            if strategy == "window":
-                grid = [{}]
-            elif strategy == "recurrent":
-                grid = _product(sink=sweep.sinks)
-            elif strategy == "sliding":  # the same KV budget as camelot: its slots plus its raw tail
-                budgets = sorted({s + r for s in sweep.slots for r in sweep.recents})
-                grid = _product(slots=tuple(budgets), sink=sweep.sinks)
-            elif strategy == "infllm":  # attends sinks + raw tail + `slots` entries like camelot, in whole blocks
-                grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks,
-                                block_size=sweep.block_sizes, repr_topk=sweep.repr_topks,
-                                memory_distance=sweep.memory_distances, layers=sweep.layers)
-                for p in grid:  # slots rounded down to whole blocks (at least one): not above camelot's budget
-                    p["slots"] = max(1, p["slots"] // p["block_size"]) * p["block_size"]
-                grid = [dict(t) for t in dict.fromkeys(tuple(p.items()) for p in grid)]
-            elif strategy == "knn":
-                grid = _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
-                                memory_distance=sweep.memory_distances, placement=sweep.placements,
-                                retrieve=sweep.retrieves, layers=sweep.layers)
-            else:  # camelot and the recall strategies
-                grid = _product(slots=sweep.slots, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
-                                read_top_k=sweep.top_ks, count_bias=sweep.count_biases,
-                                count_mode=sweep.count_modes, count_cap=sweep.count_caps,
-                                memory_distance=sweep.memory_distances,
-                                placement=sweep.placements,
-                                retrieve=sweep.retrieves, layers=sweep.layers, **sweep.rules)
-            for params in grid:
-                try:
-                    given = {k: v for k, v in {**base, **params}.items() if not (k in AUTO_SET and v is None)}
-                    cfg = _config(strategy, w, given)
-                except ValueError as e:
-                    raise UserError(f"{strategy} with window={w} {params}: {e}") from None
-                if params.get("read_top_k") == "auto":  # the table names the read that ran
-                    params = {**params, "read_top_k": cfg.read_top_k}
-                specs.append(RunSpec(strategy, w, _shown(params, sweep), cfg))
+        runs = {s: [_spec(s, w, p, base, sweep) for p in _grid(s, sweep)]
+                for s in sweep.strategies if s not in ("full", "sliding", "infllm")}
+        if "sliding" in sweep.strategies or "infllm" in sweep.strategies:
+            # the baselines hold what each camelot run holds besides the sinks: its slots plus its tail
+            held = [r for s, rs in runs.items() if s == "camelot" or s in RECALL_STRATEGIES for r in rs] \
+                or [_spec("camelot", w, p, base, sweep) for p in _grid("camelot", sweep)]
+            sizes = tuple(sorted({r.config.slots + r.config.recent for r in held}))
+            if "sliding" in sweep.strategies:
+                runs["sliding"] = [_spec("sliding", w, p, base, sweep) for p in _product(slots=sizes, sink=sweep.sinks)]
+            if "infllm" in sweep.strategies:
+                runs["infllm"] = [_spec("infllm", w, p, base, sweep) for p in _grid("infllm", sweep, sizes)]
+        specs.extend(r for s in sweep.strategies if s in runs for r in runs[s])
     if "full" in sweep.strategies:
         specs.append(RunSpec("full", None, {}, None))
     return specs
+
+
+def _grid(strategy: str, sweep: Sweep, held: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """The settings a strategy runs with: the sweep's values of those it uses. held: what camelot's
+    runs hold besides the sinks (slots + raw tail), which infllm's local window and blocks share."""
+    if strategy == "window":
+        return [{}]
+    if strategy == "recurrent":
+        return _product(sink=sweep.sinks)
+    if strategy == "infllm":  # attends sinks + local window + read blocks: camelot's entries, in whole blocks
+        grid = _product(held=held, recent=sweep.recents, sink=sweep.sinks, block_size=sweep.block_sizes,
+                        repr_topk=sweep.repr_topks, memory_distance=sweep.memory_distances, layers=sweep.layers)
+        out = []
+        for p in grid:  # rounded down to whole blocks (at least one): not above camelot's budget
+            slots = p.pop("held") - (TAIL if p["recent"] == "auto" else p["recent"])
+            out.append({"slots": max(1, slots // p["block_size"]) * p["block_size"], **p})
+        return [dict(t) for t in dict.fromkeys(tuple(p.items()) for p in out)]
+    if strategy == "knn":
+        return _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,
+                        memory_distance=sweep.memory_distances, placement=sweep.placements,
+                        retrieve=sweep.retrieves, layers=sweep.layers)
+    # camelot and the recall strategies
+    size = {"budget": sweep.budgets} if sweep.budgets else {"slots": sweep.slots}
+    return _product(**size, recent=sweep.recents, sink=sweep.sinks, threshold=sweep.thresholds,
+                    read_top_k=sweep.top_ks, count_bias=sweep.count_biases, count_mode=sweep.count_modes,
+                    count_cap=sweep.count_caps, memory_distance=sweep.memory_distances, placement=sweep.placements,
+                    retrieve=sweep.retrieves, layers=sweep.layers, **sweep.rules)
+
+
+def _spec(strategy: str, window: int, params: dict[str, Any], base: dict[str, Any], sweep: Sweep) -> RunSpec:
+    try:
+        if "budget" in params:
+            params = _split_budget(strategy, window, params, base)
+        given = {k: v for k, v in {**base, **params}.items() if not (k in AUTO_SET and v is None)}
+        cfg = _config(strategy, window, given)
+    except ValueError as e:
+        raise UserError(f"{strategy} with window={window} {params}: {e}") from None
+    # the table names what ran where a value was "auto" (the read; camelot's tail and reserve)
+    params = {k: getattr(cfg, k) if v == "auto" else v for k, v in params.items()
+              if not (k == "span_reserve" and v == "auto")}  # the reserve follows slots: not named
+    return RunSpec(strategy, window, _shown(params, sweep), cfg)
+
+
+def _split_budget(strategy: str, window: int, params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A camelot run's params with `budget` turned into the slots its sinks and its write's own raw
+    tail leave (the default write's tail grows with the slots: half the budget)."""
+    p = dict(params)
+    budget = p.pop("budget")
+    given = {k: v for k, v in {**base, **p}.items() if not (k in AUTO_SET and v is None)}
+    probe = _config(strategy, window, {**given, "slots": max(1, budget), "read_top_k": None, "search": "torch"})
+    slots = slots_for_budget(budget, probe.sink, p.get("recent", "auto"), probe.evict)
+    if slots < 1:
+        raise ValueError(f"budget {budget} leaves no slots beside {probe.sink} sinks and a raw tail of "
+                         f"{probe.recent if p.get('recent', 'auto') != 'auto' else budget - probe.sink}")
+    return {"slots": slots, **p}
 
 
 def _config(strategy: str, window: int, given: dict[str, Any]) -> CamelotConfig:
@@ -251,7 +290,8 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
                         "a raw reserve of the most surprising tokens for finding facts again; rule flags "
                         f"moved off their defaults still apply; {QUESTION}, retrieval only: the reserve keeps what "
                         f"each case's question, read before the document, attends to most; {QUESTION_FACTS}: half "
-                        f"of it that, half the surprising tokens; {BALANCED}: a third of the slots surprising windows, "
-                        "the rest consolidated by recent use, measured with --recent as long as --slots)")
+                        f"of it that, half the surprising tokens; {BALANCED}: the default write, what camelot runs; "
+                        f"{CONSOLIDATING}: the default until 2026-12-06, every slot consolidated and the oldest "
+                        "evicted, a raw tail of 128 unless --recent says)")
     p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
     options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)

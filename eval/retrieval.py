@@ -6,8 +6,9 @@ first needle are read once per group of cases that share them, and answers are g
 runs where the model's positions reach; beyond, its cells say so.
 
 Equal budget: `--budget B` is the KV entries one head keeps besides the current segment
-(sinks + raw tail + slots): camelot gets B - sink - recent slots and sliding B - sink raw
-tokens plus the same sinks, so both hold B entries; knn keeps every token (unbounded) and reads
+(sinks + raw tail + slots): camelot gets B - sink - recent slots (by default its tail is as
+long as its slots and sinks: B / 2 - sink slots) and sliding B - sink raw tokens plus the same
+sinks, so both hold B entries; knn keeps every token (unbounded) and reads
 its top-k.
 
 Reports: a Markdown table per task (rows: runs, columns: lengths; mean score in % with a 95%
@@ -18,6 +19,7 @@ mean over tasks) per run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -41,6 +43,7 @@ from camelot.eval.retrieval_journal import Journal, read_journal, run_settings
 from camelot.eval.retrieval_tasks import TASKS, RetrievalCase, make_cases, make_prompt, score, task_haystack
 
 from camelot.cli import UserError
+from camelot.config import CamelotConfig
 from camelot.options import add_model_args, load_model_from_args
 from camelot.progress import progress_bar
 
@@ -298,21 +301,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
-def budget_slots(args: argparse.Namespace) -> str:
-    """--slots for camelot from --budget: each budget less the sinks and the raw tail."""
+def budget_values(args: argparse.Namespace) -> tuple[int, ...]:
+    """--budget's values, or () where --slots is given: each camelot run then gets the slots its
+    sinks and its own raw tail leave (plan._split_budget)."""
     if args.slots != "auto":
         if args.budget is not None:
             raise UserError("give --budget or --slots, not both")
-        return args.slots
-    recents, sinks = parse_list(args.recent, int, "recent"), parse_list(args.sink, int, "sink")
-    if len(recents) > 1 or len(sinks) > 1:
-        raise UserError("--budget needs one --recent and one --sink value (or give --slots)")
-    out = []
-    for b in parse_list(args.budget or "1024", int, "budget"):
-        if b <= recents[0] + sinks[0]:
-            raise UserError(f"--budget {b} leaves no slots beside --sink {sinks[0]} and --recent {recents[0]}")
-        out.append(str(b - recents[0] - sinks[0]))
-    return ",".join(out)
+        return ()
+    args.slots = str(CamelotConfig.slots)  # not used: the budget sets each run's slots
+    return parse_list(args.budget or "1024", int, "budget")
 
 
 def report_journal(out: Path, specs: list[RunSpec], tasks: list[str], lengths: list[int],
@@ -343,8 +340,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--depths are percentages in [0, 100], got {depths}")
     if args.trials < 1 or args.max_new_tokens < 0:
         raise UserError("--trials must be >= 1 and --max-new-tokens >= 0")
-    args.slots = budget_slots(args)
-    specs = plan_runs(sweep_from_args(args), questions=True)
+    budgets = budget_values(args)
+    specs = plan_runs(dataclasses.replace(sweep_from_args(args), budgets=budgets), questions=True)
     out = Path(args.out)
     if args.report:
         return report_journal(out, specs, tasks, lengths, args)

@@ -16,7 +16,8 @@ importance=question reads the question and the answer's start ("What is <name>'s
 <name>'s secret number is") before the passage (CamelotModel.set_question).
 
 A run is `strategy[:key=value,...]`: CamelotConfig fields (window 128, sink 4, recent 128 unless
-given). `full` is the plain model over the whole prompt. Budget per head = sink + recent + slots
+given) over the consolidating write (camelot.presets.CONSOLIDATING; the default write's runs give
+its fields). `full` is the plain model over the whole prompt. Budget per head = sink + recent + slots
 (sliding: sink + slots).
 """
 
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from camelot.presets import CONSOLIDATING
 
 BOOKS = Path("/work/shared/data/docs/books")
 BOOK_FILES = ("pg84_frankenstein.txt", "pg1342_pride_and_prejudice.txt", "pg9198_the_complete_angler.txt",
@@ -100,7 +103,8 @@ def answer(model, tok, strategy: str, changes: dict, ids: list[int], new: int = 
     if strategy == "full":
         out = model.generate(x, max_new_tokens=new, do_sample=False)[0, len(ids):]
         return tok.decode(out)
-    cfg = {"window": 128, "sink": 4, "recent": 128, "strategy": strategy, **changes}
+    cfg = {"window": 128, "sink": 4, "recent": 128, "strategy": strategy,
+           **(CONSOLIDATING if strategy == "camelot" else {}), **changes}
     w = camelot.wrap(model, camelot.CamelotConfig(**cfg))
     try:
         if w.ranks_by_question:

@@ -12,7 +12,7 @@ same question through AskSession (the chat template, the document, then the ques
         --run full --run camelot --run recall:facts --run recall:question
 
 A run: `full` (plain generate over the whole prompt), `camelot[:key=value,...]` (CamelotConfig
-fields over ask's defaults) or `recall:KIND[,key=value...]` (CamelotConfig.recall(KIND)).
+fields over ask's defaults and the consolidating write) or `recall:KIND[,key=value...]` (CamelotConfig.recall(KIND)).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from camelot.presets import CONSOLIDATING
 
 BOOKS = Path("/work/shared/data/docs/books")
 # (book, sentence, question, expected words in the answer)
@@ -63,7 +65,7 @@ def config(run: str):
         changes[k] = int(v) if v.lstrip("-").isdigit() else v
     if kind == "recall":
         return camelot.CamelotConfig.recall(name, **{**ASK_MEMORY, **changes})
-    return camelot.CamelotConfig(**{**ASK_MEMORY, **changes})
+    return camelot.CamelotConfig(**{**ASK_MEMORY, **CONSOLIDATING, **changes})
 
 
 def answer_full(model, tok, doc: str, question: str, new: int) -> str:

@@ -6,7 +6,9 @@ articles, each cut to --max-tokens.
         --run camelot:slots=380 --run camelot:slots=380,evict=use
 
 A run is `strategy[:key=value,...]` of CamelotConfig fields (window 128, sink 4, recent 128
-unless given), as in scripts/needle_probe.py. Prints one JSON line per run: perplexity per
+unless given), over the consolidating write (camelot.presets.CONSOLIDATING: the write these
+runs' documented changes are named against; the default write's runs give its fields), as in
+scripts/needle_probe.py. Prints one JSON line per run: perplexity per
 corpus (token-weighted over its documents) and seconds spent in SlotBank.write.
 """
 
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from camelot.presets import CONSOLIDATING
 
 DOCS = Path("/work/shared/data/docs")
 CORPORA = {"sotu": ["state_union/1945-Truman.txt", "state_union/1946-Truman.txt"],
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     SlotBank.write = timed
     for spec in args.run:
         strategy, changes = parse_run(spec)
-        cfg = camelot.CamelotConfig(**{"window": 128, "sink": 4, "recent": 128, "strategy": strategy, **changes})
+        cfg = camelot.CamelotConfig(**{"window": 128, "sink": 4, "recent": 128, "strategy": strategy,
+                                       **(CONSOLIDATING if strategy == "camelot" else {}), **changes})
         w = camelot.wrap(model, cfg)
         spent[0], t0, row = 0.0, time.perf_counter(), {"run": spec}
         try:

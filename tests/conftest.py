@@ -24,11 +24,12 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
 
 
 def bare(**kw):
-    """A CamelotConfig without the raw tail and sinks: every closed token goes straight to memory,
-    the setting that the memory-mechanics tests reason about on short documents."""
+    """A CamelotConfig without the raw tail and sinks, written as the paper writes (every token
+    consolidated, the oldest slot evicted): every closed token goes straight to memory, the setting
+    that the memory-mechanics tests reason about on short documents."""
     from camelot import CamelotConfig
 
-    return CamelotConfig(**{"recent": 0, "sink": 0, **kw})
+    return CamelotConfig.consolidating(**{"recent": 0, "sink": 0, **kw})
 
 
 @pytest.fixture

@@ -28,11 +28,14 @@ import torch
 
 import camelot
 from camelot import CamelotConfig
+from camelot.presets import CONSOLIDATING
 from camelot.snapshot import SnapshotError
 from tests.conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-LIVE = dict(window=16, slots=8, read_top_k=2, threshold=0.5, recent=0, sink=0)
+# the consolidating write (no reserve, no ranking): the snapshot cases below reason about its state
+LIVE = dict(window=16, slots=8, read_top_k=2, threshold=0.5, recent=0, sink=0, **CONSOLIDATING)
+READ = {k: v for k, v in LIVE.items() if k not in CONSOLIDATING}  # LIVE's settings without its write
 FED = 40
 
 
@@ -247,7 +250,7 @@ def _other_write_setup(ctx: Ctx) -> None:
 def _question_wrapper(ctx: Ctx):
     """A wrapper whose reserve ranks by a question (CamelotConfig.recall('question')), none set yet."""
     if "qcm" not in ctx.extra:
-        ctx.extra["qcm"] = camelot.wrap(tiny_llama(seed=1), CamelotConfig.recall("question", **LIVE))
+        ctx.extra["qcm"] = camelot.wrap(tiny_llama(seed=1), CamelotConfig.recall("question", **READ))
     return ctx.extra["qcm"]
 
 

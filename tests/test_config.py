@@ -125,16 +125,43 @@ def test_count_mode_choices_are_the_ones_the_bias_implements():
             CamelotConfig(count_cap=bad)
 
 
+def test_the_default_write_is_the_balanced_preset_with_half_the_budget_raw():
+    """Since 2026-12-06 the default is recall("balanced"): a third of the slots a reserve, the rest
+    evicted by use, a raw tail and sinks as long as the slots (2048 entries per head); recent and
+    span_reserve "auto" follow slots through replace(), and what is given wins."""
+    cfg = CamelotConfig()
+    assert (cfg.slots, cfg.recent, cfg.sink, cfg.span_reserve) == (1020, 1024, 4, 340)
+    assert cfg.slots + cfg.recent + cfg.sink == 2048
+    balanced = CamelotConfig.recall("balanced")
+    assert all(getattr(cfg, f) == getattr(balanced, f) for f in cfg.to_dict())
+    small = cfg.replace(slots=252)
+    assert (small.recent, small.span_reserve) == (256, 84)  # "auto" kept: they follow the new slots
+    assert cfg.replace(slots=252, recent=64).recent == 64
+    assert CamelotConfig(recent=0, sink=0).recent == 0 and CamelotConfig(span_reserve=0).span_reserve == 0
+    assert CamelotConfig(sink=0, slots=100).recent == 100
+    # the tail "auto" is 128 beside the consolidating write and for the other strategies
+    assert CamelotConfig(evict="age").recent == 128 and CamelotConfig(evict="age").span_reserve == 340
+    for strategy in ("knn", "infllm", "sliding", "window", "recurrent"):
+        other = CamelotConfig(strategy=strategy, slots=1024)
+        assert (other.recent, other.span_reserve) == (128, 0), strategy
+    old = CamelotConfig.consolidating()
+    assert (old.slots, old.recent, old.evict, old.span_reserve, old.importance) == (2048, 128, "age", 0, "attention")
+    assert CamelotConfig.paper().evict == "age" and CamelotConfig.paper().span_reserve == 0
+    for bad in ("half", -1, 1.5):
+        with pytest.raises(ValueError, match="recent"):
+            CamelotConfig(recent=bad)
+
+
 def test_recall_preset_makes_all_but_128_slots_a_surprise_reserve_and_keeps_what_is_given():
     cfg = CamelotConfig.recall(slots=892, window=512)
     assert (cfg.span_reserve, cfg.span, cfg.span_follow, cfg.importance, cfg.span_score) == (764, 8, 12, "surprise",
                                                                                              "scan")
     assert (cfg.slots, cfg.window) == (892, 512)
-    assert CamelotConfig.recall().span_reserve == CamelotConfig().slots - 128
+    assert CamelotConfig.recall().span_reserve == CamelotConfig.consolidating().slots - 128 == 1920  # its bank
     assert CamelotConfig.recall(slots=90).span_reserve == 60  # a small bank keeps a third consolidated
     assert [CamelotConfig.recall(slots=n).span_reserve for n in (1, 2)] == [0, 1]  # and at least one slot
     assert CamelotConfig.recall(span_reserve=100).span_reserve == 100  # what the user gives wins
-    assert CamelotConfig().span_reserve == 0  # the default write stays the paper's
+    assert CamelotConfig.consolidating().span_reserve == 0  # the old default write is the paper's
     for bad in ("many", 0, True):
         with pytest.raises(ValueError, match="slots"):
             CamelotConfig.recall(slots=bad)

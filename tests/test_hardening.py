@@ -130,17 +130,21 @@ def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
     parser = build_parser()
     plain = memory_config(parser.parse_args([*command, "--slots", "892"]))
     cfg = memory_config(parser.parse_args([*command, "--slots", "892", "--recall"]))
-    assert plain.span_reserve == 0 and cfg.span_reserve == 764
-    # the command's own settings (window, placement...) kept, the write rule the preset's
-    assert cfg == CamelotConfig.recall(**{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
+    assert plain.span_reserve == 297 and cfg.span_reserve == 764  # the default's third; all but 128
+    assert (plain.recent, cfg.recent) == (896, 128)  # --recent auto: the tail each write was measured with
+    # the command's own settings (window, placement...) kept, the write rule and tail the preset's
+    given = {k: v for k, v in plain.to_dict().items() if k not in (*RULE_FIELDS, "recent")}
+    assert cfg == CamelotConfig.recall(**given)
     moved = memory_config(parser.parse_args([*command, "--slots", "892", "--recall", "--span-score", "peak"]))
     assert (moved.span_score, moved.span_reserve, moved.importance) == ("peak", 764, "surprise")
     demos = memory_config(parser.parse_args([*command, "--slots", "892", "--recall-demos"]))
-    assert demos == CamelotConfig.recall("demonstrations",
-                                         **{k: v for k, v in plain.to_dict().items() if k not in RULE_FIELDS})
+    assert demos == CamelotConfig.recall("demonstrations", **given)
     assert demos.importance == "attention" != cfg.importance
     balanced = memory_config(parser.parse_args([*command, "--slots", "892", "--recent", "892", "--recall-balanced"]))
     assert (balanced.span_reserve, balanced.evict, balanced.importance) == (297, "use", "surprise")
     assert balanced.recent == 892
+    assert memory_config(parser.parse_args([*command, "--slots", "892", "--recall-balanced"])) == plain
+    old = memory_config(parser.parse_args([*command, "--slots", "892", "--consolidating"]))
+    assert old == CamelotConfig.consolidating(**given) and (old.evict, old.span_reserve, old.recent) == ("age", 0, 128)
     kept = memory_config(parser.parse_args([*command, "--slots", "892", "--recall-balanced", "--evict", "merge"]))
     assert kept.evict == "merge"  # a rule flag moved off its default still wins

@@ -190,12 +190,13 @@ def test_test_examples_do_not_leak_into_memory(strategy):
     mem_ids = [t for i in mem for t in data.demo_ids(i)]
     win_ids = data.prefix_ids + [t for i in win for t in data.demo_ids(i)]
 
-    # memory state right after the demonstrations, for comparison
+    # memory state right after the demonstrations (the window's read the memory: with eviction by
+    # use that raises the slots' scores), for comparison
     cm.reset()
     cm.feed(mem_ids, progress=False)
     cm.flush()
-    before = [{k: v.clone() for k, v in rt.state.memory.state_dict().items()} for rt in cm.runtimes]
     icl.extend_open(cm, win_ids)
+    before = [{k: v.clone() for k, v in rt.state.memory.state_dict().items()} for rt in cm.runtimes]
     for p in data.test_ids:
         icl.label_logprobs(cm, p, data.label_ids)
     for rt, st in zip(cm.runtimes, before):

@@ -54,13 +54,13 @@ def test_write_rule_flags_reach_the_camelot_runs_and_name_them():
 
     p = argparse.ArgumentParser()
     add_sweep_args(p)
-    args = p.parse_args(["--strategies", "sliding,camelot", "--span-reserve", "0,64", "--importance", "surprise",
+    args = p.parse_args(["--strategies", "sliding,camelot", "--span-reserve", "0,64", "--importance", "attention",
                          "--span", "16", "--value-threshold", "0.5", "--reserve", "none"])
     runs = _by_strategy_specs(plan_runs(sweep_from_args(args)))
     cam = runs["camelot"]
-    assert [(s.config.span_reserve, s.config.importance, s.config.span) for s in cam] == [(0, "surprise", 16),
-                                                                                         (64, "surprise", 16)]
-    assert "span_reserve=64" in cam[1].label and "importance=surprise" in cam[1].label
+    assert [(s.config.span_reserve, s.config.importance, s.config.span) for s in cam] == [(0, "attention", 16),
+                                                                                         (64, "attention", 16)]
+    assert "span_reserve=64" in cam[1].label and "importance=attention" in cam[1].label
     assert cam[0].config.value_threshold == 0.5 and cam[0].config.reserve is None  # `float | None` fields parsed
     with pytest.raises(UserError, match="or None"):
         sweep_from_args(p.parse_args(["--reserve", "many"]))
@@ -97,7 +97,7 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
     add_sweep_args(p)
     runs = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
         ["--strategies", "camelot,camelot-recall", "--slots", "380,892", "--window", "512"]))))
-    assert [s.config.span_reserve for s in runs["camelot"]] == [0, 0]
+    assert [s.config.span_reserve for s in runs["camelot"]] == [126, 297]  # the default write's third
     assert [s.config for s in runs["camelot-recall"]] == [CamelotConfig.recall(slots=n, window=512) for n in (380, 892)]
     assert runs["camelot-recall"][0].config.strategy == "camelot"
     assert runs["camelot-recall"][1].label.startswith("camelot-recall slots=892")
@@ -108,6 +108,19 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
         ["--strategies", "sliding,camelot-balanced", "--slots", "252", "--recent", "256"]))))
     assert balanced["camelot-balanced"][0].config == CamelotConfig.recall("balanced", slots=252, recent=256)
     assert balanced["camelot-balanced"][0].config.span_reserve == 84
+    assert [s.config.slots for s in balanced["sliding"]] == [508]  # sinks + 508 = camelot's 4 + 252 + 256
+    old = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "sliding,camelot,camelot-consolidating", "--slots", "380"]))))
+    assert old["camelot-consolidating"][0].config == CamelotConfig.consolidating(slots=380)
+    assert old["camelot"][0].config == CamelotConfig(slots=380)  # tail 384: the default write's
+    # sliding holds what each camelot run holds besides the sinks: 380 + 128 and 380 + 384
+    assert [s.config.slots for s in old["sliding"]] == [508, 764]
+    alone = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(["--strategies", "sliding", "--slots", "252"]))))
+    assert [s.config.slots for s in alone["sliding"]] == [508]  # no camelot run: the default write's budget
+    # infllm shares what camelot holds besides the sinks between its local window (128) and its blocks
+    blocks = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "infllm,camelot", "--slots", "1020"]))))["infllm"]
+    assert [(s.config.slots, s.config.recent) for s in blocks] == [(1792, 128)]  # 1020 + 1024 - 128, in blocks
     assert balanced["sliding"][0].config.slots == 252 + 256  # the same budget
 
 
@@ -260,7 +273,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys, long_text):
                "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0
     table = capsys.readouterr().out
-    row = "| camelot | 16 | slots=32 recent=128 sink=4 threshold=0.9 read_top_k=2 count_bias=off |"
+    row = "| camelot | 16 | slots=32 recent=36 sink=4 threshold=0.9 read_top_k=2 count_bias=off |"
     assert "| strategy |" in table and row in table
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]

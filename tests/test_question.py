@@ -138,15 +138,16 @@ def test_ask_reads_the_question_first(tmp_path, capsys):
         assert f"{flag} ranks the document" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("extra, ranked", [
-    ([], "surprise"),  # one question about a document: --recall is the default
-    (["--no-recall"], None),
-    (["--save", "SNAP"], None),  # the memory will meet other questions
-    (["--recall-question"], "the question"),
-    (["--recall-question-facts"], "half by the question"),
-    (["--recall-demos"], "attention"),
+@pytest.mark.parametrize("extra, ranked, reserve", [
+    ([], "surprise", 43),  # one question about a document: --recall is the default (all 64 slots but 21)
+    (["--no-recall"], "surprise", 21),  # the default write: a third of the slots, ranked by surprise too
+    (["--save", "SNAP"], "surprise", 21),  # the memory will meet other questions
+    (["--consolidating"], None, 0),  # the write of camelot 0.1: no reserve
+    (["--recall-question"], "the question", 43),
+    (["--recall-question-facts"], "half by the question", 43),
+    (["--recall-demos"], "attention", 43),
 ])
-def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extra, ranked):
+def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extra, ranked, reserve):
     folder = tiny_model_folder(tmp_path / "m")
     book = tmp_path / "book.txt"
     book.write_text("The sky is blue and the grass is green. " * 40)
@@ -156,6 +157,7 @@ def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extr
     kinds = ("surprise", "the question", "attention", "half by the question")
     assert [k for k in kinds if f"reserve ranked {'' if k.startswith('half') else 'by '}{k}" in err] == (
         [ranked] if ranked else [])
+    assert (f"{reserve} of 64 slots a reserve" in err) == bool(reserve)
 
 
 def test_an_ask_session_runs_the_question_once_and_needs_it_before_reading(tmp_path):

@@ -149,7 +149,7 @@ def test_cli_runs_every_strategy_at_equal_budget(tmp_path, capsys):
     budget = {s: c["slots"] + c["sink"] + (c["recent"] if s != "sliding" else 0) for s, c in cfg.items()
               if s in ("sliding", "camelot", *recalls)}
     assert budget == {"sliding": 300, "camelot": 300, **{s: 300 for s in recalls}}
-    assert cfg["camelot-recall"]["span_reserve"] == 168 - 56 and cfg["camelot"]["span_reserve"] == 0
+    assert cfg["camelot-recall"]["span_reserve"] == 168 - 56 and cfg["camelot"]["span_reserve"] == 56
     assert cfg["camelot-question"]["importance"] == "question" and cfg["camelot-question"]["span_reserve"] == 112
     assert cfg["camelot-question-facts"]["importance"] == "question+surprise"
     keys = {s: sorted((t["task"], t["length"], t["depth"], tuple(t["expected"])) for t in r["trials"])
@@ -200,10 +200,29 @@ def test_a_stopped_run_keeps_its_trials_and_resume_runs_only_the_rest(tmp_path, 
     assert rows[-1] == {"done": True} and sum("run" in r for r in rows) == 4
 
 
+def test_a_budget_gives_each_camelot_write_its_own_tail_and_sliding_the_same_entries():
+    """--budget 1024: the default write splits it in halves (508 slots + 512 tail + 4 sinks), the
+    facts preset keeps its 128 tail (892 slots), infllm whole blocks within its share, and sliding
+    holds what each of them holds."""
+    import dataclasses
+
+    from camelot.eval.plan import Sweep, plan_runs
+
+    sweep = dataclasses.replace(Sweep(strategies=("sliding", "knn", "infllm", "camelot", "camelot-recall")),
+                                budgets=(1024,))
+    runs = {s.strategy: s.config for s in plan_runs(sweep)}
+    assert (runs["camelot"].slots, runs["camelot"].recent, runs["camelot"].span_reserve) == (508, 512, 169)
+    assert (runs["camelot-recall"].slots, runs["camelot-recall"].recent) == (892, 128)
+    assert (runs["infllm"].slots, runs["infllm"].recent) == (768, 128) and runs["knn"].recent == 128
+    assert runs["sliding"].slots + runs["sliding"].sink == 1024
+    assert all(c.slots + c.recent + c.sink == 1024 for s, c in runs.items() if s.startswith("camelot"))
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["retrieval", "--tasks", "magic"], "unknown task"),
     (["retrieval", "--budget", "100", "--slots", "64"], "not both"),
-    (["retrieval", "--budget", "100"], "leaves no slots"),
+    (["retrieval", "--budget", "100", "--recent", "128"], "leaves no slots"),
+    (["retrieval", "--budget", "8", "--strategies", "camelot"], "leaves no slots"),
     (["retrieval", "--depths", "120"], "percentages"),
     (["ppl", "--data", "x.txt", "--strategies", "camelot-question"], "retrieval` only"),
     (["passkey", "--strategies", "camelot,camelot-question"], "retrieval` only"),

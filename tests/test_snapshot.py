@@ -4,6 +4,7 @@ with a clear message while the live memory stays exactly as it was. Also stats a
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -304,6 +305,48 @@ def test_a_recall_reserve_roundtrips_through_a_file(tmp_path, recall):
             assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
     nll = [w.score(doc[:, 96:112], keep_memory=True).token_nll for w in (cm, other)]
     assert torch.equal(nll[0], nll[1])  # the next segment reads the same memory
+
+
+def test_the_default_write_resumes_from_a_file_as_if_never_saved(tmp_path):
+    """The default write evicts by use: the slots' scores travel in the snapshot (and through a
+    device move), so a memory saved, loaded and fed on evicts what the uninterrupted one evicts."""
+    cfg = camelot.CamelotConfig(window=16, slots=24, sink=2)
+    assert cfg.evict == "use" and cfg.span_reserve == 8
+    doc = _doc(96 + 64, seed=6)
+    cm = camelot.wrap(tiny_llama(), cfg)
+    cm.feed(doc[:, :96], progress=False)
+    other = camelot.wrap(tiny_llama(), cfg)
+    other.memory.load(cm.memory.save(tmp_path / "default.camelot"))
+    assert any(bool(rt.state.memory.score.abs().sum() > 0) for rt in cm.runtimes)  # something was read
+    for w in (cm, other):
+        w.feed(doc[:, 96:], progress=False)
+    for a, b in zip(cm.runtimes, other.runtimes):
+        for name in ("keys", "values", "counts", "ages", "score", "span_score"):
+            assert torch.equal(getattr(a.state.memory, name), getattr(b.state.memory, name)), name
+    moved = copy.deepcopy(cm.runtimes[0].state.memory)
+    moved.load_state_dict(cm.runtimes[0].state.memory.state_dict())
+    assert torch.equal(moved.score, cm.runtimes[0].state.memory.score)
+
+
+def test_slot_scores_that_do_not_fit_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from camelot.snapshot import tensor_digest
+
+    cfg = camelot.CamelotConfig(window=16, slots=24, sink=2)
+    cm = camelot.wrap(tiny_llama(), cfg)
+    cm.feed(_doc(64, seed=7), progress=False)
+    path = cm.memory.save(tmp_path / "use.camelot")
+    meta, name = read_metadata(path), "layer0.memory.slot_score"
+    for edit, needle in [(lambda t: t.update({name: t[name][..., :4].clone()}), "24 slots"),
+                         (lambda t: t[name].__setitem__((0, 0, 0), float("nan")), "non-finite"),
+                         (lambda t: t.update({"layer0.memory.pinned": t["layer0.memory.counts"].clamp(max=1)}),
+                          "ranks no slots")]:  # protect=0: nothing is pinned
+        tensors = load_file(str(path))
+        edit(tensors)
+        bad = tmp_path / "bad.camelot"
+        save_file(tensors, str(bad), metadata={**meta, "digest": tensor_digest(tensors)})
+        _refused(camelot.wrap(tiny_llama(), cfg), bad, needle)
 
 
 def test_span_scores_that_do_not_fit_are_refused(tmp_path):

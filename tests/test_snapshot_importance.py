@@ -84,7 +84,7 @@ def test_importance_and_predictions_that_do_not_fit_are_refused(tmp_path):
         save_file(tensors, str(bad), metadata={**meta, "digest": tensor_digest(tensors)})
         _refused(target, bad, needle)
     assert target.surprise.last_logp is not None  # refused before the last prediction was replaced
-    plain = camelot.wrap(tiny_llama(), camelot.CamelotConfig(window=16, slots=24, recent=8, sink=2))
+    plain = camelot.wrap(tiny_llama(), camelot.CamelotConfig.consolidating(window=16, slots=24, recent=8, sink=2))
     plain.feed(_doc(90, seed=5), progress=False)
     path = plain.memory.save(tmp_path / "plain.camelot")
     tensors = {**load_file(str(path)), imp: torch.zeros(1, 2, 8)}  # a memory that ranks nothing

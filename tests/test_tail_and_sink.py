@@ -44,7 +44,7 @@ def test_sink_and_tail_give_full_context_while_the_document_fits(cfg):
         assert all(rt.state.memory.empty for rt in cm.runtimes)
 
 
-@pytest.mark.parametrize("strategy, extra", [("camelot", dict(threshold=1.0, slots=96, read_top_k=96)),
+@pytest.mark.parametrize("strategy, extra", [("camelot", dict(threshold=1.0, slots=96, read_top_k=96, span_reserve=0)),
                                              ("knn", dict(read_top_k=96))])
 def test_memory_behind_a_tail_sits_at_its_true_positions(strategy, extra):
     """With recency placement and nothing merged, memory + tail + segment is every past token at
@@ -153,6 +153,7 @@ def test_lazy_write_with_mixed_placement_is_full_attention_while_the_bank_has_ro
     model = tiny_llama(max_pos=256)
     ids = _distinct(90)
     cm = camelot.wrap(model, CamelotConfig(window=16, recent=20, sink=0, slots=100, threshold=0.3, lazy=lazy,
+                                           span_reserve=0,
                                            placement="mixed", search="torch"))  # exact read: equality claimed
     out = cm.score(ids)
     counts = cm.runtimes[1].state.memory.counts

@@ -227,9 +227,8 @@ class SlotBank:
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """keys, values, counts, ages, telemetry; span_score with a span reserve (-1: an empty place).
-        The write rules' slot scores and protection (score, pinned) are not saved: after a load, or
-        a move with LayerState.to, they start at 0."""
+        """keys, values, counts, ages, telemetry; span_score with a span reserve (EMPTY_SPAN: an empty
+        place); slot_score where slots are ranked (evict="use", protect), pinned with protect."""
         return state_of(self)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:

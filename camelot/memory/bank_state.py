@@ -24,6 +24,11 @@ def state_of(bank: SlotBank) -> dict[str, torch.Tensor]:
         # last tokens written (windows reach back over them); -inf (an empty place, no token) as EMPTY_SPAN
         spans = torch.cat([bank.span_score[..., :-1], bank.span_before.flatten(2)], dim=-1)
         state["span_score"] = torch.where(torch.isneginf(spans), EMPTY_SPAN, spans)
+    # the slots' scores: without them a resumed or moved memory would evict as if nothing were read
+    if bank.rule.ranks_slots:
+        state["slot_score"] = bank.score[..., :s]
+    if bank.rule.protect > 0:
+        state["pinned"] = bank.pinned[..., :s].to(torch.uint8)
     return state
 
 
@@ -61,5 +66,10 @@ def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.dev
         bank.span_score[..., :n] = spans[..., :n]
         if spans.shape[2] > n:
             bank.span_before.copy_(spans[..., n:].reshape(bank.span_before.shape))
+    for name, mine in (("slot_score", bank.score), ("pinned", bank.pinned)):  # absent (older snapshot): 0
+        if name in state:
+            if state[name].shape != keys.shape[:3]:
+                raise ValueError(f"{name} of shape {tuple(state[name].shape)} does not fit keys {tuple(keys.shape)}")
+            mine[..., :s] = state[name].to(dev, mine.dtype)
     bank.empty = not bool((bank.counts > 0).any())
     bank.version += 1

@@ -1,0 +1,83 @@
+"""The write presets of CamelotConfig: its default write and what `recent` and `span_reserve`
+"auto" give, the consolidating write of camelot 0.1 and the paper, and the recall kinds (a raw
+reserve ranked for one kind of thing to recall). Measured in docs/memory_write.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# CamelotConfig.recall: how its raw reserve ranks tokens, per kind of thing to recall.
+# facts: the most surprising burst of 2, 4 or 8 tokens by a scan statistic (a fact opens with a
+# name the model did not expect; 16-token sums, the preset until 2026-12-05, lost short names to
+# long surprising passages: docs/retrieval.md) and the 12 tokens after it (its value).
+# demonstrations: single tokens by the attention the window gave them, the largest over the
+# layer's KV heads (a demonstration's label is what later ones read; surprise keeps their
+# sentences instead: Qwen subj 70%, below the paper write's 73%, 2 draws)
+# question: the facts' spans, ranked by the logit of a question given before the document
+# (camelot/question.py): a fact in plain prose is not a burst of surprise (docs/inference.md)
+# question+facts: half the reserve each, in one write (spans.HALVES["scan+scan"]); the two
+# signals may instead rank jointly (span_score "joint-scan", docs/retrieval.md)
+# balanced: facts in a third of the slots, the rest consolidated and evicted by recent use
+# (evict="use"); with a raw tail as long as the slots (`recent`) it keeps most needles of `facts`
+# (fewer at 1/8 of the document) and most of the perplexity of recent use; the default write since
+# 2026-12-06 (the field defaults below). A third, not half: at
+# 512 entries half cost 0.1-2% perplexity and 30 points of Qwen's RULER multi-key at 4k for one
+# single needle more; at 2048 half measured 0.1-0.6% better (docs/memory_write.md)
+# the write of camelot 0.1 and of the paper: every slot consolidated, the one written longest ago
+# evicted, no reserve (CamelotConfig.consolidating, paper; the default until 2026-12-06)
+CONSOLIDATING = {"evict": "age", "span_reserve": 0, "span_follow": 0, "span_score": "relative",
+                 "importance": "attention"}
+_FACTS = {**CONSOLIDATING, "span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"}
+RECALL_KINDS: dict[str, dict[str, Any]] = {
+    "facts": _FACTS,
+    "balanced": {**_FACTS, "evict": "use"},
+    "demonstrations": {**CONSOLIDATING, "span": 1, "importance": "attention", "span_score": "shared"},
+    "question": {**_FACTS, "importance": "question"},
+    "question+facts": {**_FACTS, "importance": "question+surprise", "span_score": "scan+scan"},
+}
+# the kinds whose reserve is a fixed share of the slots (1/n); the others keep all slots but 128
+RECALL_SHARES: dict[str, int] = {"balanced": 3}
+# recent="auto": the raw tail of everything but camelot's eviction by use (knn's tail, infllm's
+# local window, the consolidating write); beside eviction by use the tail and sinks are as long as
+# the slots, half the budget raw (docs/memory_write.md: what made eviction by use beat `sliding`)
+TAIL = 128
+WRITE_AUTO = ("recent", "span_reserve")  # fields whose "auto" follows slots, sink, strategy and evict
+
+
+def recall_reserve(kind: str, slots: Any) -> int:
+    """The span reserve of CamelotConfig.recall(kind) in a bank of `slots` slots."""
+    if type(slots) is not int:  # a bad `slots`: validate() says so
+        return 0
+    if kind in RECALL_SHARES:
+        return slots // RECALL_SHARES[kind]
+    return slots - min(128, max(1, slots // 3))
+
+
+def resolve_auto_write(cfg: Any) -> None:
+    """recent and span_reserve "auto" -> numbers: half the budget raw beside camelot's eviction by use
+    (docs/memory_write.md), a third of the slots the reserve."""
+    camelot, slots = cfg.strategy == "camelot", cfg.slots if type(cfg.slots) is int else 0
+    if cfg.recent == "auto":
+        sink = cfg.sink if type(cfg.sink) is int else 0
+        object.__setattr__(cfg, "recent", slots + sink if camelot and cfg.evict == "use" else TAIL)
+    if cfg.span_reserve == "auto":
+        object.__setattr__(cfg, "span_reserve", recall_reserve("balanced", slots) if camelot else 0)
+
+
+def slots_for_budget(budget: int, sink: int, recent: int | str = "auto", evict: str = "use") -> int:
+    """camelot's slots when a head keeps `budget` entries besides its segment (sinks + raw tail +
+    slots), the tail as `recent` says ("auto": as resolve_auto_write gives it)."""
+    if recent == "auto" and evict == "use":
+        return (budget - 2 * sink) // 2
+    return budget - sink - (TAIL if recent == "auto" else int(recent))
+
+
+def at_same_budget(cfg: Any, strategy: str) -> Any:
+    """`cfg` (a camelot config) as `strategy` holding what camelot holds: `sliding` caches its slots
+    and raw tail (the sinks apart, as camelot's), `infllm` reads whole blocks of at most its slots."""
+    if strategy == "sliding":
+        return cfg.replace(strategy="sliding", slots=cfg.slots + cfg.recent)
+    if strategy == "infllm":
+        return cfg.replace(strategy="infllm", slots=max(1, cfg.slots // cfg.block_size) * cfg.block_size,
+                           placement="fixed")
+    return cfg.replace(strategy=strategy)
