@@ -74,10 +74,11 @@ def slots_for_budget(budget: int, sink: int, recent: int | str = "auto", evict: 
 
 def at_same_budget(cfg: Any, strategy: str) -> Any:
     """`cfg` (a camelot config) as `strategy` holding what camelot holds: `sliding` caches its slots
-    and raw tail (the sinks apart, as camelot's), `infllm` reads whole blocks of at most its slots."""
+    and raw tail (the sinks apart, as camelot's), `infllm` its local window of TAIL tokens and, in
+    the rest, the nearest whole number of blocks (as eval/plan.py gives it)."""
     if strategy == "sliding":
         return cfg.replace(strategy="sliding", slots=cfg.slots + cfg.recent)
     if strategy == "infllm":
-        return cfg.replace(strategy="infllm", slots=max(1, cfg.slots // cfg.block_size) * cfg.block_size,
-                           placement="fixed")
+        blocks = max(1, round((cfg.slots + cfg.recent - TAIL) / cfg.block_size))
+        return cfg.replace(strategy="infllm", slots=blocks * cfg.block_size, recent=TAIL, placement="fixed")
     return cfg.replace(strategy=strategy)

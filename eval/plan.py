@@ -140,9 +140,9 @@ def _grid(strategy: str, sweep: Sweep, held: tuple[int, ...] = ()) -> list[dict[
         grid = _product(held=held, recent=sweep.recents, sink=sweep.sinks, block_size=sweep.block_sizes,
                         repr_topk=sweep.repr_topks, memory_distance=sweep.memory_distances, layers=sweep.layers)
         out = []
-        for p in grid:  # rounded down to whole blocks (at least one): not above camelot's budget
+        for p in grid:  # to the nearest whole number of blocks (at least one): within half a block of camelot
             slots = p.pop("held") - (TAIL if p["recent"] == "auto" else p["recent"])
-            out.append({"slots": max(1, slots // p["block_size"]) * p["block_size"], **p})
+            out.append({"slots": max(1, round(slots / p["block_size"])) * p["block_size"], **p})
         return [dict(t) for t in dict.fromkeys(tuple(p.items()) for p in out)]
     if strategy == "knn":
         return _product(read_top_k=sweep.knn_top_ks, recent=sweep.recents, sink=sweep.sinks,

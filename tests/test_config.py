@@ -189,3 +189,16 @@ def test_balanced_recall_keeps_a_third_of_the_slots_for_facts_and_evicts_the_res
     assert rule.kernel_beside_reserve and not rule.plain and not rule.use_only
     assert not rule_from_config(cfg.replace(protect=2.0)).kernel_beside_reserve  # a rule the kernel lacks
     assert CamelotConfig.recall("balanced", slots=2).span_reserve == 0
+
+
+def test_a_baseline_at_the_same_budget_holds_what_camelot_holds():
+    """ICL's baselines beside one camelot config: sliding caches slots + tail (sinks apart, as
+    camelot's), infllm a 128-token local window and the nearest whole number of blocks."""
+    from camelot.presets import at_same_budget
+
+    cfg = CamelotConfig(window=256)  # 1020 slots + 1024 tail + 4 sinks
+    assert at_same_budget(cfg, "sliding").slots + at_same_budget(cfg, "sliding").sink == 2048
+    infllm = at_same_budget(cfg, "infllm")
+    assert (infllm.slots, infllm.recent, infllm.placement) == (1920, 128, "fixed")  # 15 blocks: 2052 entries
+    assert at_same_budget(CamelotConfig.consolidating(window=256), "infllm").slots == 2048
+    assert at_same_budget(cfg, "knn").strategy == "knn" and at_same_budget(cfg, "knn").recent == 128

@@ -120,7 +120,7 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
     # infllm shares what camelot holds besides the sinks between its local window (128) and its blocks
     blocks = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
         ["--strategies", "infllm,camelot", "--slots", "1020"]))))["infllm"]
-    assert [(s.config.slots, s.config.recent) for s in blocks] == [(1792, 128)]  # 1020 + 1024 - 128, in blocks
+    assert [(s.config.slots, s.config.recent) for s in blocks] == [(1920, 128)]  # 1020 + 1024 - 128: 15 blocks
     assert balanced["sliding"][0].config.slots == 252 + 256  # the same budget
 
 
