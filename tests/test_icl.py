@@ -281,20 +281,25 @@ def test_cli_end_to_end(toy_setup, capsys):
         assert all(r["n_test"] == 6 and 0 <= r["accuracy"] <= 1 for r in runs)
 
 
-def test_cli_recall_demos_runs_camelot_with_the_demonstrations_reserve_and_says_so(toy_setup, capsys):
+@pytest.mark.parametrize("flag, kind", [("--recall-demos", "demonstrations"), (None, "demonstrations"),
+                                        ("--recall-balanced", "balanced")])
+def test_cli_recall_demos_runs_camelot_with_the_demonstrations_reserve_and_says_so(toy_setup, capsys, flag, kind):
+    """camelot icl writes as --recall-demos unless another write is named (the library's default
+    write: --recall-balanced)."""
     from camelot.cli import main
     from camelot.config import CamelotConfig
 
     tmp, model_dir, spec = toy_setup
-    out = tmp / "out-demos"
+    out = tmp / f"out-{kind}"
     rc = main(["icl", "--model", str(model_dir), "--task", str(spec), "--data-dir", str(tmp / "data"),
                "--shots", "24", "--window", "48", "--strategies", "camelot", "--seeds", "1", "--n-test", "4",
-               "--slots", "16", "--recall-demos", "--out", str(out), "--no-progress"])
+               "--slots", "16", *([flag] if flag else []), "--out", str(out), "--no-progress"])
     assert rc == 0
-    assert "camelot: recall demonstrations" in capsys.readouterr().out.splitlines()[0]
+    assert f"camelot: recall {kind}" in capsys.readouterr().out.splitlines()[0]
     cfg = json.loads((out / "icl_toy.json").read_text())["config"]
-    want = CamelotConfig.recall("demonstrations", slots=16)
-    assert (cfg["span_reserve"], cfg["importance"], cfg["span_score"]) == (want.span_reserve, "attention", "shared")
+    want = CamelotConfig.recall(kind, slots=16)
+    assert (cfg["span_reserve"], cfg["importance"], cfg["span_score"], cfg["evict"]) == (
+        want.span_reserve, want.importance, want.span_score, want.evict)
 
 
 def test_cli_errors_are_one_line(toy_setup, capsys, tmp_path):
