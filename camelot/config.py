@@ -21,6 +21,7 @@ from camelot.memory.rules import EVICTIONS, IMPORTANCES, WriteRule, rule_from_co
 from camelot.memory.spans import SPAN_SCORES
 from camelot.presets import (
     CONSOLIDATING,
+    CONSOLIDATING_BANK,
     RECALL_KINDS,
     RECALL_SHARES,
     TAIL,
@@ -224,7 +225,7 @@ class CamelotConfig:
     def consolidating(cls, **changes: Any) -> CamelotConfig:
         """The default until 2026-12-06: every slot consolidated, the one written longest ago evicted
         (the paper's write), 2048 slots beside a raw tail of 128."""
-        return cls(**{"slots": 2048, "recent": TAIL, **CONSOLIDATING, **changes})
+        return cls(**{**CONSOLIDATING_BANK, **CONSOLIDATING, **changes})
 
     @classmethod
     def recall(cls, kind: str = "facts", **changes: Any) -> CamelotConfig:
@@ -233,8 +234,7 @@ class CamelotConfig:
         demonstrations: docs/icl_memory.md)."""
         if kind not in RECALL_KINDS:
             raise ValueError(f"recall kind must be one of {', '.join(RECALL_KINDS)}; got {kind!r}")
-        # the other kinds were measured in the consolidating default's bank: 2048 slots + 128 tail
-        base = {} if kind in RECALL_SHARES else {"slots": 2048, "recent": TAIL}
+        base = {} if kind in RECALL_SHARES else CONSOLIDATING_BANK  # the bank each kind was measured in
         slots = changes.get("slots", base.get("slots", cls.__dataclass_fields__["slots"].default))
         return cls(**{**base, **RECALL_KINDS[kind], "span_reserve": recall_reserve(kind, slots), **changes})
 

@@ -41,6 +41,8 @@ RECALL_SHARES: dict[str, int] = {"balanced": 3}
 # local window, the consolidating write); beside eviction by use the tail and sinks are as long as
 # the slots, half the budget raw (docs/memory_write.md: what made eviction by use beat `sliding`)
 TAIL = 128
+# the bank the consolidating default had, in which the recall kinds but "balanced" were measured
+CONSOLIDATING_BANK = {"slots": 2048, "recent": TAIL}
 WRITE_AUTO = ("recent", "span_reserve")  # fields whose "auto" follows slots, sink, strategy and evict
 
 
