@@ -17,7 +17,7 @@ import torch
 
 from camelot.backends import BACKENDS
 from camelot.guards import check_int
-from camelot.memory.rules import EVICTIONS, IMPORTANCES, WriteRule, rule_from_config
+from camelot.memory.rules import DISPLACED, EVICTIONS, IMPORTANCES, WriteRule, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
 from camelot.presets import (
     CONSOLIDATING,
@@ -161,6 +161,9 @@ class CamelotConfig:
                                          "half each; scan: best window up to span by its excess over the mean; "
                                          "scan+scan: half each, two importances; joint-scan: their scans summed in "
                                          "s.d.", choices=SPAN_SCORES)
+    span_displaced: str = option("consolidate", "camelot: a reserve token a better window displaces is written "
+                                                "into the consolidated slots (consolidate) or lost (drop)",
+                                 choices=DISPLACED)
     importance: str = option("surprise", "camelot: what evict=use, protect and the span reserve rank by: attention "
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both", choices=IMPORTANCES)

@@ -25,12 +25,14 @@ from typing import Any
 # single needle more; at 2048 half measured 0.1-0.6% better (docs/memory_write.md)
 # the write of camelot 0.1 and of the paper: every slot consolidated, the one written longest ago
 # evicted, no reserve (CamelotConfig.consolidating, paper; the default until 2026-12-06)
+# (span_displaced "drop": the recall kinds built on it were measured before a displaced reserve
+# token went to the consolidated slots; the default's reserve, "balanced", does that)
 CONSOLIDATING = {"evict": "age", "span_reserve": 0, "span_follow": 0, "span_score": "relative",
-                 "importance": "attention"}
+                 "importance": "attention", "span_displaced": "drop"}
 _FACTS = {**CONSOLIDATING, "span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"}
 RECALL_KINDS: dict[str, dict[str, Any]] = {
     "facts": _FACTS,
-    "balanced": {**_FACTS, "evict": "use"},
+    "balanced": {**_FACTS, "evict": "use", "span_displaced": "consolidate"},
     "demonstrations": {**CONSOLIDATING, "span": 1, "importance": "attention", "span_score": "shared"},
     "question": {**_FACTS, "importance": "question"},
     "question+facts": {**_FACTS, "importance": "question+surprise", "span_score": "scan+scan"},

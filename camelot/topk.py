@@ -76,9 +76,9 @@ def _build() -> ctypes.CDLL:
         fn.argtypes, fn.restype = args, ctypes.c_int
     lib.camelot_topk_max_k.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.camelot_consolidate_f32.argtypes = [i64, i64, i64, i64, i64, i64, ctypes.c_float] + [ptr] * 10
+    lib.camelot_consolidate_f32.argtypes = [i64, i64, i64, i64, i64, i64, ctypes.c_float] + [ptr] * 11 + [i64, i64]
     lib.camelot_consolidate_f32.restype = ctypes.c_int
-    lib.camelot_consolidate_use_f32.argtypes = [i64] * 6 + [ctypes.c_float] * 2 + [ptr] * 12
+    lib.camelot_consolidate_use_f32.argtypes = [i64] * 6 + [ctypes.c_float] * 2 + [ptr] * 13 + [i64, i64]
     lib.camelot_consolidate_use_f32.restype = ctypes.c_int
     lib.max_k = lib.camelot_topk_max_k()  # its lane count: k lanes bound the k-th score from below
     return lib

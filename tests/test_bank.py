@@ -267,19 +267,21 @@ def test_the_c_bookkeeping_of_a_write_matches_the_torch_one(seed, rows, heads, s
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), heads=st.integers(1, 3), slots=st.integers(3, 12), reserve=st.integers(1, 6),
        span=st.integers(1, 3), thr=st.sampled_from([0.0, 0.9, 1.0]), steps=st.integers(1, 5),
-       evict=st.sampled_from(["age", "use"]))
+       evict=st.sampled_from(["age", "use"]), displaced=st.sampled_from(["drop", "consolidate"]))
 def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads, slots, reserve, span, thr, steps,
-                                                                     evict):
+                                                                     evict, displaced):
     """The paper's rule, or eviction by use, plus a span reserve: the kernel does the consolidated
     slots, torch the reserve; the same bank as the torch write of the whole rule
-    (camelot/memory/spans.py), the consolidated slots' scores included."""
+    (camelot/memory/spans.py), the slots' scores included; also where displaced reserve tokens
+    join the consolidated write with their own ages and scores."""
     from camelot import topk as native
     from camelot.memory.rules import WriteRule
 
     if native.native_library() is None:
         pytest.skip("no C compiler: the torch bookkeeping is the only one")
     reserve = min(reserve, slots - 1)
-    rule = WriteRule(span_reserve=reserve, span=span, span_score="sum", importance="surprise", evict=evict)
+    rule = WriteRule(span_reserve=reserve, span=span, span_score="sum", importance="surprise", evict=evict,
+                     span_displaced=displaced)
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn(3, D, generator=g)
     calls = []
@@ -297,8 +299,8 @@ def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads,
         fast.write(k, v, received=imp)
         ref.write(k, v, received=imp)
         _assert_same_banks(fast, ref, ("counts", "ages", "telemetry", "span_score"))
-        if evict == "use":  # only eviction by use ranks the consolidated slots' scores (never the reserve's)
-            assert torch.equal(fast.score[..., : slots - reserve], ref.score[..., : slots - reserve])
+        if evict == "use":  # only eviction by use ranks slots by their scores
+            assert torch.equal(fast.score[..., :slots], ref.score[..., :slots])
     assert calls == [slots - reserve] * steps  # the kernel did the consolidated part of every write
 
 

@@ -64,7 +64,9 @@ def test_a_token_scores_as_its_best_window_and_the_lowest_held_gives_way_ties_ke
     _write(bank, w3, torch.tensor([0, 0, 0, 2, 2, 0, 0, 0]))  # new 4s tie the held 4s: the held stay
     assert torch.equal(bank.keys[0, 0, 6:10], torch.stack([w2[0], w1[1], w1[2], w2[1]]))
     t = bank.telemetry.tolist()
-    assert t[1] + t[2] + t[0] + t[3] == 24 and t[4] == 0  # every token accounted for, none skipped
+    # every token accounted for once, none skipped (the two the reserve displaced, w1[0] and w1[3],
+    # went on to the consolidated slots uncounted)
+    assert t[1] + t[2] + t[0] + t[3] == 24 and t[4] == 0
 
 
 def test_a_fact_across_two_windows_is_kept_whole_where_a_fixed_grid_cut_it():
@@ -291,3 +293,34 @@ def test_an_empty_carried_context_does_not_inflate_relative_scores(how):
     _, _, plain = choose_spans(empty, imp, every, 2, 0, 99, how)
     _, _, carried = choose_spans(empty, imp, every, 2, 0, 99, how, before=torch.full((1, 2, 7), float("-inf")))
     assert torch.equal(plain, carried) and float(plain[torch.isfinite(plain)].max()) < 10
+
+
+class _TorchOnly(SlotBank):
+    def _native_bookkeeping(self, *args) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("bank_type", [SlotBank, _TorchOnly])
+@pytest.mark.parametrize("displaced", ["drop", "consolidate"])
+def test_a_displaced_reserve_token_joins_the_consolidated_slots_with_its_age_and_score(bank_type, displaced):
+    """A better window takes the reserve's one place: "consolidate" writes the token it displaces
+    into a free consolidated slot (count 1, its key and value, as old as it is, the score it
+    held); "drop" loses it. Kernel and torch write alike."""
+    rule = WriteRule(span_reserve=1, span=1, span_score="sum", importance="surprise", evict="use", use_decay=1.0,
+                     span_displaced=displaced)
+    bank = bank_type(4, 1.0, rule=rule)
+    x, y, z = _fact()[:3]
+    _write(bank, x[None], torch.tensor([5.0]))  # the reserve takes x
+    assert torch.equal(bank.keys[0, 0, 3], x) and int(bank.counts[0, 0, :3].sum()) == 0
+    bank.observe_reads(torch.tensor([[[0.0, 0.0, 0.0, 0.25]]]))  # x was read: its score is 5.25
+    _write(bank, torch.stack([z, y]), torch.tensor([0.5, 9.0]))  # y displaces x; z is plain
+    assert torch.equal(bank.keys[0, 0, 3], y)
+    where = [j for j in range(3) if int(bank.counts[0, 0, j]) and torch.equal(bank.keys[0, 0, j], x)]
+    if displaced == "drop":
+        assert not where and int(bank.counts[0, 0, :3].sum()) == 1  # only z
+        return
+    (j,) = where
+    assert torch.equal(bank.values[0, 0, j], 2 * x) and int(bank.counts[0, 0, :3].sum()) == 2
+    assert int(bank.ages[0, 0, j]) == 2  # written one write (1 token) and two tokens ago
+    assert float(bank.score[0, 0, j]) == pytest.approx(5.25)
+    assert bank.telemetry.tolist() == [0, 3, 0, 0, 0]  # x, z, y: x counted as it arrived, not as it moved

@@ -8,8 +8,10 @@
  *
  * Semantics are those of the torch version, which stays the reference (tested against each
  * other): tokens at or above the threshold merge into their nearest slot by weighted average,
- * several at once (c K + sum k) / (c + n); every age grows by T, a merged slot's age is that of
- * its last merging token; novel tokens take free slots first (lowest index), then the oldest
+ * several at once (c K + sum k) / (c + n); every age grows by `grow` (the segment's tokens), a
+ * merged slot's age is that of its last merging token (tok_age[t], or T-1-t where it is NULL:
+ * tokens that joined the write from elsewhere, the span reserve's displaced ones, keep theirs; the
+ * telemetry counts only tokens from `first` on: those before it were counted when they arrived); novel tokens take free slots first (lowest index), then the oldest
  * slots not merged into (lower index first among equal ages); with more novel tokens than such
  * places the earliest are dropped. Arithmetic in float32 as torch does, sums in token order.
  */
@@ -20,9 +22,10 @@
 
 #define FREE_PRIORITY ((int64_t)1 << 40)
 
-/* Eviction by use (evict="use" of camelot/memory/rules.py, `place_novel`): the untouched slots
- * and the novel tokens compete for places, ranked by (level, keep, index): free slots (level -1,
- * keep 0) go first, then slots by score and tokens by importance (level 0), slots before tokens
+/* Eviction by use (evict="use" of camelot/memory/rules.py, `place_novel`), or by age where the
+ * tokens carry their own ages: the untouched slots and the novel tokens compete for places,
+ * ranked by (level, keep, index): free slots (level -1, keep 0) go first, then slots by score
+ * and tokens by importance, or both by minus their age (level 0), slots before tokens
  * at equal keep, lower index first; the n_novel lowest lose: a losing token is dropped, a losing
  * slot is taken by a placed token (placed tokens in token order take the losing slots in rank
  * order). NaN keeps rank last, as torch's sort puts them. */
@@ -79,7 +82,7 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
                        float *keys, float *values, int64_t *counts, int64_t *ages,
                        const float *k, const float *v, const int64_t *best, const float *sim,
                        const uint8_t *finite, int64_t *telemetry, float *score, const float *importance,
-                       float decay) {
+                       float decay, const int64_t *tok_age, int64_t grow, int64_t first) {
     int64_t *lead = malloc(sizeof(int64_t) * T), *n_add = malloc(sizeof(int64_t) * T);
     int64_t *last = malloc(sizeof(int64_t) * T);
     float *sum_k = malloc(sizeof(float) * T * D), *sum_v = malloc(sizeof(float) * T * DV);
@@ -97,15 +100,15 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
         const uint8_t *fr = finite + r * T;
         float *SC = score ? score + r * R : NULL;
         const float *ir = importance ? importance + r * T : NULL;
-        int64_t n_merge = 0, n_skip = 0, n_novel = 0;
+        int64_t n_novel = 0;
+        int64_t tm_merge = 0, tm_skip = 0, tm_new = 0, tm_evict = 0, tm_drop = 0;  /* tokens from `first` */
         memset(touched, 0, S);
         /* merges: each group of tokens into one slot is summed at its first token (the lead) */
         for (int64_t t = 0; t < T; t++) {
             merge[t] = fr[t] && sr[t] >= threshold;
-            n_skip += !fr[t];
             n_novel += fr[t] && !merge[t];
+            if (t >= first) { tm_skip += !fr[t]; tm_merge += merge[t]; }
             if (!merge[t]) continue;
-            n_merge++;
             int64_t l = t;
             for (int64_t u = 0; u < t; u++)
                 if (merge[u] && br[u] == br[t]) { l = lead[u]; break; }
@@ -120,7 +123,8 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
             for (int64_t d = 0; d < D; d++) sum_k[l * D + d] += kr[t * D + d];
             for (int64_t d = 0; d < DV; d++) sum_v[l * DV + d] += vr[t * DV + d];
         }
-        for (int64_t j = 0; j < S; j++) A[j] += T;
+        const int64_t *ar = tok_age ? tok_age + r * T : NULL;
+        for (int64_t j = 0; j < S; j++) A[j] += grow;
         if (SC) {
             for (int64_t j = 0; j < S; j++) SC[j] *= decay;
             for (int64_t t = 0; t < T; t++)  /* in token order, as torch's scatter_add sums */
@@ -133,20 +137,23 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
             for (int64_t d = 0; d < D; d++) K[j * D + d] = (cf * K[j * D + d] + sum_k[t * D + d]) / den;
             for (int64_t d = 0; d < DV; d++) V[j * DV + d] = (cf * V[j * DV + d] + sum_v[t * DV + d]) / den;
             C[j] = c_new;
-            A[j] = (T - 1) - last[t];
+            A[j] = ar ? ar[last[t]] : (T - 1) - last[t];
             touched[j] = 1;
         }
-        int64_t n_drop, n_place, n_new = 0;
-        if (SC) {
-            /* eviction by use: the n_novel lowest of (untouched slots, novel tokens) lose */
+        int64_t n_place;
+        if (SC || ar) {
+            /* eviction by use, or by age where tokens bring their own ages (one may be older than
+             * a slot): the n_novel lowest of (untouched slots, novel tokens) lose */
             int64_t n_low = 0;
             for (int64_t j = 0; j < S && n_novel; j++) {
                 was_free[j] = C[j] == 0;
                 if (touched[j]) continue;
-                lowest_push(lowest, &n_low, n_novel, (rank_t){was_free[j] ? -1 : 0, was_free[j] ? 0.0 : SC[j], j});
+                double keep = was_free[j] ? 0.0 : SC ? SC[j] : -(double)A[j];
+                lowest_push(lowest, &n_low, n_novel, (rank_t){was_free[j] ? -1 : 0, keep, j});
             }
             for (int64_t t = 0; t < T && n_novel; t++)
-                if (fr[t] && !merge[t]) lowest_push(lowest, &n_low, n_novel, (rank_t){0, ir[t], S + 1 + t});
+                if (fr[t] && !merge[t])
+                    lowest_push(lowest, &n_low, n_novel, (rank_t){0, SC ? ir[t] : -(double)ar[t], S + 1 + t});
             qsort(lowest, n_low, sizeof(rank_t), by_rank);
             memset(lost_token, 0, T);
             n_place = 0;
@@ -154,23 +161,23 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
                 if (lowest[i].idx > S) lost_token[lowest[i].idx - S - 1] = 1;
                 else taken[n_place++] = lowest[i].idx;
             }
-            n_drop = n_novel - n_place;
             int64_t placed = 0;
             for (int64_t t = 0; t < T; t++) {
-                if (!fr[t] || merge[t] || lost_token[t]) continue;
+                if (!fr[t] || merge[t]) continue;
+                if (lost_token[t]) { tm_drop += t >= first; continue; }
                 int64_t j = taken[placed++];
-                n_new += was_free[j];
+                if (t >= first) { tm_new += was_free[j]; tm_evict += !was_free[j]; }
                 memcpy(K + j * D, kr + t * D, sizeof(float) * D);
                 memcpy(V + j * DV, vr + t * DV, sizeof(float) * DV);
                 C[j] = 1;
-                A[j] = (T - 1) - t;
-                SC[j] = ir[t];
+                A[j] = ar ? ar[t] : (T - 1) - t;
+                if (SC) SC[j] = ir[t];
             }
         } else {
             /* novel tokens: the places they can take, best first */
             int64_t available = 0;
             for (int64_t j = 0; j < S; j++) available += !touched[j];
-            n_drop = n_novel > available ? n_novel - available : 0;
+            int64_t n_drop = n_novel > available ? n_novel - available : 0;
             n_place = n_novel - n_drop;
             int64_t n_low = 0;
             for (int64_t j = 0; j < S && n_place; j++) {
@@ -184,20 +191,20 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
             int64_t seen = 0, placed = 0;
             for (int64_t t = 0; t < T; t++) {
                 if (!fr[t] || merge[t]) continue;
-                if (seen++ < n_drop) continue; /* overtaken by later novel tokens of this segment */
+                if (seen++ < n_drop) { tm_drop += t >= first; continue; } /* overtaken by later novel tokens */
                 int64_t j = lowest[placed++].idx;
-                n_new += was_free[j];
+                if (t >= first) { tm_new += was_free[j]; tm_evict += !was_free[j]; }
                 memcpy(K + j * D, kr + t * D, sizeof(float) * D);
                 memcpy(V + j * DV, vr + t * DV, sizeof(float) * DV);
                 C[j] = 1;
-                A[j] = (T - 1) - t;
+                A[j] = ar ? ar[t] : (T - 1) - t;
             }
         }
-        telemetry[0] += n_merge;
-        telemetry[1] += n_new;
-        telemetry[2] += n_place - n_new;
-        telemetry[3] += n_drop;
-        telemetry[4] += n_skip;
+        telemetry[0] += tm_merge;
+        telemetry[1] += tm_new;
+        telemetry[2] += tm_evict;
+        telemetry[3] += tm_drop;
+        telemetry[4] += tm_skip;
     }
     free(lead); free(n_add); free(last); free(sum_k); free(sum_v); free(touched); free(merge); free(was_free);
     free(lowest); free(taken); free(lost_token);
@@ -207,16 +214,17 @@ static int consolidate(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D,
 int camelot_consolidate_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV, float threshold,
                             float *keys, float *values, int64_t *counts, int64_t *ages,
                             const float *k, const float *v, const int64_t *best, const float *sim,
-                            const uint8_t *finite, int64_t *telemetry) {
+                            const uint8_t *finite, int64_t *telemetry, const int64_t *tok_age, int64_t grow,
+                            int64_t first) {
     return consolidate(rows, T, S, R, D, DV, threshold, keys, values, counts, ages, k, v, best, sim, finite,
-                       telemetry, NULL, NULL, 1.0f);
+                       telemetry, NULL, NULL, 1.0f, tok_age, grow, first);
 }
 
 int camelot_consolidate_use_f32(int64_t rows, int64_t T, int64_t S, int64_t R, int64_t D, int64_t DV,
                                 float threshold, float decay, float *keys, float *values, int64_t *counts,
                                 int64_t *ages, float *score, const float *k, const float *v, const int64_t *best,
                                 const float *sim, const uint8_t *finite, const float *importance,
-                                int64_t *telemetry) {
+                                int64_t *telemetry, const int64_t *tok_age, int64_t grow, int64_t first) {
     return consolidate(rows, T, S, R, D, DV, threshold, keys, values, counts, ages, k, v, best, sim, finite,
-                       telemetry, score, importance, decay);
+                       telemetry, score, importance, decay, tok_age, grow, first);
 }

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import torch
 
+from camelot.memory import reserve_write
 from camelot.memory import rules as write_rules
 from camelot.memory.bank_state import load_state, state_of
 from camelot.memory.rules import WriteRule, free_by_pair_merge, merge_mask, place_novel, surprising_tokens
-from camelot.memory.spans import choose_reserve
 from camelot.rows import copy_rows_, finite_rows, gather_rows
 from camelot.topk import native_library
 from camelot.topk import topk as rowwise_topk
 
 # merged: joined a slot; new: took a free slot; evicted: replaced the oldest slot;
 # dropped: novel, but overtaken by later novel tokens of the same segment (more than the free
-# places); skipped: non-finite state, never written.
+# places); skipped: non-finite state, never written. Each token counts once, as it arrives: one the
+# span reserve later displaces into the consolidated slots (span_displaced="consolidate") does not
+# count again.
 TELEMETRY_FIELDS = ("merged", "new", "evicted", "dropped", "skipped")
 # Eviction order key: free slots first, then by age; ages beyond 2^40 tokens compare as equal.
 _FREE_PRIORITY = 1 << 40
@@ -151,51 +153,43 @@ class SlotBank:
 
     def _write_segment(self, k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor | None = None,
                        after: torch.Tensor | None = None) -> None:
-        b, h, t, _ = k.shape
-        s = self.slots
+        s, t = self.slots, k.shape[2]
         finite = finite_rows(k, v)  # [B,H,T]
         # Non-finite states are skipped, but made finite so no NaN reaches arithmetic via 0 * NaN.
         k, v = k.nan_to_num(0.0, 0.0, 0.0), v.nan_to_num(0.0, 0.0, 0.0)
-        used = self.counts[..., :s] > 0  # [B,H,S]
-        kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
-        mn = torch.nn.functional.normalize(self.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
-        # unused slots enter as an additive -inf inside the matmul, not as a fill over [T, S]
-        # (protected slots stay raw: they are no merge target either)
         rule = self.rule
         base = s - rule.span_reserve  # slots [base, s) are the span reserve: raw, never merged into
-        nomerge = self.pinned[..., :s]
-        if rule.span_reserve:
-            nomerge = nomerge.clone()
-            nomerge[..., base:] = True
-        unused = torch.where(used & ~nomerge, 0.0, float("-inf")).flatten(0, 1)[:, None, :]
-        sd = self.search_dtype
-        sim = torch.baddbmm(unused.to(sd), kn.to(sd), mn.to(sd).transpose(-1, -2))  # [B*H,T,S]
-        best_sim, best = (x[..., 0] for x in rowwise_topk(sim.view(b, h, t, s), 1))  # [B,H,T]
-        if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
-            chosen = gather_rows(mn.view(b, h, s, -1), best)
-            best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
-        best_sim = write_rules.no_merge_while_room(best_sim, used, t) if rule.lazy else best_sim
+        held = age = None
+        first = 0  # tokens before it joined from the span reserve (span_displaced="consolidate")
+        if not rule.plain:
+            signals, importance = _importance(rule, importance, k)
+            if rule.span_reserve:
+                held, span_slot, displaced = reserve_write.choose(self, signals, finite, after, base)
+                finite = finite & ~held  # the reserve's tokens skip the consolidated part
+                if rule.span_displaced == "consolidate":
+                    spill = reserve_write.Spill(self, displaced, base, t)
+                    k, v, finite, importance, held, span_slot, age = spill.join(k, v, finite, importance, held,
+                                                                                span_slot, s)
+                    first = spill.width
+                else:
+                    age = (t - 1) - torch.arange(t, device=k.device).expand_as(finite)
+        best, best_sim = _nearest(self, k)
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
                 return
             merge = finite & (best_sim >= self.threshold)
         else:
-            signals, importance = _importance(rule, importance, k)
             if rule.use_only and self._native_bookkeeping(k, v, best, best_sim, finite, None, importance):
                 return
-            held = None
-            if rule.span_reserve:
-                held, span_slot = _choose_spans(self, signals, finite, after, base)
-                finite = finite & ~held  # the reserve's tokens skip the consolidated part
-                if rule.kernel_beside_reserve and _native_beside_reserve(self, k, v, best, best_sim, finite, held,
-                                                                         span_slot, importance):
-                    return
+            if held is not None and rule.kernel_beside_reserve and reserve_write.native_beside_reserve(
+                    self, k, v, best, best_sim, finite, held, span_slot, importance, age, t, first):
+                return
             surprising = surprising_tokens(rule, importance, finite)
             merge = merge_mask(rule, self.threshold, best_sim, finite, v, self.values, best, surprising)
             if rule.ranks_slots and rule.use_decay < 1:
                 self.score *= rule.use_decay ** t
         novel = finite & ~merge
-        touched = _merge(self, k, v, merge, best, importance)
+        touched = _merge(self, k, v, merge, best, importance, age, t)
         if rule.plain:
             place, was_free = _place_by_age(self, k, v, novel, touched)
         else:
@@ -207,11 +201,13 @@ class SlotBank:
                 free_by_pair_merge(self.keys, self.values, self.counts, self.ages, self.score, self.pinned,
                                    touched, need)
             place, was_free = place_novel(rule, self.keys, self.values, self.counts, self.ages, self.score,
-                                          self.pinned, touched, k, v, novel, surprising, importance)
+                                          self.pinned, touched, k, v, novel, surprising, importance, age)
             if held is not None:
-                _write_spans(self, k, v, held, span_slot, importance)
+                reserve_write.write_spans(self, k, v, held, span_slot, importance, age)
                 place, was_free, finite = place | held, was_free | held, finite | held  # telemetry: as new
         self._clear_scratch()
+        # the displaced tokens (the first columns) were counted when they arrived
+        merge, place, was_free, novel, finite = (x[..., first:] for x in (merge, place, was_free, novel, finite))
         self.telemetry += torch.stack([merge.sum(), (place & was_free).sum(), (place & ~was_free).sum(),
                                        (novel & ~place).sum(), (~finite).sum()])
 
@@ -238,6 +234,25 @@ class SlotBank:
 # ------------------------------------------------ parts of the write (module level: the class stays small)
 
 
+def _nearest(bank: SlotBank, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's nearest slot that may take merges and its cosine ([B, H, T] each; -inf: none)."""
+    b, h, t, _ = k.shape
+    s = bank.slots - bank.rule.span_reserve  # the span reserve stays raw: never a merge target
+    used = bank.counts[..., :s] > 0  # [B,H,S]
+    kn = torch.nn.functional.normalize(k.float(), dim=-1).flatten(0, 1)
+    mn = torch.nn.functional.normalize(bank.keys[..., :s, :].float(), dim=-1).flatten(0, 1)
+    # unused slots enter as an additive -inf inside the matmul, not as a fill over [T, S]
+    # (protected slots stay raw: they are no merge target either)
+    unused = torch.where(used & ~bank.pinned[..., :s], 0.0, float("-inf")).flatten(0, 1)[:, None, :]
+    sd = bank.search_dtype
+    sim = torch.baddbmm(unused.to(sd), kn.to(sd), mn.to(sd).transpose(-1, -2))  # [B*H,T,S]
+    best_sim, best = (x[..., 0] for x in rowwise_topk(sim.view(b, h, t, s), 1))  # [B,H,T]
+    if sd != torch.float32:  # exact cosine to the chosen slot for the threshold test
+        chosen = gather_rows(mn.view(b, h, s, -1), best)
+        best_sim = (kn.view_as(chosen) * chosen).sum(-1).masked_fill(~used.gather(2, best), float("-inf"))
+    return best, write_rules.no_merge_while_room(best_sim, used, t) if bank.rule.lazy else best_sim
+
+
 def _importance(rule, importance: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(what the reserve ranks by, what the other rules rank by): the same, or for two signals
     [B, H, T, 2] and the last of them (the surprise); zeros where the layer handed none."""
@@ -255,24 +270,11 @@ def _token_context(importance: torch.Tensor | None, following: torch.Tensor | No
     return importance[:, :, t : t + 1], after if following is None else torch.cat([after, following], dim=2)
 
 
-def _choose_spans(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after: torch.Tensor | None,
-                  base: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The span reserve's pick among the segment's tokens (spans.py), judged with the importance of
-    the tokens written before (carried: `span_before`) and after (still raw) the segment;
-    importance [B, H, T] or, for two signals, [B, H, T, 2]."""
-    rule = bank.rule
-    held, slot, bank.span_score = choose_reserve(bank.span_score, importance, finite, rule.span, base, bank.slots,
-                                                 rule.span_score, before=bank.span_before, after=after,
-                                                 follow=rule.span_follow, apart=rule.span_apart)
-    mask = finite if importance.dim() == 3 else finite[..., None]
-    seen = torch.cat([bank.span_before, torch.where(mask, importance, float("-inf"))], dim=2)
-    bank.span_before = seen[:, :, seen.shape[2] - bank.span_before.shape[2]:]
-    return held, slot
-
-
 def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor, best: torch.Tensor,
-           importance: torch.Tensor | None) -> torch.Tensor:
-    """Merge the `merge` tokens into their `best` slots; returns which slots were merged into."""
+           importance: torch.Tensor | None, age: torch.Tensor | None = None, grow: int | None = None) -> torch.Tensor:
+    """Merge the `merge` tokens into their `best` slots; returns which slots were merged into.
+    age [B, H, T]: each token's age once written (None: (T-1) - its index); grow: how much every
+    age grows (None: T)."""
     b, h, t, _ = k.shape
     s = bank.slots
     dev = k.device
@@ -282,8 +284,9 @@ def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor
     tgt = torch.where(merge, best, s)  # non-merging tokens go to the scratch slot
     same = (tgt[..., :, None] == tgt[..., None, :]) & merge[..., None, :]  # [B,H,T,T]
     n_add = same.sum(-1)  # [B,H,T] tokens merging into each token's slot
-    steps = torch.arange(t, device=dev).expand(b, h, t)
-    last_touch = torch.where(same, steps[..., None, :], -1).amax(-1)  # latest step into that slot
+    if age is None:
+        age = (t - 1) - torch.arange(t, device=dev).expand(b, h, t)
+    youngest = torch.where(same, age[..., None, :], _FREE_PRIORITY).amin(-1)  # the latest token into that slot
     same = same.to(bank.dtype)
     sum_k, sum_v = torch.matmul(same, k), torch.matmul(same, v)
     c_old = bank.counts.gather(2, tgt)
@@ -293,9 +296,9 @@ def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor
     copy_rows_(bank.keys, tgt, (c_old_f * gather_rows(bank.keys, tgt) + sum_k) / denom)
     copy_rows_(bank.values, tgt, (c_old_f * gather_rows(bank.values, tgt) + sum_v) / denom)
     bank.counts.scatter_(2, tgt, c_new)
-    # Ages: as if written token by token, a slot last touched at step i is t-1-i old.
-    bank.ages += t
-    bank.ages.scatter_(2, tgt, (t - 1) - last_touch)
+    # Ages: as if written token by token, a slot is as old as its latest token.
+    bank.ages += t if grow is None else grow
+    bank.ages.scatter_(2, tgt, youngest)
     touched = torch.zeros_like(bank.counts, dtype=torch.bool).scatter_(2, tgt, merge)
     touched[..., s] = False
     if importance is not None and bank.rule.scored:  # a slot's score gathers its tokens' importance
@@ -337,40 +340,9 @@ def _place_by_age(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, novel: torch
     bank.ages.scatter_(2, slot, torch.where(place, (t - 1) - steps, 0))
     return place, was_free
 
-def _write_spans(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
-                 importance: torch.Tensor) -> None:
-    """Write the span reserve's chosen tokens raw (count 1) into their slots, aged as the rest of
-    the segment (after _merge has aged the bank), so recency placement keeps their order."""
-    t = k.shape[2]
-    steps = torch.arange(t, device=k.device).expand_as(held)
-    copy_rows_(bank.keys, slot, k)
-    copy_rows_(bank.values, slot, v)
-    bank.counts.scatter_(2, slot, held.long())
-    bank.ages.scatter_(2, slot, torch.where(held, (t - 1) - steps, 0))
-    bank.score.scatter_(2, slot, torch.where(held, importance, 0.0).to(bank.score.dtype))
-    bank.pinned.scatter_(2, slot, torch.zeros_like(held))
-
-
-def _native_beside_reserve(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor,
-                           best_sim: torch.Tensor, finite: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
-                           importance: torch.Tensor) -> bool:
-    """The consolidated slots' rule (the paper's, or eviction by use) in the C kernel, then the span
-    reserve's tokens (`held`, skipped by the kernel) into their slots; False where the kernel does
-    not apply."""
-    base, s = bank.slots - bank.rule.span_reserve, bank.slots
-    if not bank._native_bookkeeping(k, v, best, best_sim, finite, base, importance if bank.rule.ranks_slots else None):
-        return False
-    bank.ages[..., base:s] += k.shape[2]  # the kernel ages only the slots it manages
-    _write_spans(bank, k, v, held, slot, importance)
-    bank._clear_scratch()
-    n = held.sum()  # the kernel counted them as skipped: they are new
-    bank.telemetry[1] += n
-    bank.telemetry[4] -= n
-    return True
-
-
 def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor, best_sim: torch.Tensor,
-            finite: torch.Tensor, slots: int | None = None, importance: torch.Tensor | None = None) -> bool:
+            finite: torch.Tensor, slots: int | None = None, importance: torch.Tensor | None = None,
+            age: torch.Tensor | None = None, grow: int | None = None, first: int = 0) -> bool:
     """The rest of the write (merges, ages, novel tokens' places, telemetry) in the C kernel
     (camelot/csrc/consolidate.c) for a float32 bank on CPU, over its first `slots` slots (all:
     None), evicting by age, or by use where `importance` [B, H, T] is given (WriteRule.use_only);
@@ -386,14 +358,18 @@ def _native(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor
     inputs = (k.contiguous(), v.contiguous(), best.contiguous(), best_sim.float().contiguous(),
               finite.to(torch.uint8).contiguous())
     n = bank.slots if slots is None else slots
+    grow = t if grow is None else grow
+    # each token's age once written, where it is not (T-1) - its index (NULL)
+    ages_in = None if age is None else age.to(torch.long).contiguous()
+    aged = (None if ages_in is None else ages_in.data_ptr(), grow, first)
     if importance is None:
         rc = lib.camelot_consolidate_f32(b * h, t, n, bank.slots + 1, d, v.shape[-1], bank.threshold,
                                          *(x.data_ptr() for x in state[:4]), *(x.data_ptr() for x in inputs),
-                                         bank.telemetry.data_ptr())
+                                         bank.telemetry.data_ptr(), *aged)
     else:  # eviction by use: the slots' scores and the tokens' importance too
         imp = importance.float().contiguous()
         rc = lib.camelot_consolidate_use_f32(b * h, t, n, bank.slots + 1, d, v.shape[-1], bank.threshold,
-                                             bank.rule.use_decay ** t, *(x.data_ptr() for x in state[:4]),
+                                             bank.rule.use_decay ** grow, *(x.data_ptr() for x in state[:4]),
                                              bank.score.data_ptr(), *(x.data_ptr() for x in inputs), imp.data_ptr(),
-                                             bank.telemetry.data_ptr())
+                                             bank.telemetry.data_ptr(), *aged)
     return rc == 0

@@ -23,6 +23,7 @@ from camelot.memory.spans import SPAN_SCORES, TWO_SIGNALS, span_context
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
+DISPLACED = ("drop", "consolidate")  # WriteRule.span_displaced
 IMPORTANCES = ("attention", "surprise", "question", "question+surprise")
 TWO_IMPORTANCES = ("question+surprise",)  # [..., 2] per token, in the order named
 # order levels of the candidates for a place (ascending: lost first)
@@ -74,6 +75,10 @@ class WriteRule:
         largest logit of its queries on the token's position-free key (per KV head; question.py);
         "question+surprise": the two, for span_score "scan+scan" (the rules other than the reserve
         rank by the surprise).
+    span_displaced: what becomes of a reserve token a better window displaces: "consolidate" (it
+        joins the write of the consolidated slots, merged or placed like a new token, keeping its
+        age and score; camelot/memory/reserve_write.py) or "drop" (lost; the only way until
+        2026-12-07, and the recall kinds but "balanced" were measured so).
     lazy: a head with f free slots lets only the t - f most similar tokens of a t-token segment
         merge; while there is room every token keeps a slot of its own, so a bank that is not yet
         full holds the past exactly, as a raw cache would.
@@ -92,6 +97,7 @@ class WriteRule:
     span_score: str = "relative"
     importance: str = "attention"
     lazy: bool = False
+    span_displaced: str = "consolidate"
 
     def __post_init__(self) -> None:
         if self.evict not in EVICTIONS:
@@ -117,6 +123,8 @@ class WriteRule:
             raise ValueError(f"importance {' or '.join(TWO_IMPORTANCES)} goes with span_score "
                              f"{' or '.join(TWO_SIGNALS)} and only with it (they rank by two importances at once); "
                              f"got importance {self.importance!r}, span_score {self.span_score!r}")
+        if self.span_displaced not in DISPLACED:
+            raise ValueError(f"span_displaced must be one of {', '.join(DISPLACED)}; got {self.span_displaced!r}")
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
@@ -128,6 +136,7 @@ class WriteRule:
         # (use_decay only matters where slots are ranked by score: evict="use", protect)
         return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
                                                   importance="attention", lazy=False,
+                                                  span_displaced=WriteRule.span_displaced,
                                                   use_decay=WriteRule.use_decay) == WriteRule()
 
     @property
@@ -237,16 +246,18 @@ def free_by_pair_merge(keys: torch.Tensor, values: torch.Tensor, counts: torch.T
 def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor,
                 ages: torch.Tensor, score: torch.Tensor, pinned: torch.Tensor, touched: torch.Tensor,
                 k: torch.Tensor, v: torch.Tensor, novel: torch.Tensor, surprising: torch.Tensor,
-                importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                importance: torch.Tensor, age: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Novel tokens and the slots they may take compete for places: the S best of (slots not
     merged into this segment, novel tokens) stay, ordered by (level, keep): free slots go
     first, then plain slots and plain tokens by age (or score, evict="use"), then protected
     ones by importance; ties go to the lower slot index, slots before tokens. With the paper's
-    rule this is exactly the reference write's order. Returns (placed [B,H,T], was_free [B,H,T])."""
+    rule this is exactly the reference write's order. age [B,H,T]: each token's age once written
+    (None: (T-1) - its index). Returns (placed [B,H,T], was_free [B,H,T])."""
     b, h, t, _ = k.shape
     s = counts.shape[-1] - 1
     dev = k.device
-    steps = torch.arange(t, device=dev).expand(b, h, t)
+    if age is None:
+        age = (t - 1) - torch.arange(t, device=dev).expand(b, h, t)
     free = counts == 0
     never = touched.clone()
     never[..., s] = True
@@ -255,7 +266,7 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
     if rule.evict == "use":
         slot_keep, tok_keep = score.double(), importance.double()
     else:
-        slot_keep, tok_keep = -ages.double(), -((t - 1) - steps).double()
+        slot_keep, tok_keep = -ages.double(), -age.double()
     # protected ones leave lowest importance first, whatever the eviction rule
     slot_keep = torch.where(pinned & ~free, score.double(), slot_keep)
     tok_keep = torch.where(surprising, importance.double(), tok_keep)
@@ -279,7 +290,7 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
     copy_rows_(keys, slot, k)
     copy_rows_(values, slot, v)
     counts.scatter_(2, slot, torch.where(placed, 1, 0))
-    ages.scatter_(2, slot, torch.where(placed, (t - 1) - steps, 0))
+    ages.scatter_(2, slot, torch.where(placed, age, 0))
     score.scatter_(2, slot, torch.where(placed, importance, 0.0).to(score.dtype))
     pinned.scatter_(2, slot, placed & surprising)
     pinned[..., s] = False

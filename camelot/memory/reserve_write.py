@@ -1,0 +1,100 @@
+"""The span reserve's part of a slot-bank write (camelot/memory/bank.py): which tokens it takes
+(spans.py ranks them), writing them raw into their places, and what becomes of the tokens they
+displace.
+
+A displaced token was surprising when it was chosen; dropping it loses what the consolidated
+slots would have kept of it. With `span_displaced="consolidate"` it joins the write's tokens,
+before the segment's (it is older), and is merged or placed like any of them, keeping its age
+(so recency placement puts it where it was) and its score (what it brought and was read since).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from camelot.memory.spans import choose_reserve
+from camelot.rows import copy_rows_, gather_rows
+
+SlotBank = Any  # camelot.memory.bank.SlotBank (which imports this module)
+
+
+def choose(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after: torch.Tensor | None,
+           base: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The span reserve's pick among the segment's tokens (spans.py), judged with the importance of
+    the tokens written before (carried: `span_before`) and after (still raw) the segment;
+    importance [B, H, T] or, for two signals, [B, H, T, 2]. Returns (held [B, H, T], slot [B, H, T],
+    displaced [B, H, n]: the reserve places whose token gives way)."""
+    rule = bank.rule
+    old = bank.span_score
+    held, slot, bank.span_score = choose_reserve(old, importance, finite, rule.span, base, bank.slots,
+                                                 rule.span_score, before=bank.span_before, after=after,
+                                                 follow=rule.span_follow, apart=rule.span_apart)
+    mask = finite if importance.dim() == 3 else finite[..., None]
+    seen = torch.cat([bank.span_before, torch.where(mask, importance, float("-inf"))], dim=2)
+    bank.span_before = seen[:, :, seen.shape[2] - bank.span_before.shape[2]:]
+    n = rule.span_reserve
+    taken = torch.zeros_like(bank.pinned).scatter_(2, slot, held)[..., base : base + n]
+    # a held place keeps its score and takes no new token; any other held place gave way
+    displaced = torch.isfinite(old[..., :n]) & (taken | ~torch.isfinite(bank.span_score[..., :n]))
+    return held, slot, displaced
+
+
+class Spill:
+    """The displaced reserve tokens, oldest first, as `p` extra leading tokens of the write (p:
+    the most that can give way in one write; the columns past a head's own are padding)."""
+
+    def __init__(self, bank: SlotBank, displaced: torch.Tensor, base: int, t: int) -> None:
+        p = self.width = min(displaced.shape[-1], t)
+        age = bank.ages[..., base : base + displaced.shape[-1]]
+        order = torch.where(displaced, age, -1).argsort(dim=-1, descending=True, stable=True)[..., :p]
+        self.valid = displaced.gather(-1, order)  # [B, H, p]
+        idx = base + order
+        self.keys, self.values = gather_rows(bank.keys, idx), gather_rows(bank.values, idx)
+        self.score = bank.score.gather(2, idx)
+        self.age = bank.ages.gather(2, idx) + t  # as it will be once the write has aged the bank
+
+    def join(self, k: torch.Tensor, v: torch.Tensor, finite: torch.Tensor, importance: torch.Tensor,
+             held: torch.Tensor, slot: torch.Tensor, scratch: int) -> tuple[torch.Tensor, ...]:
+        """The write's tokens with the displaced ones first, and each token's age after the write."""
+        t = k.shape[2]
+        steps = torch.arange(t, device=k.device).expand_as(finite)
+        lead = torch.zeros_like(self.valid)
+        return (torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2), torch.cat([self.valid, finite], 2),
+                torch.cat([self.score, importance], 2), torch.cat([lead, held], 2),
+                torch.cat([torch.full_like(self.age, scratch), slot], 2), torch.cat([self.age, (t - 1) - steps], 2))
+
+
+def write_spans(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
+                importance: torch.Tensor, age: torch.Tensor) -> None:
+    """Write the span reserve's chosen tokens raw (count 1) into their slots, aged as the rest of
+    the write's tokens (`age`: each token's age once written), so recency placement keeps their order."""
+    copy_rows_(bank.keys, slot, k)
+    copy_rows_(bank.values, slot, v)
+    bank.counts.scatter_(2, slot, held.long())
+    bank.ages.scatter_(2, slot, torch.where(held, age, 0))
+    bank.score.scatter_(2, slot, torch.where(held, importance, 0.0).to(bank.score.dtype))
+    bank.pinned.scatter_(2, slot, torch.zeros_like(held))
+
+
+def native_beside_reserve(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, best: torch.Tensor,
+                          best_sim: torch.Tensor, finite: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,
+                          importance: torch.Tensor, age: torch.Tensor, grow: int, first: int = 0) -> bool:
+    """The consolidated slots' rule (the paper's, or eviction by use) in the C kernel, then the span
+    reserve's tokens (`held`, skipped by the kernel) into their slots; False where the kernel does
+    not apply. grow: tokens of the segment (every age grows by it); first: tokens before it joined
+    from the reserve and are not counted again."""
+    base, s = bank.slots - bank.rule.span_reserve, bank.slots
+    if not bank._native_bookkeeping(k, v, best, best_sim, finite, base,
+                                    importance if bank.rule.ranks_slots else None, age, grow, first):
+        return False
+    bank.ages[..., base:s] += grow  # the kernel ages and decays only the slots it manages
+    if bank.rule.ranks_slots and bank.rule.use_decay < 1:  # a displaced token carries its score: decayed alike
+        bank.score[..., base:s] *= bank.rule.use_decay ** grow
+    write_spans(bank, k, v, held, slot, importance, age)
+    bank._clear_scratch()
+    n = held.sum()  # the kernel counted them as skipped: they are new
+    bank.telemetry[1] += n
+    bank.telemetry[4] -= n
+    return True
