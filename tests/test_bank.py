@@ -369,3 +369,34 @@ def _assert_same_banks(fast: SlotBank, ref: SlotBank, exact: tuple[str, ...]) ->
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
     for name in ("keys", "values"):
         assert torch.allclose(getattr(fast, name), getattr(ref, name), atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("evict", ["age", "use"])
+def test_trimming_the_displaced_tokens_padding_changes_nothing(monkeypatch, evict):
+    """On CPU the displaced reserve tokens join the write as wide as the most any head displaced;
+    the fixed width (a segment, what a GPU uses: no host sync) pads more and gives the same bank."""
+    from camelot.memory import reserve_write
+    from camelot.memory.rules import WriteRule
+
+    rule = WriteRule(span_reserve=4, span=2, span_score="sum", importance="surprise", evict=evict)
+    banks = []
+    for trim in (True, False):
+        monkeypatch.setattr(reserve_write.Spill, "trim", trim)
+        g = torch.Generator().manual_seed(3)
+        protos = torch.randn(3, D, generator=g)
+        bank, widths = SlotBank(10, 0.9, rule=rule), []
+        real = reserve_write.Spill.__init__
+
+        def spy(self, *args, real=real, widths=widths):
+            real(self, *args)
+            widths.append(self.width)
+
+        monkeypatch.setattr(reserve_write.Spill, "__init__", spy)
+        for _ in range(6):
+            k, v = _clustered_segment(g, protos, 1, 2, 8)
+            bank.write(k, v, received=torch.rand(1, 2, 8, generator=g) * 4)
+        monkeypatch.setattr(reserve_write.Spill, "__init__", real)
+        banks.append((bank, widths))
+    (trimmed, w_trim), (padded, w_pad) = banks
+    assert w_pad == [4] * 6 and min(w_trim) < 4 and max(w_trim) > 0  # both widths were exercised
+    _assert_same_banks(trimmed, padded, ("counts", "ages", "telemetry", "span_score", "score"))

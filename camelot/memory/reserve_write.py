@@ -42,11 +42,18 @@ def choose(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after
 
 
 class Spill:
-    """The displaced reserve tokens, oldest first, as `p` extra leading tokens of the write (p:
-    the most that can give way in one write; the columns past a head's own are padding)."""
+    """The displaced reserve tokens, oldest first, as `width` extra leading tokens of the write:
+    the most that can give way in one write (a fixed shape, no host sync), or on CPU, where reading
+    a count syncs nothing, the most any head gave way (~12 of 128 per write on SmolLM2, the rest
+    padding); the columns past a head's own are padding."""
+
+    trim = True  # tests turn it off: the padding changes nothing
 
     def __init__(self, bank: SlotBank, displaced: torch.Tensor, base: int, t: int) -> None:
-        p = self.width = min(displaced.shape[-1], t)
+        p = min(displaced.shape[-1], t)
+        if self.trim and displaced.device.type == "cpu":
+            p = min(p, int(displaced.sum(-1).max()))
+        self.width = p
         age = bank.ages[..., base : base + displaced.shape[-1]]
         order = torch.where(displaced, age, -1).argsort(dim=-1, descending=True, stable=True)[..., :p]
         self.valid = displaced.gather(-1, order)  # [B, H, p]
