@@ -161,9 +161,9 @@ class CamelotConfig:
                                          "half each; scan: best window up to span by its excess over the mean; "
                                          "scan+scan: half each, two importances; joint-scan: their scans summed in "
                                          "s.d.", choices=SPAN_SCORES)
-    span_displaced: str = option("consolidate", "camelot: a reserve token a better window displaces is written "
-                                                "into the consolidated slots (consolidate) or lost (drop)",
-                                 choices=DISPLACED)
+    span_displaced: str = option("place", "camelot: a reserve token a better window displaces takes a "
+                                          "consolidated slot of its own (place), may merge there too "
+                                          "(consolidate) or is lost (drop)", choices=DISPLACED)
     importance: str = option("surprise", "camelot: what evict=use, protect and the span reserve rank by: attention "
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both", choices=IMPORTANCES)

@@ -32,7 +32,7 @@ CONSOLIDATING = {"evict": "age", "span_reserve": 0, "span_follow": 0, "span_scor
 _FACTS = {**CONSOLIDATING, "span": 8, "span_follow": 12, "importance": "surprise", "span_score": "scan"}
 RECALL_KINDS: dict[str, dict[str, Any]] = {
     "facts": _FACTS,
-    "balanced": {**_FACTS, "evict": "use", "span_displaced": "consolidate"},
+    "balanced": {**_FACTS, "evict": "use", "span_displaced": "place"},
     "demonstrations": {**CONSOLIDATING, "span": 1, "importance": "attention", "span_score": "shared"},
     "question": {**_FACTS, "importance": "question"},
     "question+facts": {**_FACTS, "importance": "question+surprise", "span_score": "scan+scan"},

@@ -267,7 +267,7 @@ def test_the_c_bookkeeping_of_a_write_matches_the_torch_one(seed, rows, heads, s
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), heads=st.integers(1, 3), slots=st.integers(3, 12), reserve=st.integers(1, 6),
        span=st.integers(1, 3), thr=st.sampled_from([0.0, 0.9, 1.0]), steps=st.integers(1, 5),
-       evict=st.sampled_from(["age", "use"]), displaced=st.sampled_from(["drop", "consolidate"]))
+       evict=st.sampled_from(["age", "use"]), displaced=st.sampled_from(["drop", "consolidate", "place"]))
 def test_the_c_kernel_beside_a_span_reserve_matches_the_torch_write(seed, heads, slots, reserve, span, thr, steps,
                                                                      evict, displaced):
     """The paper's rule, or eviction by use, plus a span reserve: the kernel does the consolidated

@@ -301,11 +301,11 @@ class _TorchOnly(SlotBank):
 
 
 @pytest.mark.parametrize("bank_type", [SlotBank, _TorchOnly])
-@pytest.mark.parametrize("displaced", ["drop", "consolidate"])
+@pytest.mark.parametrize("displaced", ["drop", "consolidate", "place"])
 def test_a_displaced_reserve_token_joins_the_consolidated_slots_with_its_age_and_score(bank_type, displaced):
     """A better window takes the reserve's one place: "consolidate" writes the token it displaces
     into a free consolidated slot (count 1, its key and value, as old as it is, the score it
-    held); "drop" loses it. Kernel and torch write alike."""
+    held; "place" too, never merged); "drop" loses it. Kernel and torch write alike."""
     rule = WriteRule(span_reserve=1, span=1, span_score="sum", importance="surprise", evict="use", use_decay=1.0,
                      span_displaced=displaced)
     bank = bank_type(4, 1.0, rule=rule)
@@ -324,3 +324,21 @@ def test_a_displaced_reserve_token_joins_the_consolidated_slots_with_its_age_and
     assert int(bank.ages[0, 0, j]) == 2  # written one write (1 token) and two tokens ago
     assert float(bank.score[0, 0, j]) == pytest.approx(5.25)
     assert bank.telemetry.tolist() == [0, 3, 0, 0, 0]  # x, z, y: x counted as it arrived, not as it moved
+
+
+@pytest.mark.parametrize("bank_type", [SlotBank, _TorchOnly])
+def test_a_displaced_token_merges_with_consolidate_and_keeps_a_slot_of_its_own_with_place(bank_type):
+    """The displaced x has a twin in the consolidated slots: "consolidate" merges it there (count
+    2), "place" (the default) gives it a slot of its own beside the twin."""
+    x, y, z = _fact()[:3]
+    counts = {}
+    for displaced in ("consolidate", "place"):
+        rule = WriteRule(span_reserve=1, span=1, span_score="sum", importance="surprise", evict="use",
+                         span_displaced=displaced)
+        bank = bank_type(4, 0.99, rule=rule)
+        _write(bank, torch.stack([x, z]), torch.tensor([5.0, 0.1]))  # x to the reserve, z consolidated
+        _write(bank, x[None], torch.tensor([0.2]))  # x's twin, not surprising: consolidated
+        _write(bank, y[None], torch.tensor([9.0]))  # y displaces x
+        assert torch.equal(bank.keys[0, 0, 3], y)
+        counts[displaced] = sorted(int(c) for c in bank.counts[0, 0, :3])
+    assert counts == {"consolidate": [0, 1, 2], "place": [1, 1, 1]}

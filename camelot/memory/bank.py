@@ -29,7 +29,7 @@ from camelot.topk import topk as rowwise_topk
 # merged: joined a slot; new: took a free slot; evicted: replaced the oldest slot;
 # dropped: novel, but overtaken by later novel tokens of the same segment (more than the free
 # places); skipped: non-finite state, never written. Each token counts once, as it arrives: one the
-# span reserve later displaces into the consolidated slots (span_displaced="consolidate") does not
+# span reserve later displaces into the consolidated slots (span_displaced "place", "consolidate") does not
 # count again.
 TELEMETRY_FIELDS = ("merged", "new", "evicted", "dropped", "skipped")
 # Eviction order key: free slots first, then by age; ages beyond 2^40 tokens compare as equal.
@@ -160,13 +160,13 @@ class SlotBank:
         rule = self.rule
         base = s - rule.span_reserve  # slots [base, s) are the span reserve: raw, never merged into
         held = age = None
-        first = 0  # tokens before it joined from the span reserve (span_displaced="consolidate")
+        first = 0  # tokens before it joined from the span reserve (span_displaced "place", "consolidate")
         if not rule.plain:
             signals, importance = _importance(rule, importance, k)
             if rule.span_reserve:
                 held, span_slot, displaced = reserve_write.choose(self, signals, finite, after, base)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
-                if rule.span_displaced == "consolidate":
+                if rule.span_displaced != "drop":
                     spill = reserve_write.Spill(self, displaced, base, t)
                     k, v, finite, importance, held, span_slot, age = spill.join(k, v, finite, importance, held,
                                                                                 span_slot, s)
@@ -174,6 +174,8 @@ class SlotBank:
                 else:
                     age = (t - 1) - torch.arange(t, device=k.device).expand_as(finite)
         best, best_sim = _nearest(self, k)
+        if first and rule.span_displaced == "place":  # the displaced tokens take slots of their own
+            best_sim[..., :first] = float("-inf")
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
                 return

@@ -3,9 +3,11 @@
 displace.
 
 A displaced token was surprising when it was chosen; dropping it loses what the consolidated
-slots would have kept of it. With `span_displaced="consolidate"` it joins the write's tokens,
-before the segment's (it is older), and is merged or placed like any of them, keeping its age
-(so recency placement puts it where it was) and its score (what it brought and was read since).
+slots would have kept of it. With `span_displaced="place"` (the default) it joins the write's
+tokens, before the segment's (it is older), and is placed like a novel token (a free slot, or
+the place of a slot it outranks by score or age, or dropped), never merged, keeping its age (so
+recency placement puts it where it was) and its score (what it brought and was read since);
+"consolidate" lets it merge too (measured worse on perplexity and RULER multi-key: docs/memory_write.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from camelot.memory.spans import SPAN_SCORES, TWO_SIGNALS, span_context
 from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
-DISPLACED = ("drop", "consolidate")  # WriteRule.span_displaced
+DISPLACED = ("drop", "consolidate", "place")  # WriteRule.span_displaced
 IMPORTANCES = ("attention", "surprise", "question", "question+surprise")
 TWO_IMPORTANCES = ("question+surprise",)  # [..., 2] per token, in the order named
 # order levels of the candidates for a place (ascending: lost first)
@@ -75,10 +75,11 @@ class WriteRule:
         largest logit of its queries on the token's position-free key (per KV head; question.py);
         "question+surprise": the two, for span_score "scan+scan" (the rules other than the reserve
         rank by the surprise).
-    span_displaced: what becomes of a reserve token a better window displaces: "consolidate" (it
-        joins the write of the consolidated slots, merged or placed like a new token, keeping its
-        age and score; camelot/memory/reserve_write.py) or "drop" (lost; the only way until
-        2026-12-07, and the recall kinds but "balanced" were measured so).
+    span_displaced: what becomes of a reserve token a better window displaces: "place" (it joins
+        the write of the consolidated slots as a token of its own, never merged, placed or dropped
+        as a new token is, keeping its age and score; camelot/memory/reserve_write.py),
+        "consolidate" (the same, but it may merge) or "drop" (lost; the only way until 2026-12-07,
+        and the recall kinds but "balanced" were measured so).
     lazy: a head with f free slots lets only the t - f most similar tokens of a t-token segment
         merge; while there is room every token keeps a slot of its own, so a bank that is not yet
         full holds the past exactly, as a raw cache would.
@@ -97,7 +98,7 @@ class WriteRule:
     span_score: str = "relative"
     importance: str = "attention"
     lazy: bool = False
-    span_displaced: str = "consolidate"
+    span_displaced: str = "place"
 
     def __post_init__(self) -> None:
         if self.evict not in EVICTIONS:
