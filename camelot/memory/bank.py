@@ -174,7 +174,7 @@ class SlotBank:
                 else:
                     age = (t - 1) - torch.arange(t, device=k.device).expand_as(finite)
         best, best_sim = _nearest(self, k)
-        if first and rule.span_displaced == "place":  # the displaced tokens take slots of their own
+        if rule.span_reserve and rule.span_displaced == "place":  # the displaced tokens take slots of their own
             best_sim[..., :first] = float("-inf")
         if rule.plain:
             if self._native_bookkeeping(k, v, best, best_sim, finite):
