@@ -10,10 +10,11 @@
  * other): tokens at or above the threshold merge into their nearest slot by weighted average,
  * several at once (c K + sum k) / (c + n); every age grows by `grow` (the segment's tokens), a
  * merged slot's age is that of its last merging token (tok_age[t], or T-1-t where it is NULL:
- * tokens that joined the write from elsewhere, the span reserve's displaced ones, keep theirs; the
- * telemetry counts only tokens from `first` on: those before it were counted when they arrived); novel tokens take free slots first (lowest index), then the oldest
- * slots not merged into (lower index first among equal ages); with more novel tokens than such
- * places the earliest are dropped. Arithmetic in float32 as torch does, sums in token order.
+ * tokens that joined the write from elsewhere, the span reserve's displaced ones, keep theirs);
+ * novel tokens take free slots first (lowest index), then the oldest slots not merged into (lower
+ * index first among equal ages); with more novel tokens than such places the earliest are
+ * dropped. The telemetry counts only tokens from `first` on (those before it were counted when
+ * they arrived). Arithmetic in float32 as torch does, sums in token order.
  */
 #include <math.h>
 #include <stdint.h>
