@@ -172,7 +172,7 @@ class SlotBank:
                                                                                 span_slot, s)
                     first = spill.width
                 else:
-                    age = (t - 1) - torch.arange(t, device=k.device).expand_as(finite)
+                    age = write_rules.segment_ages(t, finite)
         best, best_sim = _nearest(self, k)
         if rule.span_reserve and rule.span_displaced == "place":  # the displaced tokens take slots of their own
             best_sim[..., :first] = float("-inf")
@@ -279,15 +279,13 @@ def _merge(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, merge: torch.Tensor
     age grows (None: T)."""
     b, h, t, _ = k.shape
     s = bank.slots
-    dev = k.device
     # --- consolidation: weighted running average, several tokens per slot at once. Computed
     # per token (T rows) and scattered back, never over the whole bank: tokens merging into
     # the same slot see the same sums and write the same row.
     tgt = torch.where(merge, best, s)  # non-merging tokens go to the scratch slot
     same = (tgt[..., :, None] == tgt[..., None, :]) & merge[..., None, :]  # [B,H,T,T]
     n_add = same.sum(-1)  # [B,H,T] tokens merging into each token's slot
-    if age is None:
-        age = (t - 1) - torch.arange(t, device=dev).expand(b, h, t)
+    age = write_rules.segment_ages(t, merge) if age is None else age
     youngest = torch.where(same, age[..., None, :], _FREE_PRIORITY).amin(-1)  # the latest token into that slot
     same = same.to(bank.dtype)
     sum_k, sum_v = torch.matmul(same, k), torch.matmul(same, v)

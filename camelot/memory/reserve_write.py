@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from camelot.memory.rules import segment_ages
 from camelot.memory.spans import choose_reserve
 from camelot.rows import copy_rows_, gather_rows
 
@@ -46,8 +47,8 @@ def choose(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after
 class Spill:
     """The displaced reserve tokens, oldest first, as `width` extra leading tokens of the write:
     the most that can give way in one write (a fixed shape, no host sync), or on CPU, where reading
-    a count syncs nothing, the most any head gave way (~12 of 128 per write on SmolLM2, the rest
-    padding); the columns past a head's own are padding."""
+    a count syncs nothing, the most any head gave way (~12 of 128 per write on SmolLM2). Columns
+    past a head's own displaced tokens are padding (not finite: skipped)."""
 
     trim = True  # tests turn it off: the padding changes nothing
 
@@ -67,12 +68,11 @@ class Spill:
     def join(self, k: torch.Tensor, v: torch.Tensor, finite: torch.Tensor, importance: torch.Tensor,
              held: torch.Tensor, slot: torch.Tensor, scratch: int) -> tuple[torch.Tensor, ...]:
         """The write's tokens with the displaced ones first, and each token's age after the write."""
-        t = k.shape[2]
-        steps = torch.arange(t, device=k.device).expand_as(finite)
         lead = torch.zeros_like(self.valid)
         return (torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2), torch.cat([self.valid, finite], 2),
                 torch.cat([self.score, importance], 2), torch.cat([lead, held], 2),
-                torch.cat([torch.full_like(self.age, scratch), slot], 2), torch.cat([self.age, (t - 1) - steps], 2))
+                torch.cat([torch.full_like(self.age, scratch), slot], 2),
+                torch.cat([self.age, segment_ages(k.shape[2], finite)], 2))
 
 
 def write_spans(bank: SlotBank, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor, slot: torch.Tensor,

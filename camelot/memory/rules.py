@@ -257,8 +257,7 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
     b, h, t, _ = k.shape
     s = counts.shape[-1] - 1
     dev = k.device
-    if age is None:
-        age = (t - 1) - torch.arange(t, device=dev).expand(b, h, t)
+    age = segment_ages(t, novel) if age is None else age
     free = counts == 0
     never = touched.clone()
     never[..., s] = True
@@ -301,6 +300,12 @@ def place_novel(rule: WriteRule, keys: torch.Tensor, values: torch.Tensor, count
         keep_pin = torch.zeros_like(pinned[..., :s]).scatter_(-1, top, True)
         pinned[..., :s] &= keep_pin
     return placed, was_free
+
+
+def segment_ages(t: int, like: torch.Tensor) -> torch.Tensor:
+    """Each of a T-token segment's tokens' age once the segment is written: (T-1) - its index,
+    as if written token by token; shaped like `like` [B, H, T]."""
+    return (t - 1) - torch.arange(t, device=like.device).expand(like.shape[:2] + (t,))
 
 
 def no_merge_while_room(best_sim: torch.Tensor, used: torch.Tensor, t: int) -> torch.Tensor:
