@@ -243,7 +243,8 @@ def run_cli(args: argparse.Namespace) -> int:
     elif document is not None:
         n = session.read(document, progress=not args.no_progress, question=args.question)
         ranked = {"question": "by the question", "surprise": "by surprise", "attention": "by attention",
-                  "question+surprise": "half by the question, half by surprise"}[cfg.importance]
+                  "question+surprise": "half by the question, half by surprise",
+                  "surprise+attention": "by surprise"}[cfg.importance]
         ranked = f", {cfg.span_reserve} of {cfg.slots} slots a reserve ranked {ranked}" if cfg.span_reserve else ""
         print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window}{ranked})", file=sys.stderr)
         if args.save:

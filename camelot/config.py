@@ -166,7 +166,8 @@ class CamelotConfig:
                                           "(consolidate) or is lost (drop)", choices=DISPLACED)
     importance: str = option("surprise", "camelot: what evict=use, protect and the span reserve rank by: attention "
                                           "received in the window; surprise: the model's NLL; question: a question's "
-                                          "logit (set_question); question+surprise: both", choices=IMPORTANCES)
+                                          "logit (set_question); question+surprise: both; surprise+attention: the "
+                                          "reserve by surprise, the rest by attention", choices=IMPORTANCES)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "
                                "attention (docs/memory_write.md)")

@@ -70,8 +70,13 @@ class LayerState:
 
     @property
     def tracks_two(self) -> bool:
-        """The memory ranks by a question and by surprise at once (importance "question+surprise")."""
-        return self.tracks_question and self.tracks_surprise
+        """The memory ranks by two signals at once ("question+surprise", "surprise+attention")."""
+        return self.tracks_received + self.tracks_surprise + self.tracks_question == 2
+
+    def _channel(self, signal: str) -> int:
+        """Where `signal` ("attention", "surprise", "question") sits when tracking two: the order
+        the memory names them in."""
+        return self.memory.wanted.index(signal)
 
     def _signals_like(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, n]: shaped as the importance of those n tokens ([B, H, n, 2] when tracking two)."""
@@ -79,16 +84,16 @@ class LayerState:
 
     def note_surprise(self, nll: torch.Tensor) -> None:
         """nll [B, m]: the model's NLL of the open segment's last m tokens (kept already)."""
-        self._note(nll[:, None, :], channel=1)
+        self._note(nll[:, None, :], "surprise")
 
     def note_question(self, score: torch.Tensor) -> None:
         """score [B, Hkv, m]: the question's attention logits on the open segment's last m tokens."""
-        self._note(score, channel=0)
+        self._note(score, "question")
 
-    def _note(self, importance: torch.Tensor, channel: int) -> None:
+    def _note(self, importance: torch.Tensor, signal: str) -> None:
         like = self._signals_like(self.local_k[:, :, :, 0])
         got = _fit(self.received_open, like, at_end=False).clone()
-        into = got[..., channel] if self.tracks_two else got
+        into = got[..., self._channel(signal)] if self.tracks_two else got
         into[:, :, like.shape[2] - importance.shape[-1]:] = importance.to(got.device, torch.float32)
         self.received_open = got
 
@@ -109,6 +114,10 @@ class LayerState:
         tokens included) then the raw tail, added to what they received before."""
         if received is not None:
             n_open = k.shape[2]
+            if self.tracks_two:  # attention is one of two signals: the other channel gets nothing here
+                received = torch.stack([received, torch.zeros_like(received)], dim=-1)
+                if self._channel("attention"):
+                    received = received.flip(-1)
             self.received_open = _fit(self.received_open, received[:, :, :n_open], at_end=False).add(
                 received[:, :, :n_open])
             self.received_tail = _fit(self.received_tail, received[:, :, n_open:], at_end=True).add(

@@ -26,14 +26,18 @@ class SurpriseFeed:
         wanting = [st for st in states if st.tracks_surprise]
         if not wanting:
             return
-        # NLL = logsumexp(row) - row[next id]: no [B, m, V] log-softmax is made (V is 150k for Qwen)
+        # cross_entropy's fused kernel, not logsumexp then a gather: 2.5x faster on CPU (8.7 vs 21.5
+        # ms for 128 x 49152 logits), the same NLL to 2e-6; only the last row's log-probs are kept
         logits = logits.float()
-        lse = torch.logsumexp(logits, dim=-1)  # [B, m]
+        b, m, v = logits.shape
         nll = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
-        nll[:, 1:] = lse[:, :-1] - logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        if m > 1:
+            nll[:, 1:] = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v),
+                                                           ids[:, 1:].reshape(-1).to(logits.device),
+                                                           reduction="none").view(b, m - 1)
         prev = self.last_logp
         if prev is not None and prev.shape[0] == ids.shape[0]:
             nll[:, 0] = -prev.to(nll.device).gather(-1, ids[:, :1].to(nll.device))[:, 0]
-        self.last_logp = logits[:, -1] - lse[:, -1:]
+        self.last_logp = torch.log_softmax(logits[:, -1], dim=-1)
         for st in wanting:
             st.note_surprise(nll)

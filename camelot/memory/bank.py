@@ -61,7 +61,8 @@ class SlotBank:
         self.pinned: torch.Tensor | None = None  # [B, H, S+1] bool
         self.span_score: torch.Tensor | None = None  # [B, H, span_reserve+1] float32, -inf: empty (spans.py)
         self.span_before: torch.Tensor | None = None  # [B, H, span_context] the last written tokens' importance
-        wanted = self.rule.wanted  # what the layer hands `write` as `received` (WriteRule.importance)
+        # what the layer hands `write` as `received` (WriteRule.importance), in channel order for two
+        self.wanted = wanted = self.rule.wanted
         self.wants_received, self.wants_surprise, self.wants_question = (
             x in wanted for x in ("attention", "surprise", "question"))
         self.observes_reads = self.rule.ranks_slots  # reads add the mass slots got to their scores
@@ -101,7 +102,7 @@ class SlotBank:
         self.score = torch.zeros(b, h, n, dtype=torch.float32, device=dev)
         self.pinned = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
         self.span_score = torch.full((b, h, self.rule.span_reserve + 1), float("-inf"), device=dev)
-        carried = (b, h, self.rule.span_carried) + ((2,) if self.rule.signals == 2 else ())
+        carried = (b, h, self.rule.span_carried) + ((2,) if self.rule.reserve_signals == 2 else ())
         self.span_before = torch.full(carried, float("-inf"), device=dev)
         self.telemetry = torch.zeros(len(TELEMETRY_FIELDS), dtype=torch.long, device=dev)
 
@@ -162,7 +163,7 @@ class SlotBank:
         held = age = None
         first = 0  # tokens before it joined from the span reserve (span_displaced "place", "consolidate")
         if not rule.plain:
-            signals, importance = _importance(rule, importance, k)
+            signals, importance, after = _importance(rule, importance, k, after)
             if rule.span_reserve:
                 held, span_slot, displaced = reserve_write.choose(self, signals, finite, after, base)
                 finite = finite & ~held  # the reserve's tokens skip the consolidated part
@@ -255,12 +256,19 @@ def _nearest(bank: SlotBank, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return best, write_rules.no_merge_while_room(best_sim, used, t) if bank.rule.lazy else best_sim
 
 
-def _importance(rule, importance: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what the reserve ranks by, what the other rules rank by): the same, or for two signals
-    [B, H, T, 2] and the last of them (the surprise); zeros where the layer handed none."""
+def _importance(rule, importance: torch.Tensor | None, k: torch.Tensor,
+                after: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(what the reserve ranks by, what the other rules rank by, the reserve's signal of the tokens
+    after the segment): the same, or for two signals [B, H, T, 2] the last of them for the other
+    rules, and for the reserve both or the first (WriteRule.reserve_signals); zeros where the
+    layer handed none."""
     if importance is None:
         importance = k.new_zeros(k.shape[:3] + ((2,) if rule.signals == 2 else ()), dtype=torch.float32)
-    return importance, importance[..., -1] if rule.signals == 2 else importance
+    if rule.signals == 1:
+        return importance, importance, after
+    if rule.reserve_signals == 2:
+        return importance, importance[..., -1], after
+    return importance[..., 0], importance[..., -1], None if after is None else after[..., 0]
 
 
 def _token_context(importance: torch.Tensor | None, following: torch.Tensor | None,

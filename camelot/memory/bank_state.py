@@ -36,7 +36,7 @@ def span_state_len(bank: SlotBank) -> tuple[int, ...]:
     """Lengths a saved `span_score` may have: the reserve's places alone (snapshots before the
     carried context, which then starts empty) or followed by the carried context."""
     n = bank.rule.span_reserve
-    return (n, n + bank.rule.span_carried * bank.rule.signals) if n else ()
+    return (n, n + bank.rule.span_carried * bank.rule.reserve_signals) if n else ()
 
 
 def load_state(bank: SlotBank, state: dict[str, torch.Tensor], device: torch.device | None) -> None:

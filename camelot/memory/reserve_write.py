@@ -31,9 +31,8 @@ def choose(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after
     displaced [B, H, n]: the reserve places whose token gives way)."""
     rule = bank.rule
     old = bank.span_score
-    held, slot, bank.span_score = choose_reserve(old, importance, finite, rule.span, base, bank.slots,
-                                                 rule.span_score, before=bank.span_before, after=after,
-                                                 follow=rule.span_follow, apart=rule.span_apart)
+    settings = (rule.span, base, bank.slots, rule.span_score, rule.span_follow, rule.span_apart)
+    held, slot, bank.span_score = LAST_CHOICE.choose(settings, (old, importance, finite, bank.span_before, after))
     mask = finite if importance.dim() == 3 else finite[..., None]
     seen = torch.cat([bank.span_before, torch.where(mask, importance, float("-inf"))], dim=2)
     bank.span_before = seen[:, :, seen.shape[2] - bank.span_before.shape[2]:]
@@ -42,6 +41,46 @@ def choose(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after
     # a held place keeps its score and takes no new token; any other held place gave way
     displaced = torch.isfinite(old[..., :n]) & (taken | ~torch.isfinite(bank.span_score[..., :n]))
     return held, slot, displaced
+
+
+class LastChoice:
+    """The last reserve choice, for the next bank that asks the same. choose_reserve is a pure
+    function of its tensors and settings, and ranked by surprise (the same for every layer and
+    head) each layer's bank asks it the same question in turn every segment: an equal question
+    gets the last answer (cloned: every bank owns its state) instead of one ranking per layer
+    (0.23 s of 6.1 s per 1024 tokens on SmolLM2). Only on CPU, where comparing tensors syncs
+    nothing; on an accelerator each comparison would stall the host, so each bank ranks."""
+
+    share = True  # tests that count ops turn it off: a reused answer dispatches fewer
+
+    def __init__(self) -> None:
+        self.last: tuple | None = None  # (settings, inputs, answer), replaced whole (one assignment)
+
+    def choose(self, settings: tuple, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """choose_reserve(span_score, importance, finite, span, base, scratch, how, before, after,
+        follow, apart): settings (span, base, scratch, how, follow, apart), inputs (span_score,
+        importance, finite, before, after)."""
+        cpu = self.share and inputs[0].device.type == "cpu"
+        last = self.last
+        if cpu and last is not None and last[0] == settings and all(map(_same, last[1], inputs)):
+            return tuple(x.clone() for x in last[2])
+        span, base, scratch, how, follow, apart = settings
+        old, importance, finite, before, after = inputs
+        answer = choose_reserve(old, importance, finite, span, base, scratch, how, before=before, after=after,
+                                follow=follow, apart=apart)
+        if cpu:
+            self.last = (settings, tuple(None if x is None else x.clone() for x in inputs),
+                         tuple(x.clone() for x in answer))
+        return answer
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+LAST_CHOICE = LastChoice()
 
 
 class Spill:

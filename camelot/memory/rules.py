@@ -15,6 +15,7 @@ decayed per written token (`use_decay`).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import torch
 
@@ -24,8 +25,11 @@ from camelot.rows import copy_rows_, gather_rows
 
 EVICTIONS = ("age", "use", "merge")
 DISPLACED = ("drop", "consolidate", "place")  # WriteRule.span_displaced
-IMPORTANCES = ("attention", "surprise", "question", "question+surprise")
-TWO_IMPORTANCES = ("question+surprise",)  # [..., 2] per token, in the order named
+IMPORTANCES = ("attention", "surprise", "question", "question+surprise", "surprise+attention")
+TWO_IMPORTANCES = ("question+surprise", "surprise+attention")  # [..., 2] per token, in the order named
+# the two-signal importances the span reserve ranks by both of (span_score "scan+scan", "joint-scan");
+# beside the others it ranks by the first alone, and the rest of the write by the last
+RESERVE_TWO = ("question+surprise",)
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -74,7 +78,8 @@ class WriteRule:
         question given before the document (`CamelotModel.set_question`) attends to the token: the
         largest logit of its queries on the token's position-free key (per KV head; question.py);
         "question+surprise": the two, for span_score "scan+scan" (the rules other than the reserve
-        rank by the surprise).
+        rank by the surprise); "surprise+attention": the reserve ranks by surprise (facts), the
+        consolidated slots by the attention their tokens received (use), each what it is for.
     span_displaced: what becomes of a reserve token a better window displaces: "place" (it joins
         the write of the consolidated slots as a token of its own, never merged, placed or dropped
         as a new token is, keeping its age and score; camelot/memory/reserve_write.py),
@@ -120,8 +125,8 @@ class WriteRule:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
         if self.span_score not in SPAN_SCORES:
             raise ValueError(f"span_score must be one of {', '.join(SPAN_SCORES)}; got {self.span_score!r}")
-        if (self.importance in TWO_IMPORTANCES) != (self.span_score in TWO_SIGNALS):
-            raise ValueError(f"importance {' or '.join(TWO_IMPORTANCES)} goes with span_score "
+        if (self.importance in RESERVE_TWO) != (self.span_score in TWO_SIGNALS):
+            raise ValueError(f"importance {' or '.join(RESERVE_TWO)} goes with span_score "
                              f"{' or '.join(TWO_SIGNALS)} and only with it (they rank by two importances at once); "
                              f"got importance {self.importance!r}, span_score {self.span_score!r}")
         if self.span_displaced not in DISPLACED:
@@ -129,7 +134,7 @@ class WriteRule:
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
-    @property
+    @cached_property  # frozen: computed once (a write asks on every segment of every layer)
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
         # span, span_score and importance change nothing while no rule ranks tokens; lazy only
@@ -140,7 +145,7 @@ class WriteRule:
                                                   span_displaced=WriteRule.span_displaced,
                                                   use_decay=WriteRule.use_decay) == WriteRule()
 
-    @property
+    @cached_property
     def use_only(self) -> bool:
         """Eviction by use and otherwise the paper's rule: the C kernel does it too."""
         return self.evict == "use" and replace(self, evict="age").plain
@@ -156,11 +161,16 @@ class WriteRule:
         return 2 if self.importance in TWO_IMPORTANCES else 1
 
     @property
+    def reserve_signals(self) -> int:
+        """Importance values per token the span reserve ranks by (and carries across writes)."""
+        return 2 if self.importance in RESERVE_TWO else 1
+
+    @property
     def span_carried(self) -> int:
         """Importance values of the last written tokens the span reserve carries into the next write."""
         return span_context(self.span, self.span_follow, self.span_score, self.span_apart)
 
-    @property
+    @cached_property
     def kernel_beside_reserve(self) -> bool:
         """The paper's rule, or eviction by use alone, plus a span reserve: the C kernel does the
         consolidated part."""
