@@ -73,12 +73,12 @@ class CamelotConfig:
         "block kept, `slots` / `block_size` of them read per forward)", choices=STRATEGIES, sweep=False)
     window: int = option(128, "tokens per segment (the local attention span)")
     slots: int = option(
-        1020, "consolidated memory slots per layer and KV head (camelot; 1020 + the auto tail and sinks: 2048 "
-        "entries); for `sliding`, the raw tokens it caches (its whole budget)")
+        1084, "consolidated memory slots per layer and KV head (camelot; at window 128, 1084 + the auto tail and "
+        "sinks: 2048 entries); for `sliding`, the raw tokens it caches (its whole budget)")
     recent: int | Literal["auto"] = option(
         "auto", "raw tokens kept right before the segment (camelot, knn; infllm's local window): a token reaches "
-        f"memory when it leaves this tail. auto: beside camelot's eviction by use, slots + sink (half the budget "
-        f"raw, as measured); else {TAIL}")
+        f"memory when it leaves this tail. auto: beside camelot's eviction by use, slots + sink - window (half of "
+        f"what the last query attends raw, the window counted, as measured); else {TAIL}")
     sink: int = option(
         4, "the document's first tokens, kept raw for good right before the raw tail (recurrent, sliding, "
         "knn, camelot): StreamingLLM's attention sinks, where a model trained from position 0 parks attention")

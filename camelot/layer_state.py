@@ -73,11 +73,6 @@ class LayerState:
         """The memory ranks by two signals at once ("question+surprise", "surprise+attention")."""
         return self.tracks_received + self.tracks_surprise + self.tracks_question == 2
 
-    def _channel(self, signal: str) -> int:
-        """Where `signal` ("attention", "surprise", "question") sits when tracking two: the order
-        the memory names them in."""
-        return self.memory.wanted.index(signal)
-
     def _signals_like(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, n]: shaped as the importance of those n tokens ([B, H, n, 2] when tracking two)."""
         return x[..., None].expand(*x.shape, 2) if self.tracks_two else x
@@ -93,7 +88,7 @@ class LayerState:
     def _note(self, importance: torch.Tensor, signal: str) -> None:
         like = self._signals_like(self.local_k[:, :, :, 0])
         got = _fit(self.received_open, like, at_end=False).clone()
-        into = got[..., self._channel(signal)] if self.tracks_two else got
+        into = got[..., self.memory.wanted.index(signal)] if self.tracks_two else got  # the memory's order
         into[:, :, like.shape[2] - importance.shape[-1]:] = importance.to(got.device, torch.float32)
         self.received_open = got
 
@@ -115,9 +110,7 @@ class LayerState:
         if received is not None:
             n_open = k.shape[2]
             if self.tracks_two:  # attention is one of two signals: the other channel gets nothing here
-                received = torch.stack([received, torch.zeros_like(received)], dim=-1)
-                if self._channel("attention"):
-                    received = received.flip(-1)
+                received = _in_channel(received, self.memory.wanted.index("attention"))
             self.received_open = _fit(self.received_open, received[:, :, :n_open], at_end=False).add(
                 received[:, :, :n_open])
             self.received_tail = _fit(self.received_tail, received[:, :, n_open:], at_end=True).add(
@@ -247,3 +240,10 @@ def _write(memory: Memory, k: torch.Tensor, v: torch.Tensor, received: torch.Ten
         memory.write(k, v, received=received, following=following)
     else:
         memory.write(k, v, received=received)
+
+
+def _in_channel(x: torch.Tensor, channel: int) -> torch.Tensor:
+    """x [B, H, n] as channel `channel` of [B, H, n, 2], the other channel 0."""
+    out = x.new_zeros(*x.shape, 2)
+    out[..., channel] = x
+    return out

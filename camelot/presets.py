@@ -40,8 +40,10 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
 # the kinds whose reserve is a fixed share of the slots (1/n); the others keep all slots but 128
 RECALL_SHARES: dict[str, int] = {"balanced": 3}
 # recent="auto": the raw tail of everything but camelot's eviction by use (knn's tail, infllm's
-# local window, the consolidating write); beside eviction by use the tail and sinks are as long as
-# the slots, half the budget raw (docs/memory_write.md: what made eviction by use beat `sliding`)
+# local window, the consolidating write); beside eviction by use half of what a segment's last
+# query attends is raw and recent, the window counted: window + tail = sinks + slots (auto_tail;
+# docs/memory_write.md: half the budget raw is what made eviction by use beat `sliding`, and at
+# window 512 a tail as long as the slots, ignoring the window, cost Qwen 3% on 16k-token books)
 TAIL = 128
 # the bank the consolidating default had, in which the recall kinds but "balanced" were measured
 CONSOLIDATING_BANK = {"slots": 2048, "recent": TAIL}
@@ -57,22 +59,29 @@ def recall_reserve(kind: str, slots: Any) -> int:
     return slots - min(128, max(1, slots // 3))
 
 
+def auto_tail(slots: int, sink: int, window: int) -> int:
+    """The raw tail beside camelot's eviction by use: window + tail = sinks + slots, half of what
+    the segment's last query attends raw and recent (none where the window alone is that much)."""
+    return max(0, slots + sink - window)
+
+
 def resolve_auto_write(cfg: Any) -> None:
-    """recent and span_reserve "auto" -> numbers: half the budget raw beside camelot's eviction by use
-    (docs/memory_write.md), a third of the slots the reserve."""
+    """recent and span_reserve "auto" -> numbers: half the attended entries raw beside camelot's
+    eviction by use (auto_tail; docs/memory_write.md), a third of the slots the reserve."""
     camelot, slots = cfg.strategy == "camelot", cfg.slots if type(cfg.slots) is int else 0
     if cfg.recent == "auto":
         sink = cfg.sink if type(cfg.sink) is int else 0
-        object.__setattr__(cfg, "recent", slots + sink if camelot and cfg.evict == "use" else TAIL)
+        window = cfg.window if type(cfg.window) is int else 0
+        object.__setattr__(cfg, "recent", auto_tail(slots, sink, window) if camelot and cfg.evict == "use" else TAIL)
     if cfg.span_reserve == "auto":
         object.__setattr__(cfg, "span_reserve", recall_reserve("balanced", slots) if camelot else 0)
 
 
-def slots_for_budget(budget: int, sink: int, recent: int | str = "auto", evict: str = "use") -> int:
+def slots_for_budget(budget: int, sink: int, recent: int | str = "auto", evict: str = "use", window: int = 0) -> int:
     """camelot's slots when a head keeps `budget` entries besides its segment (sinks + raw tail +
-    slots), the tail as `recent` says ("auto": as resolve_auto_write gives it)."""
-    if recent == "auto" and evict == "use":
-        return (budget - 2 * sink) // 2
+    slots), the tail as `recent` says ("auto": as resolve_auto_write gives it for this window)."""
+    if recent == "auto" and evict == "use":  # budget = 2 sinks + 2 slots - window, or no tail at all
+        return min((budget + window - 2 * sink) // 2, budget - sink)
     return budget - sink - (TAIL if recent == "auto" else int(recent))
 
 

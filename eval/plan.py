@@ -172,12 +172,12 @@ def _spec(strategy: str, window: int, params: dict[str, Any], base: dict[str, An
 
 def _split_budget(strategy: str, window: int, params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """A camelot run's params with `budget` turned into the slots its sinks and its write's own raw
-    tail leave (the default write's tail grows with the slots: half the budget)."""
+    tail leave (the default write's tail grows with the slots: window + tail = sinks + slots)."""
     p = dict(params)
     budget = p.pop("budget")
     given = {k: v for k, v in {**base, **p}.items() if not (k in AUTO_SET and v is None)}
     probe = _config(strategy, window, {**given, "slots": max(1, budget), "read_top_k": None, "search": "torch"})
-    slots = slots_for_budget(budget, probe.sink, p.get("recent", "auto"), probe.evict)
+    slots = slots_for_budget(budget, probe.sink, p.get("recent", "auto"), probe.evict, window)
     if slots < 1:
         raise ValueError(f"budget {budget} leaves no slots beside {probe.sink} sinks and a raw tail of "
                          f"{probe.recent if p.get('recent', 'auto') != 'auto' else budget - probe.sink}")

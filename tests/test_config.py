@@ -127,20 +127,22 @@ def test_count_mode_choices_are_the_ones_the_bias_implements():
 
 def test_the_default_write_is_the_balanced_preset_with_half_the_budget_raw():
     """Since 2026-12-06 the default is recall("balanced"): a third of the slots a reserve, the rest
-    evicted by use, a raw tail and sinks as long as the slots (2048 entries per head); recent and
-    span_reserve "auto" follow slots through replace(), and what is given wins."""
+    evicted by use, and half of what the last query attends raw and recent: window + tail = sinks
+    + slots (since 2026-12-07; 2048 entries per head at window 128); recent and span_reserve
+    "auto" follow slots and window through replace(), and what is given wins."""
     cfg = CamelotConfig()
-    assert (cfg.slots, cfg.recent, cfg.sink, cfg.span_reserve) == (1020, 1024, 4, 340)
+    assert (cfg.window, cfg.slots, cfg.recent, cfg.sink, cfg.span_reserve) == (128, 1084, 960, 4, 361)
     assert cfg.slots + cfg.recent + cfg.sink == 2048
     balanced = CamelotConfig.recall("balanced")
     assert all(getattr(cfg, f) == getattr(balanced, f) for f in cfg.to_dict())
-    small = cfg.replace(slots=252)
-    assert (small.recent, small.span_reserve) == (256, 84)  # "auto" kept: they follow the new slots
+    small = cfg.replace(slots=316)
+    assert (small.recent, small.span_reserve) == (192, 105)  # "auto" kept: they follow the new slots
+    assert cfg.replace(window=512).recent == 576 and cfg.replace(window=2048).recent == 0  # and the window
     assert cfg.replace(slots=252, recent=64).recent == 64
     assert CamelotConfig(recent=0, sink=0).recent == 0 and CamelotConfig(span_reserve=0).span_reserve == 0
-    assert CamelotConfig(sink=0, slots=100).recent == 100
+    assert CamelotConfig(sink=0, slots=100, window=16).recent == 84
     # the tail "auto" is 128 beside the consolidating write and for the other strategies
-    assert CamelotConfig(evict="age").recent == 128 and CamelotConfig(evict="age").span_reserve == 340
+    assert CamelotConfig(evict="age").recent == 128 and CamelotConfig(evict="age").span_reserve == 361
     for strategy in ("knn", "infllm", "sliding", "window", "recurrent"):
         other = CamelotConfig(strategy=strategy, slots=1024)
         assert (other.recent, other.span_reserve) == (128, 0), strategy
@@ -196,7 +198,7 @@ def test_a_baseline_at_the_same_budget_holds_what_camelot_holds():
     camelot's), infllm a 128-token local window and the nearest whole number of blocks."""
     from camelot.presets import at_same_budget
 
-    cfg = CamelotConfig(window=256)  # 1020 slots + 1024 tail + 4 sinks
+    cfg = CamelotConfig(window=256, slots=1148)  # 1148 slots + 896 tail + 4 sinks
     assert at_same_budget(cfg, "sliding").slots + at_same_budget(cfg, "sliding").sink == 2048
     infllm = at_same_budget(cfg, "infllm")
     assert (infllm.slots, infllm.recent, infllm.placement) == (1920, 128, "fixed")  # 15 blocks: 2052 entries

@@ -131,7 +131,8 @@ def test_recall_flag_gives_the_recall_preset_and_moved_rule_flags_win(command):
     plain = memory_config(parser.parse_args([*command, "--slots", "892"]))
     cfg = memory_config(parser.parse_args([*command, "--slots", "892", "--recall"]))
     assert plain.span_reserve == 297 and cfg.span_reserve == 764  # the default's third; all but 128
-    assert (plain.recent, cfg.recent) == (896, 128)  # --recent auto: the tail each write was measured with
+    # --recent auto: the tail each write was measured with (the default's: window + tail = sinks + slots)
+    assert (plain.recent, cfg.recent) == (892 + 4 - plain.window, 128)
     # the command's own settings (window, placement...) kept, the write rule and tail the preset's
     given = {k: v for k, v in plain.to_dict().items() if k not in (*RULE_FIELDS, "recent")}
     assert cfg == CamelotConfig.recall(**given)

@@ -95,8 +95,9 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert "full: lengths 1100 exceed the model's 1024 positions" in text  # run where it fits, noted where not
     data = json.loads((out / "passkey.json").read_text())
     runs = {r["label"]: r for r in data["runs"]}
-    assert set(runs) == {"window", "camelot slots=32 recent=36 sink=4 threshold=0.95 read_top_k=4 count_bias=0.7",
-                         "camelot slots=64 recent=68 sink=4 threshold=0.95 read_top_k=4 count_bias=0.7", "full"}
+    # the default's tail: window + tail = sinks + slots (none beside 32 slots and a 64-token window)
+    assert set(runs) == {"window", "camelot slots=32 sink=4 threshold=0.95 read_top_k=4 count_bias=0.7",
+                         "camelot slots=64 recent=4 sink=4 threshold=0.95 read_top_k=4 count_bias=0.7", "full"}
     assert not runs["full"]["skipped"] and {t["length"] for t in runs["full"]["trials"]} == {300}
     trials = runs["window"]["trials"]
     assert len(trials) == 2 * 2 * 2 and all(set(t) >= {"key", "answer", "correct", "seconds"} for t in trials)

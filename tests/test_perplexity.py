@@ -112,15 +112,15 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
     old = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
         ["--strategies", "sliding,camelot,camelot-consolidating", "--slots", "380"]))))
     assert old["camelot-consolidating"][0].config == CamelotConfig.consolidating(slots=380)
-    assert old["camelot"][0].config == CamelotConfig(slots=380)  # tail 384: the default write's
-    # sliding holds what each camelot run holds besides the sinks: 380 + 128 and 380 + 384
-    assert [s.config.slots for s in old["sliding"]] == [508, 764]
+    assert old["camelot"][0].config == CamelotConfig(slots=380)  # tail 256: the default write's (380 + 4 - 128)
+    # sliding holds what each camelot run holds besides the sinks: 380 + 128 and 380 + 256
+    assert [s.config.slots for s in old["sliding"]] == [508, 636]
     alone = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(["--strategies", "sliding", "--slots", "252"]))))
-    assert [s.config.slots for s in alone["sliding"]] == [508]  # no camelot run: the default write's budget
+    assert [s.config.slots for s in alone["sliding"]] == [380]  # no camelot run: the default write's budget (252 + 128)
     # infllm shares what camelot holds besides the sinks between its local window (128) and its blocks
     blocks = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
-        ["--strategies", "infllm,camelot", "--slots", "1020"]))))["infllm"]
-    assert [(s.config.slots, s.config.recent) for s in blocks] == [(1920, 128)]  # 1020 + 1024 - 128: 15 blocks
+        ["--strategies", "infllm,camelot", "--slots", "1084"]))))["infllm"]
+    assert [(s.config.slots, s.config.recent) for s in blocks] == [(1920, 128)]  # 1084 + 960 - 128: 15 blocks
     assert balanced["sliding"][0].config.slots == 252 + 256  # the same budget
 
 
@@ -273,7 +273,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys, long_text):
                "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0
     table = capsys.readouterr().out
-    row = "| camelot | 16 | slots=32 recent=36 sink=4 threshold=0.9 read_top_k=2 count_bias=off |"
+    row = "| camelot | 16 | slots=32 recent=20 sink=4 threshold=0.9 read_top_k=2 count_bias=off |"
     assert "| strategy |" in table and row in table
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]

@@ -201,7 +201,8 @@ def test_a_stopped_run_keeps_its_trials_and_resume_runs_only_the_rest(tmp_path, 
 
 
 def test_a_budget_gives_each_camelot_write_its_own_tail_and_sliding_the_same_entries():
-    """--budget 1024: the default write splits it in halves (508 slots + 512 tail + 4 sinks), the
+    """--budget 1024: the default write splits it in halves, the window counted (572 slots + 448
+    tail + 4 sinks: window + tail = sinks + slots), the
     facts preset keeps its 128 tail (892 slots), infllm the nearest whole number of blocks to its
     share, and sliding holds what each of them holds."""
     import dataclasses
@@ -211,7 +212,7 @@ def test_a_budget_gives_each_camelot_write_its_own_tail_and_sliding_the_same_ent
     sweep = dataclasses.replace(Sweep(strategies=("sliding", "knn", "infllm", "camelot", "camelot-recall")),
                                 budgets=(1024,))
     runs = {s.strategy: s.config for s in plan_runs(sweep)}
-    assert (runs["camelot"].slots, runs["camelot"].recent, runs["camelot"].span_reserve) == (508, 512, 169)
+    assert (runs["camelot"].slots, runs["camelot"].recent, runs["camelot"].span_reserve) == (572, 448, 190)
     assert (runs["camelot-recall"].slots, runs["camelot-recall"].recent) == (892, 128)
     assert (runs["infllm"].slots, runs["infllm"].recent) == (896, 128) and runs["knn"].recent == 128  # 892: 7 blocks
     assert runs["sliding"].slots + runs["sliding"].sink == 1024
@@ -222,7 +223,7 @@ def test_a_budget_gives_each_camelot_write_its_own_tail_and_sliding_the_same_ent
     (["retrieval", "--tasks", "magic"], "unknown task"),
     (["retrieval", "--budget", "100", "--slots", "64"], "not both"),
     (["retrieval", "--budget", "100", "--recent", "128"], "leaves no slots"),
-    (["retrieval", "--budget", "8", "--strategies", "camelot"], "leaves no slots"),
+    (["retrieval", "--budget", "4", "--strategies", "camelot"], "leaves no slots"),
     (["retrieval", "--depths", "120"], "percentages"),
     (["ppl", "--data", "x.txt", "--strategies", "camelot-question"], "retrieval` only"),
     (["passkey", "--strategies", "camelot,camelot-question"], "retrieval` only"),

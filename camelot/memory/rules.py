@@ -14,8 +14,7 @@ decayed per written token (`use_decay`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from functools import cached_property
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -30,6 +29,9 @@ TWO_IMPORTANCES = ("question+surprise", "surprise+attention")  # [..., 2] per to
 # the two-signal importances the span reserve ranks by both of (span_score "scan+scan", "joint-scan");
 # beside the others it ranks by the first alone, and the rest of the write by the last
 RESERVE_TWO = ("question+surprise",)
+# fields that change nothing while no rule ranks tokens (span, span_score, importance...), lazy
+# (it only hides merge targets before the bookkeeping) and use_decay (only where slots are ranked)
+_PAPER_FREE = ("span", "span_follow", "span_apart", "span_score", "importance", "lazy", "span_displaced", "use_decay")
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -134,21 +136,20 @@ class WriteRule:
         if not isinstance(self.lazy, bool):
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
-    @cached_property  # frozen: computed once (a write asks on every segment of every layer)
+        # what kind of rule this is, asked by every write of every layer: worked out once (frozen)
+        object.__setattr__(self, "_kinds", (_paper_like(self), self.evict == "use" and _paper_like(self, "evict"),
+                                            self.span_reserve > 0 and (_paper_like(self, "span_reserve") or (
+                                                self.evict == "use" and _paper_like(self, "span_reserve", "evict")))))
+
+    @property
     def plain(self) -> bool:
         """The paper's rule: the C kernel and the reference torch code do it."""
-        # span, span_score and importance change nothing while no rule ranks tokens; lazy only
-        # hides merge targets before the bookkeeping
-        # (use_decay only matters where slots are ranked by score: evict="use", protect)
-        return self.span_reserve == 0 and replace(self, span=8, span_follow=0, span_apart=0, span_score="relative",
-                                                  importance="attention", lazy=False,
-                                                  span_displaced=WriteRule.span_displaced,
-                                                  use_decay=WriteRule.use_decay) == WriteRule()
+        return self._kinds[0]
 
-    @cached_property
+    @property
     def use_only(self) -> bool:
         """Eviction by use and otherwise the paper's rule: the C kernel does it too."""
-        return self.evict == "use" and replace(self, evict="age").plain
+        return self._kinds[1]
 
     @property
     def wanted(self) -> tuple[str, ...]:
@@ -170,12 +171,11 @@ class WriteRule:
         """Importance values of the last written tokens the span reserve carries into the next write."""
         return span_context(self.span, self.span_follow, self.span_score, self.span_apart)
 
-    @cached_property
+    @property
     def kernel_beside_reserve(self) -> bool:
         """The paper's rule, or eviction by use alone, plus a span reserve: the C kernel does the
         consolidated part."""
-        rest = replace(self, span_reserve=0)
-        return self.span_reserve > 0 and (rest.plain or rest.use_only)
+        return self._kinds[2]
 
     @property
     def scored(self) -> bool:
@@ -335,3 +335,10 @@ def rule_from_config(cfg: object) -> WriteRule:
 
 # the CamelotConfig fields (and CLI flags) that make the write rule: WriteRule's own fields
 RULE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(WriteRule))
+
+
+def _paper_like(rule: WriteRule, *ignored: str) -> bool:
+    """The paper's rule (WriteRule's defaults, no reserve) up to the fields _PAPER_FREE and `ignored`."""
+    return all(getattr(rule, f.name) == f.default for f in fields(rule)
+               if f.name not in _PAPER_FREE and f.name not in ignored) and ("span_reserve" in ignored
+                                                                           or rule.span_reserve == 0)
