@@ -111,7 +111,8 @@ class LayerRuntime:
             keys.append(keys[0].new_zeros(b, hkv, mem.spare_columns, d))
         plain_k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
         qg = query.float().reshape(b, hkv, g * m, d)  # a KV head's G query heads as rows of one matrix
-        logits = plain_logits(self.masks, qg, g, plain_k, l0, tuple(spans), scaling, softcap, sliding_window, alibi)
+        logits = plain_logits(self.masks, qg, g, plain_k, l0, tuple(spans), scaling, softcap, sliding_window, alibi,
+                              extra=getattr(mem, "extra_columns", 0))
         if mem is not None:
             logits = mem.join(logits, values, n_plain)
         probs = torch.softmax(logits, dim=-1) if mem is None else mem.softmax(logits)

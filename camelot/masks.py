@@ -87,19 +87,23 @@ def softcapped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 def plain_logits(masks: MaskCache, qg: torch.Tensor, g: int, keys: torch.Tensor, l0: int, spans: Spans,
                  scaling: float, softcap: float | None, sliding_window: int | None,
-                 bias: PositionBias | None) -> torch.Tensor:
-    """[B, Hkv, G, m, N] logits of queries at positions [l0, l0 + m) (qg: [B, Hkv, G*m, D], a KV
-    head's G query heads as rows of one matrix, so keys are not expanded over G) against plain
-    keys at the `spans`, and against spare columns past them (never masked: the caller fills them)."""
+                 bias: PositionBias | None, extra: int = 0) -> torch.Tensor:
+    """[B, Hkv, G, m, N + extra] logits of queries at positions [l0, l0 + m) (qg: [B, Hkv, G*m, D],
+    a KV head's G query heads as rows of one matrix, so keys are not expanded over G) against plain
+    keys at the `spans`, and against spare columns past them (never masked: the caller fills them);
+    `extra` more columns are left unwritten for the caller (memory's logits, computed into place
+    instead of concatenated: a pass over every logit saved)."""
     b, hkv, gm, _ = qg.shape
     m, n = gm // g, keys.shape[2]
     if not softcap and bias is None:
         # the mask as an additive term inside the matmul: a boolean mask broadcast over every
         # head is a slow pass of its own on CPU
         add = masks.additive(l0, m, spans, n, sliding_window, g, qg.device)
-        s = torch.baddbmm(add, qg.flatten(0, 1), keys.flatten(0, 1).transpose(-1, -2), alpha=scaling)
-        return s.view(b, hkv, g, m, n)
+        out = qg.new_empty(b * hkv, gm, n + extra)
+        torch.baddbmm(add, qg.flatten(0, 1), keys.flatten(0, 1).transpose(-1, -2), alpha=scaling, out=out[..., :n])
+        return out.view(b, hkv, g, m, n + extra)
     s = softcapped(torch.matmul(qg, keys.transpose(-1, -2)).view(b, hkv, g, m, n) * scaling, softcap)
     if bias is not None:
         s = s + bias.bias(masks.positions(spans, n, qg.device), hkv, g)
-    return s.masked_fill_(~masks.allowed(l0, m, spans, n, sliding_window, qg.device), float("-inf"))
+    s = s.masked_fill_(~masks.allowed(l0, m, spans, n, sliding_window, qg.device), float("-inf"))
+    return s if not extra else torch.cat([s, s.new_empty(*s.shape[:-1], extra)], dim=-1)

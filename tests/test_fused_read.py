@@ -85,3 +85,21 @@ def test_bfloat16_every_slot_read_rounds_scores_but_attends_the_same_slots(monke
     monkeypatch.setattr(dense, "_FLASH_CPU", None)  # elsewhere (GPU): bf16 scores, explicit softmax
     explicit = _attend(_runtime(TorchBf16Search()))
     assert 0 < (explicit - exact).norm() / exact.norm() < 2e-2
+
+
+def test_the_explicit_read_makes_memory_logits_in_place_and_equal_to_the_concatenation(monkeypatch):
+    """DenseResult.deferred: every slot's logits go by one baddbmm into the columns the plain
+    logits leave for them; bit-identical to making them apart and concatenating."""
+    monkeypatch.setattr(dense, "_FLASH_CPU", None)
+    rt = _runtime(TorchExactSearch(), record_reads=True)
+    seen = []
+    original = rt.read.select
+    rt.read.select = lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1]
+    in_place = _attend(rt)
+    assert seen[-1].deferred is not None and seen[-1].logits is None
+    reads = rt.last_read.weights.clone()
+    rt.read.select = lambda *a, **kw: seen.append(original(*a, **kw).materialized()) or seen[-1]
+    rt.state.local_k = rt.state.local_v = None  # the same open segment again
+    joined = _attend(rt)
+    assert seen[-1].deferred is None
+    assert torch.equal(in_place, joined) and torch.equal(rt.last_read.weights, reads)

@@ -38,17 +38,38 @@ class ReadAttribution:
 
 @dataclass
 class DenseResult:
-    """Memory joins like a prefix: logits [B, Hkv, G, m, S] against values [B, Hkv, S, Dv]."""
+    """Memory joins like a prefix: logits [B, Hkv, G, m, S] against values [B, Hkv, S, Dv]; or,
+    `deferred` (bias [B*Hkv, 1, S], scaled queries [B*Hkv, G*m, D], keys [B*Hkv, D, S]), the
+    logits are made by one baddbmm straight into the columns the plain logits left for them
+    (`extra_columns`), not made apart and concatenated (a pass over every logit saved)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     values: torch.Tensor
     slots: torch.Tensor | None = None  # [B, Hkv, G, m, k] where a top-k masked the rest
+    deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    g: int = 1  # query heads per KV head (the deferred queries' rows are G x m)
 
     spare_columns = 0
 
+    @property
+    def extra_columns(self) -> int:
+        return 0 if self.deferred is None else self.values.shape[2]
+
+    def materialized(self) -> DenseResult:
+        """The logits made (for a caller that changes them: a position bias)."""
+        if self.deferred is None:
+            return self
+        b, hkv, n = self.values.shape[:3]
+        s = torch.baddbmm(*self.deferred)
+        return DenseResult(s.view(b, hkv, self.g, -1, n), self.values, self.slots)
+
     def join(self, logits: torch.Tensor, values: list[torch.Tensor], start: int) -> torch.Tensor:
         values.append(self.values)
-        return torch.cat([logits, self.logits], dim=-1)
+        if self.deferred is None:
+            return torch.cat([logits, self.logits], dim=-1)
+        flat = logits.view(-1, logits.shape[2] * logits.shape[3], logits.shape[-1])
+        torch.baddbmm(*self.deferred, out=flat[..., start:])
+        return logits
 
     def softmax(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=-1)
@@ -57,7 +78,7 @@ class DenseResult:
         return out  # memory values were in the plain value matmul
 
     def attribution(self, probs: torch.Tensor, start: int) -> ReadAttribution:
-        share = probs[..., start: start + self.logits.shape[-1]]
+        share = probs[..., start: start + self.values.shape[2]]
         if self.slots is not None:
             return ReadAttribution(self.slots, share.gather(-1, self.slots))
         return ReadAttribution(torch.arange(share.shape[-1], device=share.device).expand_as(share), share, every=True)
@@ -236,6 +257,7 @@ class Read:
                         qm.reshape(b, hkv, g * m, d), g, m, whole and bias is None)
         result = self.select(inp, scaling, softcap, raw_key)
         if bias is not None:  # ALiBi: entries are chosen by content, then biased by their distance
+            result = result.materialized() if isinstance(result, DenseResult) else result
             result.logits = result.logits + bias.bias(_positions_of(result, positions, memory, tail), hkv, g)
         return result
 

@@ -35,9 +35,11 @@ def dense_read(inp: ReadInput, k: int, scaling: float, softcap: float | None,
     if k == n and not softcap:
         # every entry: scale on the queries, bias inside the matmul (two fewer passes over the scores)
         sd = score_dtype
-        s = torch.baddbmm(slot_bias.flatten(0, 1).to(sd), (qm * scaling).flatten(0, 1).to(sd),
-                          keys.to(sd).flatten(0, 1).transpose(-1, -2)).to(qm.dtype)
-        return DenseResult(s.view(b, hkv, inp.g, inp.m, -1), inp.values)
+        parts = (slot_bias.flatten(0, 1).to(sd), (qm * scaling).flatten(0, 1).to(sd),
+                 keys.to(sd).flatten(0, 1).transpose(-1, -2))
+        if sd == qm.dtype:  # made straight into the joined logits' columns (DenseResult.join)
+            return DenseResult(None, inp.values, deferred=parts, g=inp.g)
+        return DenseResult(torch.baddbmm(*parts).to(qm.dtype).view(b, hkv, inp.g, inp.m, -1), inp.values)
     raw = torch.matmul(qm, keys.to(qm.dtype).transpose(-1, -2))  # [B, Hkv, G*m, S]
     s = softcapped(raw * scaling, softcap)
     if k < n:
