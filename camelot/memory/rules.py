@@ -137,9 +137,10 @@ class WriteRule:
             raise ValueError(f"lazy must be True or False, got {self.lazy!r}")
 
         # what kind of rule this is, asked by every write of every layer: worked out once (frozen)
-        object.__setattr__(self, "_kinds", (_paper_like(self), self.evict == "use" and _paper_like(self, "evict"),
-                                            self.span_reserve > 0 and (_paper_like(self, "span_reserve") or (
-                                                self.evict == "use" and _paper_like(self, "span_reserve", "evict")))))
+        use = self.evict == "use"
+        beside_reserve = self.span_reserve > 0 and (_paper_like(self, "span_reserve")
+                                                    or use and _paper_like(self, "span_reserve", "evict"))
+        object.__setattr__(self, "_kinds", (_paper_like(self), use and _paper_like(self, "evict"), beside_reserve))
 
     @property
     def plain(self) -> bool:
@@ -338,7 +339,6 @@ RULE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(WriteRule))
 
 
 def _paper_like(rule: WriteRule, *ignored: str) -> bool:
-    """The paper's rule (WriteRule's defaults, no reserve) up to the fields _PAPER_FREE and `ignored`."""
-    return all(getattr(rule, f.name) == f.default for f in fields(rule)
-               if f.name not in _PAPER_FREE and f.name not in ignored) and ("span_reserve" in ignored
-                                                                           or rule.span_reserve == 0)
+    """The paper's rule (WriteRule's defaults: no reserve either) up to _PAPER_FREE and `ignored`."""
+    free = (*_PAPER_FREE, *ignored)
+    return all(getattr(rule, f.name) == f.default for f in fields(rule) if f.name not in free)
