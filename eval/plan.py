@@ -179,8 +179,9 @@ def _split_budget(strategy: str, window: int, params: dict[str, Any], base: dict
     probe = _config(strategy, window, {**given, "slots": max(1, budget), "read_top_k": None, "search": "torch"})
     slots = slots_for_budget(budget, probe.sink, p.get("recent", "auto"), probe.evict, window)
     if slots < 1:
-        raise ValueError(f"budget {budget} leaves no slots beside {probe.sink} sinks and a raw tail of "
-                         f"{probe.recent if p.get('recent', 'auto') != 'auto' else budget - probe.sink}")
+        given = p.get("recent", "auto") != "auto"  # an auto tail has no room either: it follows the slots
+        raise ValueError(f"budget {budget} leaves no slots beside {probe.sink} sinks"
+                         + (f" and a raw tail of {probe.recent}" if given else ""))
     return {"slots": slots, **p}
 
 
