@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/camelot ppl --model smollm2 --data builtin:state_union_1961_kennedy --window 128 --slots 316 \
+	$(BIN)/camelot ppl --model smollm2 --data builtin:state_union_1961_kennedy --window 128 --budget 512 \
 		--strategies window,sliding,camelot,full --out results/demo
 
 test: $(STAMP)

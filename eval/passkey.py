@@ -39,7 +39,7 @@ from camelot.eval.passkey_report import (  # noqa: F401  (re-exported)
     parse_length,
     to_json,
 )
-from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_from_args
+from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_at_budget
 
 from camelot.cli import UserError
 from camelot.config import STRATEGIES
@@ -52,6 +52,7 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_STRATEGIES = ("window", "recurrent", "knn", "camelot", "full")
+SLOTS_DEFAULT = "2044"
 ALL_STRATEGIES = (*STRATEGIES, "full")
 
 
@@ -349,7 +350,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="2k,8k,32k,128k", help="tokens per sequence, answer included")
     p.add_argument("--depths", default="10,50,90", help="needle depths in percent of the filler")
     p.add_argument("--trials", type=int, default=3, help="keys per length and depth")
-    add_sweep_args(p, window="512", slots="2044", placement="recency")
+    add_sweep_args(p, window="512", slots=SLOTS_DEFAULT, placement="recency")
     p.add_argument("--filler", default="repeat",
                    help="'repeat' (grass is green...) or a text: a file, or builtin:genesis_kjv")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated (greedy)")
@@ -368,7 +369,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--depths are percentages in [0, 100], got {depths}")
     if args.trials < 1 or args.max_new_tokens < 1:
         raise UserError("--trials and --max-new-tokens must be >= 1")
-    specs = plan_runs(sweep_from_args(args))
+    specs = plan_runs(sweep_at_budget(args, SLOTS_DEFAULT))
     filler_text = haystack_text(args.filler)
     model, tok = load_model_from_args(args)
     hay = build_haystack(tok, max(lengths), filler_text)

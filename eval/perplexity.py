@@ -33,9 +33,11 @@ from camelot.eval.plan import (  # noqa: F401  (re-exported for passkey, retriev
     parse_layers,
     parse_list,
     plan_runs,
+    sweep_at_budget,
     sweep_from_args,
 )
 
+from camelot.config import CamelotConfig
 from camelot.documents import add_data_limit_arg, data_limit
 from camelot.options import UserError, add_model_args, load_model_from_args
 from camelot.progress import progress_bar
@@ -183,7 +185,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from camelot.documents import load_documents, tokenize_documents
 
     # Everything the user could get wrong is checked before the (slow) model load.
-    specs = plan_runs(sweep_from_args(args))
+    specs = plan_runs(sweep_at_budget(args, str(CamelotConfig.slots)))
     if args.max_tokens is not None and args.max_tokens < 0:
         raise UserError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.bucket_size < 1:

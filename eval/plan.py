@@ -5,6 +5,7 @@ settings expands to, and the sweep's command-line flags. Shared by `camelot ppl`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -295,4 +296,34 @@ def add_sweep_args(p: argparse.ArgumentParser, **defaults: str) -> None:
                         f"{CONSOLIDATING}: the default until 2026-12-06, every slot consolidated and the oldest "
                         "evicted, a raw tail of 128 unless --recent says)")
     p.add_argument("--knn-top-k", default="32", help="stored tokens read per query by knn ('all': every one)")
+    fallback = defaults.pop("budget", None)
     options.add_config_args(p, skip=("strategy", "memory_dtype"), sweep=True, **defaults)
+    p.add_argument("--budget", default=None,
+                   help="KV entries per head besides the segment, the same for every strategy: sinks + raw tail + "
+                   "slots (camelot: each write splits it by its own tail), sinks + raw tokens (sliding), sinks + "
+                   "local + whole blocks (infllm); comma-separated to sweep; instead of --slots"
+                   + (f"; default {fallback} unless --slots is given" if fallback else ""))
+
+
+def budget_values(args: argparse.Namespace, slots_default: str, fallback: str | None = None) -> tuple[int, ...]:
+    """--budget's values; () where the budget is neither given nor the command's fallback (then
+    --slots sizes the runs). Given with --slots moved off its default, it is refused: the two
+    size the same bank."""
+    slots_given = args.slots != slots_default
+    if args.budget is not None and slots_given:
+        raise UserError("give --budget or --slots, not both")
+    text = args.budget if args.budget is not None else (None if slots_given else fallback)
+    if text is None:
+        return ()
+    budgets = parse_list(text, int, "budget")
+    if any(b < 1 for b in budgets):
+        raise UserError(f"--budget must be >= 1, got {text}")
+    if args.slots == "auto":
+        args.slots = str(CamelotConfig.slots)  # not used: the budget sets each run's slots
+    return budgets
+
+
+def sweep_at_budget(args: argparse.Namespace, slots_default: str, fallback: str | None = None) -> Sweep:
+    """The sweep of the flags, sized by --budget where one is given (or the fallback applies)."""
+    budgets = budget_values(args, slots_default, fallback)
+    return dataclasses.replace(sweep_from_args(args), budgets=budgets)

@@ -19,7 +19,6 @@ mean over tasks) per run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -37,17 +36,18 @@ from camelot.eval.passkey import (
     run_camelot,
     run_full,
 )
-from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs, sweep_from_args
+from camelot.eval.perplexity import RunSpec, add_sweep_args, parse_list, plan_runs
+from camelot.eval.plan import sweep_at_budget
 from camelot.eval.retrieval_journal import NAME as JOURNAL
 from camelot.eval.retrieval_journal import Journal, read_journal, run_settings
 from camelot.eval.retrieval_tasks import TASKS, RetrievalCase, make_cases, make_prompt, score, task_haystack
 
 from camelot.cli import UserError
-from camelot.config import CamelotConfig
 from camelot.options import add_model_args, load_model_from_args
 from camelot.progress import progress_bar
 
 DEFAULT_STRATEGIES = "window,sliding,knn,camelot,full"
+DEFAULT_BUDGET = "1024"  # KV entries per head: a quarter of a 4k case
 # answer tokens per task: the value(s) with some room (digits are one token each in some vocabularies)
 NEW_TOKENS = {"niah_number": 16, "niah_word": 16, "niah_uuid": 40, "multikey": 16, "multivalue": 48,
               "multiquery": 48, "vt": 40}
@@ -282,10 +282,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="4k,8k,16k,32k", help="tokens per sequence, answer included")
     p.add_argument("--depths", default="10,30,50,70,90", help="depths (percent) of the first needle")
     p.add_argument("--trials", type=int, default=20, help="trials per task, length and depth")
-    add_sweep_args(p, strategies=DEFAULT_STRATEGIES, window="512", slots="auto", placement="recency")
-    p.add_argument("--budget", default=None,
-                   help="KV entries per head besides the segment: sinks + raw tail + slots (camelot), sinks + raw "
-                   "tokens (sliding); comma-separated to sweep; default 1024 unless --slots is given")
+    add_sweep_args(p, strategies=DEFAULT_STRATEGIES, window="512", slots="auto", placement="recency",
+                   budget=DEFAULT_BUDGET)
     p.add_argument("--haystack", default="builtin:genesis_kjv",
                    help="'repeat' (RULER's filler sentences) or a text: a file, a folder of texts, builtin:NAME")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt (base models)")
@@ -299,17 +297,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help="print the table of the trials the journal in --out holds "
                    "so far (the same command as the run; it may still be going on), without running anything")
     p.set_defaults(func=run_cli)
-
-
-def budget_values(args: argparse.Namespace) -> tuple[int, ...]:
-    """--budget's values, or () where --slots is given: each camelot run then gets the slots its
-    sinks and its own raw tail leave (plan._split_budget)."""
-    if args.slots != "auto":
-        if args.budget is not None:
-            raise UserError("give --budget or --slots, not both")
-        return ()
-    args.slots = str(CamelotConfig.slots)  # not used: the budget sets each run's slots
-    return parse_list(args.budget or "1024", int, "budget")
 
 
 def report_journal(out: Path, specs: list[RunSpec], tasks: list[str], lengths: list[int],
@@ -340,8 +327,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--depths are percentages in [0, 100], got {depths}")
     if args.trials < 1 or args.max_new_tokens < 0:
         raise UserError("--trials must be >= 1 and --max-new-tokens >= 0")
-    budgets = budget_values(args)
-    specs = plan_runs(dataclasses.replace(sweep_from_args(args), budgets=budgets), questions=True)
+    specs = plan_runs(sweep_at_budget(args, "auto", DEFAULT_BUDGET), questions=True)
     out = Path(args.out)
     if args.report:
         return report_journal(out, specs, tasks, lengths, args)

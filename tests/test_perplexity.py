@@ -124,6 +124,34 @@ def test_the_recall_strategy_runs_the_recall_preset_beside_camelot_and_rule_flag
     assert balanced["sliding"][0].config.slots == 252 + 256  # the same budget
 
 
+def test_ppl_and_passkey_take_one_budget_for_every_strategy():
+    """`--budget 512`: every strategy holds 512 entries per head besides the segment, each camelot
+    write split by its own tail; without it --slots sizes the runs as before."""
+    from camelot.eval.passkey import SLOTS_DEFAULT
+    from camelot.eval.plan import sweep_at_budget
+
+    from camelot.cli import build_parser
+    from camelot.config import CamelotConfig
+
+    every = "window,sliding,knn,infllm,camelot,camelot-consolidating,full"
+    args = build_parser().parse_args(["ppl", "--data", "x", "--budget", "512", "--strategies", every])
+    runs = {s.strategy: s.config for s in plan_runs(sweep_at_budget(args, str(CamelotConfig.slots)))}
+    assert (runs["camelot"].slots, runs["camelot"].recent) == (316, 192)  # window + tail = sinks + slots
+    assert (runs["camelot-consolidating"].slots, runs["camelot-consolidating"].recent) == (380, 128)
+    assert runs["sliding"].slots + runs["sliding"].sink == 512
+    assert (runs["infllm"].slots, runs["infllm"].recent) == (384, 128)  # 3 whole blocks of 128
+    assert all(c.slots + c.recent + c.sink == 512 for s, c in runs.items() if s.startswith("camelot"))
+    swept = build_parser().parse_args(["ppl", "--data", "x", "--budget", "512,2048", "--strategies", "sliding,camelot"])
+    assert sorted(s.config.slots for s in plan_runs(sweep_at_budget(swept, str(CamelotConfig.slots)))
+                  if s.strategy == "camelot") == [316, 1084]
+    plain = build_parser().parse_args(["ppl", "--data", "x", "--strategies", "camelot"])
+    assert [s.config.slots for s in plan_runs(sweep_at_budget(plain, str(CamelotConfig.slots)))] == [1084]
+    key = build_parser().parse_args(["passkey", "--budget", "1024", "--strategies", "sliding,camelot"])
+    keyed = {s.strategy: s.config for s in plan_runs(sweep_at_budget(key, SLOTS_DEFAULT))}
+    assert keyed["camelot"].slots + keyed["camelot"].recent + keyed["camelot"].sink == 1024
+    assert keyed["sliding"].slots + keyed["sliding"].sink == 1024
+
+
 def _by_strategy_specs(specs) -> dict[str, list]:
     out: dict[str, list] = {}
     for s in specs:
