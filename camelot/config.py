@@ -156,6 +156,8 @@ class CamelotConfig:
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
     span_follow: int = option(12, "camelot: the span reserve also keeps up to this many tokens after a winning window")
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
+    span_spread: int = option(0, "camelot: the reserve ranks in rounds: each write-long region of the document keeps "
+                                 "its best span_spread tokens before any keeps more (0: one ranking)")
     span_score: str = option("scan", "camelot: span reserve ranking. relative: importance over the segment's "
                                          "mean; sum; shared: relative, max over KV heads; peak: top token; sum+peak: "
                                          "half each; scan: best window up to span by its excess over the mean; "

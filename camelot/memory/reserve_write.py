@@ -31,12 +31,17 @@ def choose(bank: SlotBank, importance: torch.Tensor, finite: torch.Tensor, after
     displaced [B, H, n]: the reserve places whose token gives way)."""
     rule = bank.rule
     old = bank.span_score
-    settings = (rule.span, base, bank.slots, rule.span_score, rule.span_follow, rule.span_apart)
-    held, slot, bank.span_score = LAST_CHOICE.choose(settings, (old, importance, finite, bank.span_before, after))
+    n = rule.span_reserve
+    region = None
+    if rule.span_spread:  # regions one write long, by each token's age once written
+        t = importance.shape[2]
+        region = torch.cat([bank.ages[..., base : base + n] + t, segment_ages(t, finite)], -1) // max(t, 1)
+    settings = (rule.span, base, bank.slots, rule.span_score, rule.span_follow, rule.span_apart, rule.span_spread)
+    held, slot, bank.span_score = LAST_CHOICE.choose(settings, (old, importance, finite, bank.span_before, after,
+                                                                region))
     mask = finite if importance.dim() == 3 else finite[..., None]
     seen = torch.cat([bank.span_before, torch.where(mask, importance, float("-inf"))], dim=2)
     bank.span_before = seen[:, :, seen.shape[2] - bank.span_before.shape[2]:]
-    n = rule.span_reserve
     taken = torch.zeros_like(bank.pinned).scatter_(2, slot, held)[..., base : base + n]
     # a held place keeps its score and takes no new token; any other held place gave way
     displaced = torch.isfinite(old[..., :n]) & (taken | ~torch.isfinite(bank.span_score[..., :n]))
@@ -58,16 +63,16 @@ class LastChoice:
 
     def choose(self, settings: tuple, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """choose_reserve(span_score, importance, finite, span, base, scratch, how, before, after,
-        follow, apart): settings (span, base, scratch, how, follow, apart), inputs (span_score,
-        importance, finite, before, after)."""
+        follow, apart, region, spread): settings (span, base, scratch, how, follow, apart, spread),
+        inputs (span_score, importance, finite, before, after, region)."""
         cpu = self.share and inputs[0].device.type == "cpu"
         last = self.last
         if cpu and last is not None and last[0] == settings and all(map(_same, last[1], inputs)):
             return tuple(x.clone() for x in last[2])
-        span, base, scratch, how, follow, apart = settings
-        old, importance, finite, before, after = inputs
+        span, base, scratch, how, follow, apart, spread = settings
+        old, importance, finite, before, after, region = inputs
         answer = choose_reserve(old, importance, finite, span, base, scratch, how, before=before, after=after,
-                                follow=follow, apart=apart)
+                                follow=follow, apart=apart, region=region, spread=spread)
         if cpu:
             self.last = (settings, tuple(None if x is None else x.clone() for x in inputs),
                          tuple(x.clone() for x in answer))

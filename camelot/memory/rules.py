@@ -31,7 +31,8 @@ TWO_IMPORTANCES = ("question+surprise", "surprise+attention")  # [..., 2] per to
 RESERVE_TWO = ("question+surprise",)
 # fields that change nothing while no rule ranks tokens (span, span_score, importance...), lazy
 # (it only hides merge targets before the bookkeeping) and use_decay (only where slots are ranked)
-_PAPER_FREE = ("span", "span_follow", "span_apart", "span_score", "importance", "lazy", "span_displaced", "use_decay")
+_PAPER_FREE = ("span", "span_follow", "span_apart", "span_spread", "span_score", "importance", "lazy",
+               "span_displaced", "use_decay")
 # order levels of the candidates for a place (ascending: lost first)
 _FREE, _PLAIN, _PINNED, _NEVER = -1, 0, 1, 3
 
@@ -65,6 +66,13 @@ class WriteRule:
         higher (non-maximum suppression; 0: every window), so one long surprising passage keeps
         its best run instead of filling the reserve, and short facts elsewhere keep their places.
         Rivals after a window are seen as far as the raw tail reaches (`recent`).
+    span_spread: the reserve ranks in rounds over the document's regions (one write's length
+        each, by age): every region first keeps its best `span_spread` tokens, then every region
+        its next `span_spread`, and so on, the higher score first within a round (0: one ranking
+        over the whole document). Why: with one ranking the reserve's cutoff only rises as a
+        document goes on, and a fact that was among the best of its part of the document is
+        pushed out, token by token, by a tide of slightly better runs from elsewhere (Qwen
+        multi-key 16k, docs/retrieval.md).
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
         (importance), "shared" (relative, max over the layer's KV heads), "peak" (its most
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
@@ -102,6 +110,7 @@ class WriteRule:
     span: int = 8
     span_follow: int = 0
     span_apart: int = 0
+    span_spread: int = 0
     span_score: str = "relative"
     importance: str = "attention"
     lazy: bool = False
@@ -121,7 +130,7 @@ class WriteRule:
             raise ValueError(f"value_threshold must be None or a cosine in [-1, 1], got {self.value_threshold!r}")
         if self.merge_target is not None and not 0 <= self.merge_target <= 1:
             raise ValueError(f"merge_target must be None or a fraction in [0, 1], got {self.merge_target!r}")
-        for name in ("span", "span_follow", "span_apart", "span_reserve"):
+        for name in ("span", "span_follow", "span_apart", "span_spread", "span_reserve"):
             check_int(name, getattr(self, name), low=1 if name == "span" else 0)
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")

@@ -52,16 +52,17 @@ def span_context(span: int, follow: int, how: str = "sum", apart: int = 0) -> in
 def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                    base: int, scratch: int, how: str, before: torch.Tensor | None = None,
                    after: torch.Tensor | None = None, follow: int = 0, apart: int = 0,
+                   region: torch.Tensor | None = None, spread: int = 0,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """choose_spans over the whole reserve, or, for the rankings of HALVES, over two parts, the
     second choosing among the tokens the first did not take. "sum+peak": the first half ranks
     windows by their sum (surprising sentences), the second by their peak (surprising names and
     what follows them: the first half keeps only a repeated fact's first copy). "scan+scan":
-    importance, before and after carry two signals [..., 2], each half scans its own. Same
-    returns as choose_spans."""
+    importance, before and after carry two signals [..., 2], each half scans its own. region,
+    spread: see choose_spans. Same returns as choose_spans."""
     if how not in HALVES:
         return choose_spans(span_score, importance, finite, span, base, scratch, how, before, after, follow,
-                            apart=apart)
+                            apart=apart, region=region, spread=spread)
     n = span_score.shape[-1] - 1
     share, *parts = HALVES[how]
     bounds, end = (0, int(n * share), n), span_score[..., n:]
@@ -70,9 +71,12 @@ def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: t
     for i, (rank, s, f, channel) in enumerate(parts):
         sig = [x if x is None or channel is None else x[..., channel] for x in (importance, before, after)]
         part = torch.cat([span_score[..., bounds[i] : bounds[i + 1]], end], -1)
+        part_region = None if region is None else torch.cat([region[..., bounds[i] : bounds[i + 1]],
+                                                             region[..., n:]], -1)
         got, where, score = choose_spans(part, sig[0], finite, span if s is None else s, base + bounds[i], scratch,
                                          rank, sig[1], sig[2], follow if f is None else f,
-                                         eligible=None if held is None else ~held, apart=apart)
+                                         eligible=None if held is None else ~held, apart=apart,
+                                         region=part_region, spread=spread)
         held, slot = (got, where) if held is None else (held | got, torch.where(held, slot, where))
         scores.append(score[..., :-1])
     return held, slot, torch.cat([*scores, end.new_full(end.shape, float("-inf"))], -1)
@@ -81,7 +85,8 @@ def choose_reserve(span_score: torch.Tensor, importance: torch.Tensor, finite: t
 def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: torch.Tensor, span: int,
                  base: int, scratch: int, how: str = "relative", before: torch.Tensor | None = None,
                  after: torch.Tensor | None = None, follow: int = 0, eligible: torch.Tensor | None = None,
-                 apart: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 apart: int = 0, region: torch.Tensor | None = None,
+                 spread: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """span_score [B, H, n+1]: the held tokens' scores (-inf: empty; index n is a scratch entry);
     importance, finite [B, H, T]. before [B, H, c] / after [B, H, a]: the importance of the tokens
     just before the segment (already written; -inf: none) and just after it (still in the raw
@@ -122,6 +127,8 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     new = torch.where(finite if eligible is None else finite & eligible, new, float("-inf"))
     cand = torch.cat([span_score[..., :n], new], dim=-1)  # held tokens first: they win ties
     order = cand.argsort(dim=-1, descending=True, stable=True)
+    if spread:
+        order = _in_rounds(order, cand, region, spread)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n + t, device=dev).expand_as(order).contiguous())
     keep = (rank < n) & torch.isfinite(cand)
     kept_old, chosen = keep[..., :n], keep[..., n:]
@@ -134,6 +141,21 @@ def choose_spans(span_score: torch.Tensor, importance: torch.Tensor, finite: tor
     score.scatter_(-1, dest, torch.where(chosen, new, float("-inf")))
     score[..., n] = float("-inf")
     return chosen, torch.where(chosen, base + dest, scratch), score
+
+
+def _in_rounds(order: torch.Tensor, score: torch.Tensor, region: torch.Tensor, spread: int) -> torch.Tensor:
+    """`order` (every candidate, best score first) reordered in rounds: each region's first `spread`
+    candidates in it, then each region's next `spread`, ...; within a round the better score first
+    (ties: as `order` has them). Empty candidates (-inf) stay last."""
+    by_region = order.gather(-1, region.gather(-1, order).argsort(dim=-1, stable=True))  # best first within
+    r = region.gather(-1, by_region)
+    idx = torch.arange(r.shape[-1], device=r.device).expand_as(r)
+    start = torch.ones_like(r, dtype=torch.bool)
+    start[..., 1:] = r[..., 1:] != r[..., :-1]
+    first = torch.where(start, idx, 0).cummax(-1).values  # where each candidate's region begins
+    rank = torch.empty_like(by_region).scatter_(-1, by_region, idx - first)  # its place within its region
+    rounds = torch.where(torch.isfinite(score), rank // spread, r.shape[-1])
+    return order.gather(-1, rounds.gather(-1, order).argsort(dim=-1, stable=True))
 
 
 def scan_lengths(span: int) -> list[int]:
