@@ -72,7 +72,8 @@ class WriteRule:
         over the whole document). Why: with one ranking the reserve's cutoff only rises as a
         document goes on, and a fact that was among the best of its part of the document is
         pushed out, token by token, by a tide of slightly better runs from elsewhere (Qwen
-        multi-key 16k, docs/retrieval.md).
+        multi-key 16k, docs/retrieval.md). Opt-in: where the regions' first rounds ask far more
+        than the reserve holds (1/8 of a document) rounds only cap each region, and lost there.
     span_score: how spans are ranked, "relative" (importance over the segment's mean), "sum"
         (importance), "shared" (relative, max over the layer's KV heads), "peak" (its most
         important token) or "sum+peak" (half the reserve each: sum with span / span_follow,
