@@ -21,22 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from camelot.eval.passkey import build_haystack, haystack_text  # noqa: E402
 from camelot.eval.retrieval_tasks import make_cases, make_prompt, task_haystack  # noqa: E402
+from needle_probe import parse_run  # noqa: E402
 
 import camelot  # noqa: E402
 import camelot.memory.reserve_write as reserve_write  # noqa: E402
 from camelot.presets import slots_for_budget  # noqa: E402
-
-
-def _value(text: str) -> object:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main() -> None:
@@ -57,7 +50,7 @@ def main() -> None:
     prompt = make_prompt(tok, True)
     hay = task_haystack(build_haystack(tok, args.length, haystack_text(args.haystack)), args.task, prompt)
     case = make_cases(hay, args.task, prompt, [args.length], [args.depth], args.trial + 1, 16, seed=0)[args.trial]
-    extra = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = parse_run("camelot:" + ",".join(args.set))[1]  # the key=value parser the other scripts share
     slots = slots_for_budget(args.budget, 4, "auto", extra.get("evict", "use"), args.window)
     cfg = camelot.CamelotConfig(window=args.window, slots=slots, placement="recency", **extra)
     ids = case.ids(hay)
