@@ -36,6 +36,9 @@ class LayerRuntime:
         self.last_read: ReadAttribution | None = None
         # set by camelot.question while a question runs: its position-free queries, grouped by KV head
         self.capture: list[torch.Tensor] | None = None
+        # set by camelot.surprise while a forward runs for the window's own surprise: attend to the
+        # open segment, raw tail and sinks only, and keep nothing
+        self.shadow = False
 
     @classmethod
     def build(cls, layer_idx: int, rope: RopeSpec | None, memory: Memory | None, prefix: RawWindow | None,
@@ -80,11 +83,12 @@ class LayerRuntime:
         g = hq // hkv
         l0 = st.local_len
         k_loc, v_loc = st.extend(key, value)
-        if self.capture is not None:
+        shadow = self.shadow
+        if self.capture is not None and not shadow:
             self.capture.append(pos.unplaced(query, l0).reshape(b, hkv, g * m, d))
         raw_open = raw_key = None
         mem = None
-        if st.memory is not None:
+        if st.memory is not None and not shadow:
             if self.read.needs_raw_keys:  # kept for the write at flush, which needs them position-free too
                 raw_key = pos.unplaced(key, l0)
                 raw_open = raw_key if l0 == 0 else torch.cat([st.raw_open(pos.unplaced), raw_key], dim=2)
@@ -120,6 +124,8 @@ class LayerRuntime:
         n_vals = vals.shape[2]
         # the G query heads' rows in one matrix per KV head: values are not expanded over G
         out = torch.matmul(probs.view(b, hkv, g * m, -1)[..., :n_vals], vals).view(b, hkv, g, m, -1)
+        if shadow:
+            return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
         if mem is not None:
             out = mem.add_output(out, probs, n_vals)
             if self.record_reads:

@@ -14,7 +14,7 @@ import sys
 from importlib.metadata import entry_points
 
 from camelot.cli_checks import check_common_args
-from camelot.memory.rules import RULE_FIELDS
+from camelot.config import WRITE_FIELDS
 from camelot.options import (  # noqa: F401  (re-exported: the subcommands' shared helpers)
     UserError,
     add_config_args,
@@ -26,7 +26,7 @@ from camelot.options import (  # noqa: F401  (re-exported: the subcommands' shar
 COMMAND_GROUP = "camelot.commands"
 # the flags of one memory configuration (`ask`, `icl`, `soak`); the rest are for sweeps and experts
 MEMORY_FLAGS = ("strategy", "window", "slots", "recent", "sink", "threshold", "read_top_k", "count_bias", "count_mode",
-                "count_cap", "placement", "retrieve", "search", *RULE_FIELDS)
+                "count_cap", "placement", "retrieve", "search", *WRITE_FIELDS)
 
 
 def command_modules() -> list[str]:

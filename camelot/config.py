@@ -17,7 +17,7 @@ import torch
 
 from camelot.backends import BACKENDS
 from camelot.guards import check_int
-from camelot.memory.rules import DISPLACED, EVICTIONS, IMPORTANCES, WriteRule, rule_from_config
+from camelot.memory.rules import DISPLACED, EVICTIONS, IMPORTANCES, RULE_FIELDS, WriteRule, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
 from camelot.presets import (
     CONSOLIDATING,
@@ -30,6 +30,7 @@ from camelot.presets import (
     resolve_auto_write,
 )
 from camelot.reads.base import COUNT_MODES
+from camelot.surprise import SURPRISE_FROM
 
 Strategy = Literal["camelot", "knn", "window", "recurrent", "sliding", "infllm"]
 WriteMode = Literal["segment", "token"]
@@ -53,6 +54,8 @@ AUTO_TOP_K = 8
 EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slot (bf16: rounded scores)
 # old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
 RENAMED = {"top_k": "read_top_k"}
+# the fields (and flags) that shape camelot's write: the rule's own, and whose surprise it ranks by
+WRITE_FIELDS: tuple[str, ...] = (*RULE_FIELDS, "surprise_from")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True,
@@ -170,6 +173,10 @@ class CamelotConfig:
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both; surprise+attention: the "
                                           "reserve by surprise, the rest by attention", choices=IMPORTANCES)
+    surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the wrapped model's "
+                                "(memory, free) or a forward without the memory read (window: a fact copied from "
+                                "memory stays as surprising as the first; one window-only forward more per token)",
+                                choices=SURPRISE_FROM)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "
                                "attention (docs/memory_write.md)")
@@ -284,7 +291,12 @@ def _validate(cfg: CamelotConfig) -> None:
     if cfg.memory_distance is not None:
         check_int("memory_distance", cfg.memory_distance, low=0)
     _check_infllm(cfg)
-    rule_from_config(cfg)  # the write rule's options (evict, protect, ...) are checked there
+    rule = rule_from_config(cfg)  # the write rule's options (evict, protect, ...) are checked there
+    if cfg.strategy == "camelot" and cfg.surprise_from == "window" and "surprise" not in rule.wanted:
+        raise ValueError(f"surprise_from='window' changes only a write that ranks by surprise; this one ranks by "
+                         f"{' and '.join(rule.wanted) or 'nothing'} (importance={cfg.importance!r}, evict="
+                         f"{cfg.evict!r}, span_reserve={cfg.span_reserve}): give importance='surprise' with "
+                         "evict='use' or a span reserve, or leave surprise_from='memory'")
     _check_count_bias(cfg)
     _check_layers(cfg)
 

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from camelot.config import RENAMED, CamelotConfig
-from camelot.memory.rules import RULE_FIELDS
+from camelot.config import RENAMED, WRITE_FIELDS, CamelotConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,7 +220,7 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> CamelotConfig:
 def recall_config(kind: str = "facts", **values: Any) -> CamelotConfig:
     """CamelotConfig.recall(kind) (or .consolidating()) with these values, except write-rule values at their defaults: a
     flag the user did not move leaves the preset's choice (flags cannot tell "not given" apart)."""
-    kept = {k: v for k, v in values.items() if not (k in RULE_FIELDS and v == getattr(CamelotConfig, k))}
+    kept = {k: v for k, v in values.items() if not (k in WRITE_FIELDS and v == getattr(CamelotConfig, k))}
     if kind == "consolidating":  # not a recall kind: the write of camelot 0.1, no reserve
         return CamelotConfig.consolidating(**kept)
     return CamelotConfig.recall(kind, **kept)

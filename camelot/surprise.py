@@ -1,14 +1,39 @@
 """The model's surprise at each token (its NLL), handed to write rules that rank tokens by it
 (WriteRule.importance="surprise", EM-LLM's signal): computed once per step from the logits the
-forward already made, for every layer at once."""
+forward already made, for every layer at once, or (surprise_from="window") from a forward of its own
+that reads no memory. That forward's tokens attend to the raw tail and sinks as the real forward
+left them, so in layers past the first those keys still carry what earlier tokens read from
+memory: it is the window's surprise at the new tokens, not a memoryless model's at the document."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from camelot.layer_state import LayerState
+
+# whose NLL the write ranks by (CamelotConfig.surprise_from). "memory": the wrapped model's own,
+# free (the forward's logits). "window": a second forward that attends to the open segment, raw
+# tail and sinks only. Why: once the memory holds a fact, a later fact in the same template is
+# copied from it (0.0-0.3 nats a token) and ranks below the haystack, so a surprise reserve keeps
+# the first of several needles and loses the rest (docs/retrieval.md, "Why the default loses
+# later needles"); what the window alone cannot predict is the same for the first and the later.
+SURPRISE_FROM = ("memory", "window")
+
+
+@contextmanager
+def window_only(runtimes: Sequence) -> Iterator[None]:
+    """While it lasts, every layer attends to its open segment, raw tail and sinks only, reads no
+    memory and keeps nothing of the forward (LayerRuntime.shadow)."""
+    for rt in runtimes:
+        rt.shadow = True
+    try:
+        yield
+    finally:
+        for rt in runtimes:
+            rt.shadow = False
 
 
 class SurpriseFeed:
@@ -19,6 +44,20 @@ class SurpriseFeed:
 
     def reset(self) -> None:
         self.last_logp = None
+
+    def run(self, source: str, runtimes: Sequence, ids: torch.Tensor,
+            forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The step's forward (`forward()` -> logits [B, m, V]), and each layer that ranks by
+        surprise handed the NLL of ids under `source` (SURPRISE_FROM): the forward's own, or a
+        window-only forward's, run first (it keeps nothing)."""
+        states = [rt.state for rt in runtimes]
+        own = None
+        if source == "window" and any(st.tracks_surprise for st in states):
+            with window_only(runtimes):
+                own = forward()
+        logits = forward()
+        self.note(states, ids, logits if own is None else own)
+        return logits
 
     def note(self, states: Sequence[LayerState], ids: torch.Tensor, logits: torch.Tensor) -> None:
         """ids [B, m] just run, logits [B, m, V] their outputs: each state that `tracks_surprise`

@@ -157,11 +157,11 @@ class CamelotModel:
         # An explicit all-ones mask: without one, HF inspects position_ids for packed sequences,
         # a device-to-host sync every segment. camelot's mask function ignores it anyway.
         mask = torch.ones(b, m, dtype=torch.long, device=ids.device)
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
-        self.surprise.note([rt.state for rt in self.runtimes], ids, out.logits)
+        logits = self.surprise.run(self.config.surprise_from, self.runtimes, ids, lambda: self.model(
+            input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits)
         if start + m == self.config.window:
             self.flush()
-        return out.logits
+        return logits
 
     @exclusive
     def flush(self) -> None:

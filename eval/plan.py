@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from camelot import options
-from camelot.config import STRATEGIES, CamelotConfig
-from camelot.memory.rules import RULE_FIELDS
+from camelot.config import STRATEGIES, WRITE_FIELDS, CamelotConfig
 from camelot.options import AUTO_SET, UserError, parse_top_k
 from camelot.presets import TAIL, slots_for_budget
 
@@ -54,7 +53,7 @@ class Sweep:
     repr_topks: tuple[int, ...] = (CamelotConfig.repr_topk,)
     search: str | None = None  # None: not given (read_top_k="auto" may choose)
     write_mode: str = CamelotConfig.write_mode
-    rules: dict[str, tuple] = field(default_factory=dict)  # RULE_FIELDS -> values (camelot)
+    rules: dict[str, tuple] = field(default_factory=dict)  # WRITE_FIELDS -> values (camelot)
     # KV entries per head besides the segment; where given, each camelot and infllm run's slots are
     # what its sinks and its own raw tail leave (slots_for_budget), and `slots` is not used
     budgets: tuple[int, ...] = ()
@@ -218,7 +217,7 @@ def _shown(params: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
             continue
         if k in ("recent", "sink") and v == 0 and len(getattr(sweep, k + "s")) == 1:
             continue
-        if k in RULE_FIELDS and len(sweep.rules.get(k, ())) <= 1 and v == getattr(CamelotConfig, k):
+        if k in WRITE_FIELDS and len(sweep.rules.get(k, ())) <= 1 and v == getattr(CamelotConfig, k):
             continue  # the write rule's settings only where they differ from the default
         out[k] = v
     return out
@@ -280,7 +279,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         count_caps=v("count_cap"),
         memory_distances=v("memory_distance"), placements=v("placement"), retrieves=v("retrieve"),
         layers=parse_layers(args.layers), search=args.search, write_mode=args.write_mode,
-        block_sizes=v("block_size"), repr_topks=v("repr_topk"), rules={name: v(name) for name in RULE_FIELDS},
+        block_sizes=v("block_size"), repr_topks=v("repr_topk"), rules={name: v(name) for name in WRITE_FIELDS},
     )
 
 

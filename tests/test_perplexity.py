@@ -68,6 +68,27 @@ def test_write_rule_flags_reach_the_camelot_runs_and_name_them():
     assert len(runs["sliding"]) == 1  # the rule multiplies camelot's runs only
 
 
+def test_every_sweepable_memory_flag_reaches_the_camelot_runs():
+    """A flag the parser accepts but the plan drops runs the default silently (--surprise-from did,
+    2026-12-07): each field add_sweep_args offers must be a Sweep axis or a write field."""
+    import argparse
+    from dataclasses import fields
+
+    from camelot.config import WRITE_FIELDS, CamelotConfig
+    from camelot.eval.plan import add_sweep_args, sweep_from_args
+
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    flags = {f.name for f in fields(CamelotConfig) if hasattr(p.parse_args([]), f.name)}
+    axes = {"window", "slots", "threshold", "read_top_k", "recent", "sink", "count_bias", "count_mode", "count_cap",
+            "memory_distance", "placement", "retrieve", "layers", "search", "write_mode", "block_size", "repr_topk"}
+    assert flags - axes - set(WRITE_FIELDS) == set()
+    runs = _by_strategy_specs(plan_runs(sweep_from_args(p.parse_args(
+        ["--strategies", "sliding,camelot", "--surprise-from", "memory,window"]))))
+    assert [s.config.surprise_from for s in runs["camelot"]] == ["memory", "window"]
+    assert "surprise_from=window" in runs["camelot"][1].label and len(runs["sliding"]) == 1
+
+
 def test_count_mode_flag_reaches_the_camelot_runs_and_names_them():
     import argparse
 
