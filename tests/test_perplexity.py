@@ -74,8 +74,9 @@ def test_every_sweepable_memory_flag_reaches_the_camelot_runs():
     import argparse
     from dataclasses import fields
 
-    from camelot.config import WRITE_FIELDS, CamelotConfig
     from camelot.eval.plan import add_sweep_args, sweep_from_args
+
+    from camelot.config import WRITE_FIELDS, CamelotConfig
 
     p = argparse.ArgumentParser()
     add_sweep_args(p)
