@@ -39,6 +39,10 @@ class LayerRuntime:
         # set by camelot.surprise while a forward runs for the window's own surprise: attend to the
         # open segment, raw tail and sinks only, and keep nothing
         self.shadow = False
+        # set by camelot.surprise (surprise_from="read"): keep the share of each new token's
+        # attention that went to memory, [B, m] over the query heads (None: no memory was read)
+        self.wants_share = False
+        self.share: torch.Tensor | None = None
 
     @classmethod
     def build(cls, layer_idx: int, rope: RopeSpec | None, memory: Memory | None, prefix: RawWindow | None,
@@ -126,6 +130,8 @@ class LayerRuntime:
         out = torch.matmul(probs.view(b, hkv, g * m, -1)[..., :n_vals], vals).view(b, hkv, g, m, -1)
         if shadow:
             return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
+        if self.wants_share:  # 1 - the plain keys' share: right for every read's result (fused, sparse, dense)
+            self.share = None if mem is None else (1 - probs[..., :n_plain].sum(-1)).reshape(b, hq, m).mean(1)
         if mem is not None:
             out = mem.add_output(out, probs, n_vals)
             if self.record_reads:

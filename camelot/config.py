@@ -173,9 +173,9 @@ class CamelotConfig:
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both; surprise+attention: the "
                                           "reserve by surprise, the rest by attention", choices=IMPORTANCES)
-    surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the wrapped model's "
-                                "(memory, free) or a forward without the memory read (window: a fact copied from "
-                                "memory stays as surprising as the first; one window-only forward more per token)",
+    surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the model's (memory); "
+                                "a forward without the memory read (window: a fact copied from memory stays new; a "
+                                "second forward per token); the model's + 8 x its attention share on memory (read)",
                                 choices=SURPRISE_FROM)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "
@@ -292,9 +292,9 @@ def _validate(cfg: CamelotConfig) -> None:
         check_int("memory_distance", cfg.memory_distance, low=0)
     _check_infllm(cfg)
     rule = rule_from_config(cfg)  # the write rule's options (evict, protect, ...) are checked there
-    if cfg.strategy == "camelot" and cfg.surprise_from == "window" and "surprise" not in rule.wanted:
-        raise ValueError(f"surprise_from='window' changes only a write that ranks by surprise; this one ranks by "
-                         f"{' and '.join(rule.wanted) or 'nothing'} (importance={cfg.importance!r}, evict="
+    if cfg.strategy == "camelot" and cfg.surprise_from != "memory" and "surprise" not in rule.wanted:
+        raise ValueError(f"surprise_from={cfg.surprise_from!r} changes only a write that ranks by surprise; this "
+                         f"one ranks by {' and '.join(rule.wanted) or 'nothing'} (importance={cfg.importance!r}, evict="
                          f"{cfg.evict!r}, span_reserve={cfg.span_reserve}): give importance='surprise' with "
                          "evict='use' or a span reserve, or leave surprise_from='memory'")
     _check_count_bias(cfg)

@@ -1,7 +1,8 @@
 """The model's surprise at each token (its NLL), handed to write rules that rank tokens by it
 (WriteRule.importance="surprise", EM-LLM's signal): computed once per step from the logits the
 forward already made, for every layer at once, or (surprise_from="window") from a forward of its own
-that reads no memory. That forward's tokens attend to the raw tail and sinks as the real forward
+that reads no memory, or (surprise_from="read") the forward's own plus a credit for what its
+prediction took from memory. That forward's tokens attend to the raw tail and sinks as the real forward
 left them, so in layers past the first those keys still carry what earlier tokens read from
 memory: it is the window's surprise at the new tokens, not a memoryless model's at the document."""
 
@@ -20,7 +21,16 @@ from camelot.layer_state import LayerState
 # copied from it (0.0-0.3 nats a token) and ranks below the haystack, so a surprise reserve keeps
 # the first of several needles and loses the rest (docs/retrieval.md, "Why the default loses
 # later needles"); what the window alone cannot predict is the same for the first and the later.
-SURPRISE_FROM = ("memory", "window")
+# "read": the forward's own NLL plus READ_CREDIT nats times the share of the token's attention
+# (averaged over the layers that read memory and their query heads) that its predicting query gave
+# memory: what "window" buys, approximately, at no second forward. A later needle's template,
+# copied from the first, is predicted from memory (share ~0.45-0.5 where the haystack's median is
+# ~0.2 on Qwen2.5-0.5B in Genesis), so it gains ~2 nats over the haystack and ranks as a fact
+# again. 8: replays of the reserve over 9 traced 4k cases kept the asked needle in 9 (4: 8; 16
+# began to crowd out the first needle), and live 9 of 10 at depth 25 against 8 for 4
+# (docs/retrieval.md, "Credit for what was read").
+SURPRISE_FROM = ("memory", "window", "read")
+READ_CREDIT = 8.0
 
 
 @contextmanager
@@ -36,14 +46,38 @@ def window_only(runtimes: Sequence) -> Iterator[None]:
             rt.shadow = False
 
 
+@contextmanager
+def sharing(runtimes: Sequence) -> Iterator[None]:
+    """While it lasts, every layer keeps the share of each new token's attention that went to
+    memory (LayerRuntime.share)."""
+    for rt in runtimes:
+        rt.wants_share, rt.share = True, None
+    try:
+        yield
+    finally:
+        for rt in runtimes:
+            rt.wants_share = False
+
+
+def memory_share(runtimes: Sequence) -> torch.Tensor | None:
+    """[B, m]: the memory's share of each new token's attention, averaged over the layers that
+    read memory in the last forward (None: none did)."""
+    shares = [rt.share for rt in runtimes if rt.share is not None]
+    if not shares:
+        return None
+    return torch.stack(shares).float().mean(0)
+
+
 class SurpriseFeed:
     """Carries the last step's next-token log-probs, so the first token of a step is scored too."""
 
     def __init__(self) -> None:
         self.last_logp: torch.Tensor | None = None  # [B, V]
+        self.last_share: torch.Tensor | None = None  # [B]: the memory's share of the last query
 
     def reset(self) -> None:
         self.last_logp = None
+        self.last_share = None
 
     def run(self, source: str, runtimes: Sequence, ids: torch.Tensor,
             forward: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -51,17 +85,25 @@ class SurpriseFeed:
         surprise handed the NLL of ids under `source` (SURPRISE_FROM): the forward's own, or a
         window-only forward's, run first (it keeps nothing)."""
         states = [rt.state for rt in runtimes]
-        own = None
-        if source == "window" and any(st.tracks_surprise for st in states):
+        tracking = any(st.tracks_surprise for st in states)
+        own = share = None
+        if source == "window" and tracking:
             with window_only(runtimes):
                 own = forward()
-        logits = forward()
-        self.note(states, ids, logits if own is None else own)
+        if source == "read" and tracking:
+            with sharing(runtimes):
+                logits = forward()
+            share = memory_share(runtimes)
+        else:
+            logits = forward()
+        self.note(states, ids, logits if own is None else own, share)
         return logits
 
-    def note(self, states: Sequence[LayerState], ids: torch.Tensor, logits: torch.Tensor) -> None:
+    def note(self, states: Sequence[LayerState], ids: torch.Tensor, logits: torch.Tensor,
+             share: torch.Tensor | None = None) -> None:
         """ids [B, m] just run, logits [B, m, V] their outputs: each state that `tracks_surprise`
-        gets the tokens' NLL (the first token after a reset scores 0)."""
+        gets the tokens' NLL (the first token after a reset scores 0); share [B, m]: the memory's
+        share of each query's attention, credited to the token it predicts (READ_CREDIT)."""
         wanting = [st for st in states if st.tracks_surprise]
         if not wanting:
             return
@@ -78,5 +120,11 @@ class SurpriseFeed:
         if prev is not None and prev.shape[0] == ids.shape[0]:
             nll[:, 0] = -prev.to(nll.device).gather(-1, ids[:, :1].to(nll.device))[:, 0]
         self.last_logp = torch.log_softmax(logits[:, -1], dim=-1)
+        if share is not None:  # query t predicts token t + 1; a step's first token, the last step's last query
+            nll[:, 1:] += READ_CREDIT * share[:, :-1].to(nll.device)
+            last = self.last_share
+            if last is not None and prev is not None and last.shape[0] == ids.shape[0]:
+                nll[:, 0] += READ_CREDIT * last.to(nll.device)
+        self.last_share = None if share is None else share[:, -1]
         for st in wanting:
             st.note_surprise(nll)
