@@ -175,7 +175,7 @@ class CamelotConfig:
                                           "reserve by surprise, the rest by attention", choices=IMPORTANCES)
     surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the model's (memory); "
                                 "a forward without the memory read (window: a fact copied from memory stays new; a "
-                                "second forward per token); the model's + 8 x its attention share on memory (read)",
+                                "second forward per token); the model's + a credit for attention paid to memory (read)",
                                 choices=SURPRISE_FROM)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "

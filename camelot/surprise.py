@@ -1,10 +1,11 @@
 """The model's surprise at each token (its NLL), handed to write rules that rank tokens by it
 (WriteRule.importance="surprise", EM-LLM's signal): computed once per step from the logits the
 forward already made, for every layer at once, or (surprise_from="window") from a forward of its own
-that reads no memory, or (surprise_from="read") the forward's own plus a credit for what its
-prediction took from memory. That forward's tokens attend to the raw tail and sinks as the real forward
+that reads no memory. That forward's tokens attend to the raw tail and sinks as the real forward
 left them, so in layers past the first those keys still carry what earlier tokens read from
-memory: it is the window's surprise at the new tokens, not a memoryless model's at the document."""
+memory: it is the window's surprise at the new tokens, not a memoryless model's at the document.
+surprise_from="read" approximates it for free: the forward's own NLL plus a credit for the share
+of attention each prediction gave memory."""
 
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ class SurpriseFeed:
     def run(self, source: str, runtimes: Sequence, ids: torch.Tensor,
             forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The step's forward (`forward()` -> logits [B, m, V]), and each layer that ranks by
-        surprise handed the NLL of ids under `source` (SURPRISE_FROM): the forward's own, or a
-        window-only forward's, run first (it keeps nothing)."""
+        surprise handed the NLL of ids under `source` (SURPRISE_FROM): the forward's own, a
+        window-only forward's, run first (it keeps nothing), or the forward's own with the credit
+        for what each prediction read from memory."""
         states = [rt.state for rt in runtimes]
         tracking = any(st.tracks_surprise for st in states)
         own = share = None
