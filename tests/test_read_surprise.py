@@ -11,13 +11,7 @@ import torch
 import camelot
 from camelot.surprise import READ_CREDIT
 from tests.conftest import tiny_llama
-
-SURPRISE = {"window": 16, "slots": 12, "recent": 16, "sink": 2, "span_reserve": 8, "span": 4, "span_score": "sum",
-            "importance": "surprise", "evict": "use"}
-
-
-def _ids(n: int = 96, seed: int = 0, rows: int = 1) -> torch.Tensor:
-    return torch.randint(0, 101, (rows, n), generator=torch.Generator().manual_seed(seed))
+from tests.test_window_surprise import SURPRISE, _ids
 
 
 def _noted(cm: camelot.CamelotModel) -> list[torch.Tensor]:
@@ -65,7 +59,7 @@ def _share(reads: dict, b: int, m: int) -> torch.Tensor:
 
 
 def test_the_credit_is_the_memorys_share_of_the_query_that_predicted_the_token():
-    ids = _ids()
+    ids = _ids(96)
     seen, logits, reads = _run(camelot.CamelotConfig(**SURPRISE, surprise_from="read"), ids, record=True)
     spans = _spans(ids.shape[1], 16, 5)
     prev_logits = prev_share = None
@@ -91,14 +85,14 @@ def test_the_fused_read_credits_what_the_dense_read_does():
     """evict='age' reads every slot through the fused kernel (no per-entry probabilities); the
     credit it hands over is the one the dense read (record_reads) hands over."""
     cfg = camelot.CamelotConfig(**{**SURPRISE, "evict": "age"}, surprise_from="read")
-    ids = _ids(seed=2)
+    ids = _ids(96, seed=2)
     fused, _, _ = _run(cfg, ids)
     dense, _, _ = _run(cfg, ids, record=True)
     assert all(torch.allclose(f, d, atol=1e-4) for f, d in zip(fused, dense))
 
 
 def test_no_credit_while_the_memory_is_empty_and_one_once_it_is_read():
-    ids = _ids(seed=1)
+    ids = _ids(96, seed=1)
     mem, _, _ = _run(camelot.CamelotConfig(**SURPRISE), ids)
     read, _, reads = _run(camelot.CamelotConfig(**SURPRISE, surprise_from="read"), ids, record=True)
     first = next(i for i, r in enumerate(reads) if r)  # the first step that read memory
@@ -110,7 +104,7 @@ def test_no_credit_while_the_memory_is_empty_and_one_once_it_is_read():
 def test_one_sequence_does_not_credit_another():
     """Two documents in one batch: each row is handed what it is handed alone."""
     cfg = camelot.CamelotConfig(**SURPRISE, surprise_from="read")
-    both = _ids(rows=2, seed=4)
+    both = _ids(96, seed=4, rows=2)
     together, _, _ = _run(cfg, both)
     for row in range(2):
         alone, _, _ = _run(cfg, both[row : row + 1])

@@ -15,8 +15,8 @@ SURPRISE = {"window": 16, "slots": 12, "recent": 16, "sink": 2, "span_reserve": 
             "importance": "surprise", "evict": "use"}
 
 
-def _ids(n: int = 90, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 101, (1, n), generator=torch.Generator().manual_seed(seed))
+def _ids(n: int = 90, seed: int = 0, rows: int = 1) -> torch.Tensor:
+    return torch.randint(0, 101, (rows, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _handed(cm: camelot.CamelotModel) -> list[torch.Tensor]:
