@@ -43,6 +43,10 @@ class LayerRuntime:
         # attention that went to memory, [B, m] over the query heads (None: no memory was read)
         self.wants_share = False
         self.share: torch.Tensor | None = None
+        # set by camelot.logit_gain (surprise_from="logit"): keep what the memory read changed in
+        # the attention output, [B, m, Hq * Dv] before the output projection (None: nothing read)
+        self.wants_gain = False
+        self.gain: torch.Tensor | None = None
 
     @classmethod
     def build(cls, layer_idx: int, rope: RopeSpec | None, memory: Memory | None, prefix: RawWindow | None,
@@ -132,8 +136,15 @@ class LayerRuntime:
             return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
         if self.wants_share:  # 1 - the plain keys' share: right for every read's result (fused, sparse, dense)
             self.share = None if mem is None else (1 - probs[..., :n_plain].sum(-1)).reshape(b, hq, m).mean(1)
+        if self.wants_gain and mem is not None:
+            # the plain keys' output, normalised as if memory were not there: exact attention over them alone
+            kept = probs[..., :n_plain].sum(-1, keepdim=True).clamp_min(1e-30)
+            plain = out if n_vals == n_plain else torch.matmul(
+                probs.view(b, hkv, g * m, -1)[..., :n_plain], vals[:, :, :n_plain]).view(b, hkv, g, m, -1)
         if mem is not None:
             out = mem.add_output(out, probs, n_vals)
+            if self.wants_gain:
+                self.gain = (out - plain / kept).reshape(b, hq, m, -1).transpose(1, 2).reshape(b, m, -1)
             if self.record_reads:
                 self.last_read = mem.attribution(probs, n_plain)
             if st.memory.observes_reads:  # a write rule ranks slots by use

@@ -173,9 +173,9 @@ class CamelotConfig:
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both; surprise+attention: the "
                                           "reserve by surprise, the rest by attention", choices=IMPORTANCES)
-    surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the model's (memory); "
-                                "a forward without the memory read (window: a fact copied from memory stays new; a "
-                                "second forward per token); the model's + a credit for attention paid to memory (read)",
+    surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the model's (memory); a "
+                                "forward without memory (window: a fact copied from memory stays new; 2x compute); the "
+                                "model's + memory's share of attention (read) or + the logit memory added (logit)",
                                 choices=SURPRISE_FROM)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "

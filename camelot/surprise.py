@@ -4,8 +4,9 @@ forward already made, for every layer at once, or (surprise_from="window") from 
 that reads no memory. That forward's tokens attend to the raw tail and sinks as the real forward
 left them, so in layers past the first those keys still carry what earlier tokens read from
 memory: it is the window's surprise at the new tokens, not a memoryless model's at the document.
-surprise_from="read" approximates it for free: the forward's own NLL plus a credit for the share
-of attention each prediction gave memory."""
+surprise_from="read" and "logit" approximate it without a second forward: the forward's own NLL
+plus a credit for the share of attention each prediction gave memory, or for the logit memory
+added to the token (camelot/logit_gain.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from camelot.layer_state import LayerState
+from camelot.logit_gain import LogitGain, gain_of
 
 # whose NLL the write ranks by (CamelotConfig.surprise_from). "memory": the wrapped model's own,
 # free (the forward's logits). "window": a second forward that attends to the open segment, raw
@@ -30,7 +32,9 @@ from camelot.layer_state import LayerState
 # again. 8: replays of the reserve over 9 traced 4k cases kept the asked needle in 9 (4: 8; 16
 # began to crowd out the first needle), and live 9 of 10 at depth 25 against 8 for 4
 # (docs/retrieval.md, "Credit for what was read").
-SURPRISE_FROM = ("memory", "window", "read")
+# "logit": the forward's own NLL plus the logit memory added to the token (camelot/logit_gain.py):
+# what the window alone would have lacked, to first order, without a second forward.
+SURPRISE_FROM = ("memory", "window", "read", "logit")
 READ_CREDIT = 8.0
 
 
@@ -70,15 +74,20 @@ def memory_share(runtimes: Sequence) -> torch.Tensor | None:
 
 
 class SurpriseFeed:
-    """Carries the last step's next-token log-probs, so the first token of a step is scored too."""
+    """Carries the last step's next-token log-probs, so the first token of a step is scored too;
+    `lens`: the model's parts the logit credit reads (surprise_from="logit"; built at wrap, so a
+    model without them is refused before any document)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lens: LogitGain | None = None) -> None:
+        self.lens = lens
         self.last_logp: torch.Tensor | None = None  # [B, V]
         self.last_share: torch.Tensor | None = None  # [B]: the memory's share of the last query
+        self.last_normed: tuple[torch.Tensor, torch.Tensor] | None = None  # the last query's, with / without memory
 
     def reset(self) -> None:
         self.last_logp = None
         self.last_share = None
+        self.last_normed = None
 
     def run(self, source: str, runtimes: Sequence, ids: torch.Tensor,
             forward: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -96,16 +105,34 @@ class SurpriseFeed:
             with sharing(runtimes):
                 logits = forward()
             share = memory_share(runtimes)
+        elif source == "logit" and tracking:
+            logits, normed = gain_of(self.lens, runtimes, forward)
+            self.note(states, ids, logits, gain=self._gain(self.lens, ids, normed))
+            return logits
         else:
             logits = forward()
         self.note(states, ids, logits if own is None else own, share)
         return logits
 
+    def _gain(self, lens: LogitGain, ids: torch.Tensor, normed: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> torch.Tensor:
+        """[B, m]: the logit memory added to each token, the first from the last step's last query."""
+        gain = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        last, self.last_normed = self.last_normed, None
+        if normed is not None:
+            full, win = normed
+            gain[:, 1:] = (lens.logit(full[:, :-1], ids[:, 1:]) - lens.logit(win[:, :-1], ids[:, 1:])).to(gain.device)
+            self.last_normed = full[:, -1:], win[:, -1:]
+        if last is not None and last[0].shape[0] == ids.shape[0]:
+            gain[:, :1] = (lens.logit(last[0], ids[:, :1]) - lens.logit(last[1], ids[:, :1])).to(gain.device)
+        return gain.clamp_min(0)  # what memory took away is no fact to keep
+
     def note(self, states: Sequence[LayerState], ids: torch.Tensor, logits: torch.Tensor,
-             share: torch.Tensor | None = None) -> None:
+             share: torch.Tensor | None = None, gain: torch.Tensor | None = None) -> None:
         """ids [B, m] just run, logits [B, m, V] their outputs: each state that `tracks_surprise`
         gets the tokens' NLL (the first token after a reset scores 0); share [B, m]: the memory's
-        share of each query's attention, credited to the token it predicts (READ_CREDIT)."""
+        share of each query's attention, credited to the token it predicts (READ_CREDIT); gain [B, m]:
+        the logit memory added to each token, added as it is."""
         wanting = [st for st in states if st.tracks_surprise]
         if not wanting:
             return
@@ -128,5 +155,7 @@ class SurpriseFeed:
             if last is not None and prev is not None and last.shape[0] == ids.shape[0]:
                 nll[:, 0] += READ_CREDIT * last.to(nll.device)
         self.last_share = None if share is None else share[:, -1]
+        if gain is not None:
+            nll += gain.to(nll.device)
         for st in wanting:
             st.note_surprise(nll)

@@ -1,0 +1,150 @@
+"""surprise_from="logit": the write ranks by the model's own NLL plus the logit memory added to
+each token (camelot/logit_gain.py). Checked against a reference built from the model's own
+modules: with memory on layer 0 alone, what memory added to the residual stream is exactly that
+layer's attention output minus the output of a forward that reads no memory, and the credit is
+the token's logit from the final normed residual with it minus without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from camelot.adapters.base import UnsupportedModelError
+from camelot.adapters.testing import tiny_family
+
+import camelot
+import camelot.reads.query
+from camelot.surprise import window_only
+from tests.conftest import tiny_llama
+from tests.test_read_surprise import _noted, _spans
+from tests.test_window_surprise import SURPRISE, _ids
+
+# where each family keeps the modules the reference reads: the first layer's attention module,
+# its output projection, and the norm before the unembedding
+PARTS = {
+    "llama": lambda m: (m.model.layers[0].self_attn, m.model.norm),
+    "llama-softcap": lambda m: (m.model.layers[0].self_attn, m.model.norm),
+    "gpt2": lambda m: (m.transformer.h[0].attn, m.transformer.ln_f),  # Conv1D projection, LayerNorm
+}
+# the reads whose results join the softmax differently: per-entry logits (evict=use keeps them),
+# one fused kernel over every slot, each query's own top-k gathered
+READS = {"dense": {}, "fused": {"evict": "age"}, "top-k": {"evict": "age", "read_top_k": 2}}
+
+
+def _model(family: str) -> torch.nn.Module:
+    if family == "gpt2":
+        model = tiny_family(family).build()
+        with torch.no_grad():  # GPT-2's initialisation (std 0.02) leaves logits too small to test against
+            model.get_output_embeddings().weight.mul_(30)
+            for block in model.transformer.h:  # and its zero biases would hide one the credit failed to take off
+                block.attn.c_proj.bias.normal_()
+        return model
+    model = tiny_llama()
+    if family == "llama-softcap":  # llama's forward ignores it; the credit must cap as gemma2 would
+        model.config.final_logit_softcapping = 0.5
+    return model
+
+
+def _reference(cm: camelot.CamelotModel, family: str, ids: torch.Tensor, piece: int = 5):
+    """Per step: the NLL the write was handed, and the reference's (own NLL + credit)."""
+    attn, norm = PARTS[family](cm.model)
+    seen = _noted(cm)
+    got: dict[str, torch.Tensor] = {}
+    hooks = [attn.register_forward_hook(lambda mod, a, out: got.__setitem__("attn", out[0].float())),
+             norm.register_forward_pre_hook(lambda mod, a: None if "h" in got else got.update(h=a[0].float()))]
+    head = cm.model.get_output_embeddings().weight.float()
+    softcap = getattr(cm.model.config, "final_logit_softcapping", None)
+
+    def logit(x, tok):
+        out = (x * head[tok]).sum(-1)
+        return out if not softcap else torch.tanh(out / softcap) * softcap
+
+    want, last = [], None
+    with torch.no_grad():
+        for a, e in _spans(ids.shape[1], cm.config.window, piece):
+            pos = torch.arange(cm.open_len, cm.open_len + e - a)[None]
+            with window_only(cm.runtimes):
+                cm.model(input_ids=ids[:, a:e], position_ids=pos, use_cache=False)
+            alone = got["attn"]
+            got.pop("h", None)
+            lg = cm.step(ids[:, a:e]).float()
+            h, added = got.pop("h"), got["attn"] - alone
+            full, win = norm(h), norm(h - added)
+            nll = torch.zeros(ids.shape[0], e - a)
+            nll[:, 1:] = torch.nn.functional.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, a + 1 : e],
+                                                           reduction="none")
+            gain = torch.zeros_like(nll)
+            gain[:, 1:] = logit(full[:, :-1], ids[:, a + 1 : e]) - logit(win[:, :-1], ids[:, a + 1 : e])
+            if last is not None:
+                plg, pfull, pwin = last
+                nll[:, 0] = -torch.log_softmax(plg[:, -1], -1).gather(-1, ids[:, a : a + 1])[:, 0]
+                gain[:, 0] = logit(pfull[:, -1], ids[:, a]) - logit(pwin[:, -1], ids[:, a])
+            want.append(nll + gain.clamp_min(0))
+            last = lg, full, win
+    for hk in hooks:
+        hk.remove()
+    return seen, want
+
+
+@pytest.mark.parametrize("family", sorted(PARTS))
+@pytest.mark.parametrize("read", sorted(READS))
+def test_the_credit_is_the_logit_memory_added_to_the_token(family, read, monkeypatch):
+    if read == "top-k":  # gather each query's k entries even from a bank this small
+        monkeypatch.setattr(camelot.reads.query, "SPARSE_BELOW", 0)
+    ids = _ids(96, rows=2)
+    cfg = camelot.CamelotConfig(**{**SURPRISE, **READS[read], "layers": [0], "surprise_from": "logit"})
+    cm = camelot.wrap(_model(family), cfg)
+    seen, want = _reference(cm, family, ids)
+    for noted, ref in zip(seen, want, strict=True):
+        assert torch.allclose(noted, ref, atol=2e-4), (noted - ref).abs().max()
+    own = camelot.wrap(cm.unwrap(), camelot.CamelotConfig(**{**SURPRISE, **READS[read], "layers": [0]}))
+    seen_own = _noted(own)
+    with torch.no_grad():
+        for a, e in _spans(ids.shape[1], 16, 5):
+            own.step(ids[:, a:e])
+    gained = torch.cat(seen, 1) - torch.cat(seen_own, 1)
+    assert gained.min() > -1e-4  # a credit, never a debit
+    assert gained.gt(2e-3).sum() > 10  # and a real one once memory holds something (10x the tolerance)
+    assert gained[:, :32].abs().max() < 1e-6  # nothing while the memory is empty
+    own.unwrap()
+
+
+def test_every_layer_that_reads_memory_adds_its_part():
+    """Memory on both layers credits more than on the first alone, and not the same amounts."""
+    ids = _ids(96)
+    noted = {}
+    for layers in ([0], "all"):
+        cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(**SURPRISE, layers=layers, surprise_from="logit"))
+        seen = _noted(cm)
+        cm.score(ids)
+        noted[str(layers)] = torch.cat(seen, 1)
+        cm.unwrap()
+    assert not torch.allclose(noted["[0]"], noted["all"], atol=1e-3)
+
+
+def test_one_row_never_credits_another():
+    ids = _ids(96, rows=2)
+    other = ids.clone()
+    other[1] = _ids(96, seed=5)[0]
+    runs = []
+    for x in (ids, other):
+        cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
+        seen = _noted(cm)
+        cm.score(x)
+        runs.append(torch.cat(seen, 1))
+        cm.unwrap()
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-5)
+    assert not torch.allclose(runs[0][1], runs[1][1], atol=1e-3)
+
+
+def test_a_model_without_the_parts_is_refused_at_wrap():
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.self_attn.proj_out = layer.self_attn.o_proj
+        del layer.self_attn.o_proj
+    with pytest.raises(UnsupportedModelError, match="output projection"):
+        camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
+    model = tiny_llama()
+    model.model.final = model.model.norm
+    del model.model.norm
+    with pytest.raises(UnsupportedModelError, match="norm before"):
+        camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
