@@ -39,10 +39,6 @@ class LayerRuntime:
         # set by camelot.surprise while a forward runs for the window's own surprise: attend to the
         # open segment, raw tail and sinks only, and keep nothing
         self.shadow = False
-        # set by camelot.surprise (surprise_from="read"): keep the share of each new token's
-        # attention that went to memory, [B, m] over the query heads (None: no memory was read)
-        self.wants_share = False
-        self.share: torch.Tensor | None = None
         # set by camelot.logit_gain (surprise_from="logit"): keep what the memory read changed in
         # the attention output, [B, m, Hq * Dv] before the output projection (None: nothing read)
         self.wants_gain = False
@@ -134,8 +130,6 @@ class LayerRuntime:
         out = torch.matmul(probs.view(b, hkv, g * m, -1)[..., :n_vals], vals).view(b, hkv, g, m, -1)
         if shadow:
             return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
-        if self.wants_share:  # 1 - the plain keys' share: right for every read's result (fused, sparse, dense)
-            self.share = None if mem is None else (1 - probs[..., :n_plain].sum(-1)).reshape(b, hq, m).mean(1)
         if self.wants_gain and mem is not None:
             # the plain keys' output, normalised as if memory were not there: exact attention over them alone
             kept = probs[..., :n_plain].sum(-1, keepdim=True).clamp_min(1e-30)

@@ -175,7 +175,7 @@ class CamelotConfig:
                                           "reserve by surprise, the rest by attention", choices=IMPORTANCES)
     surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the model's (memory); a "
                                 "forward without memory (window: a fact copied from memory stays new; 2x compute); the "
-                                "model's + memory's share of attention (read) or + the logit memory added (logit)",
+                                "model's + the logit memory added to the token (logit: what window keeps, ~1.1x)",
                                 choices=SURPRISE_FROM)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "

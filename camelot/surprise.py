@@ -4,9 +4,8 @@ forward already made, for every layer at once, or (surprise_from="window") from 
 that reads no memory. That forward's tokens attend to the raw tail and sinks as the real forward
 left them, so in layers past the first those keys still carry what earlier tokens read from
 memory: it is the window's surprise at the new tokens, not a memoryless model's at the document.
-surprise_from="read" and "logit" approximate it without a second forward: the forward's own NLL
-plus a credit for the share of attention each prediction gave memory, or for the logit memory
-added to the token (camelot/logit_gain.py)."""
+surprise_from="logit" approximates it without a second forward: the forward's own NLL plus the
+logit memory added to the token (camelot/logit_gain.py)."""
 
 from __future__ import annotations
 
@@ -24,18 +23,12 @@ from camelot.logit_gain import LogitGain, gain_of
 # copied from it (0.0-0.3 nats a token) and ranks below the haystack, so a surprise reserve keeps
 # the first of several needles and loses the rest (docs/retrieval.md, "Why the default loses
 # later needles"); what the window alone cannot predict is the same for the first and the later.
-# "read": the forward's own NLL plus READ_CREDIT nats times the share of the token's attention
-# (averaged over the layers that read memory and their query heads) that its predicting query gave
-# memory: what "window" buys, approximately, at no second forward. A later needle's template,
-# copied from the first, is predicted from memory (share ~0.45-0.5 where the haystack's median is
-# ~0.2 on Qwen2.5-0.5B in Genesis), so it gains ~2 nats over the haystack and ranks as a fact
-# again. 8: replays of the reserve over 9 traced 4k cases kept the asked needle in 9 (4: 8; 16
-# began to crowd out the first needle), and live 9 of 10 at depth 25 against 8 for 4
-# (docs/retrieval.md, "Credit for what was read").
 # "logit": the forward's own NLL plus the logit memory added to the token (camelot/logit_gain.py):
-# what the window alone would have lacked, to first order, without a second forward.
-SURPRISE_FROM = ("memory", "window", "read", "logit")
-READ_CREDIT = 8.0
+# what the window alone would have lacked, to first order, without a second forward. It keeps
+# what "window" keeps on RULER multi-key (docs/retrieval.md, "The logit memory added"); a credit
+# for the share of attention memory received (surprise_from="read", 2026-12-07) kept less
+# everywhere and was removed.
+SURPRISE_FROM = ("memory", "window", "logit")
 
 
 @contextmanager
@@ -51,28 +44,6 @@ def window_only(runtimes: Sequence) -> Iterator[None]:
             rt.shadow = False
 
 
-@contextmanager
-def sharing(runtimes: Sequence) -> Iterator[None]:
-    """While it lasts, every layer keeps the share of each new token's attention that went to
-    memory (LayerRuntime.share)."""
-    for rt in runtimes:
-        rt.wants_share, rt.share = True, None
-    try:
-        yield
-    finally:
-        for rt in runtimes:
-            rt.wants_share = False
-
-
-def memory_share(runtimes: Sequence) -> torch.Tensor | None:
-    """[B, m]: the memory's share of each new token's attention, averaged over the layers that
-    read memory in the last forward (None: none did)."""
-    shares = [rt.share for rt in runtimes if rt.share is not None]
-    if not shares:
-        return None
-    return torch.stack(shares).float().mean(0)
-
-
 class SurpriseFeed:
     """Carries the last step's next-token log-probs, so the first token of a step is scored too;
     `lens`: the model's parts the logit credit reads (surprise_from="logit"; built at wrap, so a
@@ -81,37 +52,30 @@ class SurpriseFeed:
     def __init__(self, lens: LogitGain | None = None) -> None:
         self.lens = lens
         self.last_logp: torch.Tensor | None = None  # [B, V]
-        self.last_share: torch.Tensor | None = None  # [B]: the memory's share of the last query
         self.last_normed: tuple[torch.Tensor, torch.Tensor] | None = None  # the last query's, with / without memory
 
     def reset(self) -> None:
         self.last_logp = None
-        self.last_share = None
         self.last_normed = None
 
     def run(self, source: str, runtimes: Sequence, ids: torch.Tensor,
             forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The step's forward (`forward()` -> logits [B, m, V]), and each layer that ranks by
         surprise handed the NLL of ids under `source` (SURPRISE_FROM): the forward's own, a
-        window-only forward's, run first (it keeps nothing), or the forward's own with the credit
-        for what each prediction read from memory."""
+        window-only forward's, run first (it keeps nothing), or the forward's own plus the logit
+        memory added to each token."""
         states = [rt.state for rt in runtimes]
         tracking = any(st.tracks_surprise for st in states)
-        own = share = None
-        if source == "window" and tracking:
-            with window_only(runtimes):
-                own = forward()
-        if source == "read" and tracking:
-            with sharing(runtimes):
-                logits = forward()
-            share = memory_share(runtimes)
-        elif source == "logit" and tracking:
+        own = None
+        if source == "logit" and tracking:
             logits, normed = gain_of(self.lens, runtimes, forward)
             self.note(states, ids, logits, gain=self._gain(self.lens, ids, normed))
             return logits
-        else:
-            logits = forward()
-        self.note(states, ids, logits if own is None else own, share)
+        if source == "window" and tracking:
+            with window_only(runtimes):
+                own = forward()
+        logits = forward()
+        self.note(states, ids, logits if own is None else own)
         return logits
 
     def _gain(self, lens: LogitGain, ids: torch.Tensor, normed: tuple[torch.Tensor, torch.Tensor] | None
@@ -128,11 +92,10 @@ class SurpriseFeed:
         return gain.clamp_min(0)  # what memory took away is no fact to keep
 
     def note(self, states: Sequence[LayerState], ids: torch.Tensor, logits: torch.Tensor,
-             share: torch.Tensor | None = None, gain: torch.Tensor | None = None) -> None:
+             gain: torch.Tensor | None = None) -> None:
         """ids [B, m] just run, logits [B, m, V] their outputs: each state that `tracks_surprise`
-        gets the tokens' NLL (the first token after a reset scores 0); share [B, m]: the memory's
-        share of each query's attention, credited to the token it predicts (READ_CREDIT); gain [B, m]:
-        the logit memory added to each token, added as it is."""
+        gets the tokens' NLL (the first token after a reset scores 0), plus `gain` [B, m] where
+        given (the logit memory added to each token)."""
         wanting = [st for st in states if st.tracks_surprise]
         if not wanting:
             return
@@ -149,12 +112,6 @@ class SurpriseFeed:
         if prev is not None and prev.shape[0] == ids.shape[0]:
             nll[:, 0] = -prev.to(nll.device).gather(-1, ids[:, :1].to(nll.device))[:, 0]
         self.last_logp = torch.log_softmax(logits[:, -1], dim=-1)
-        if share is not None:  # query t predicts token t + 1; a step's first token, the last step's last query
-            nll[:, 1:] += READ_CREDIT * share[:, :-1].to(nll.device)
-            last = self.last_share
-            if last is not None and prev is not None and last.shape[0] == ids.shape[0]:
-                nll[:, 0] += READ_CREDIT * last.to(nll.device)
-        self.last_share = None if share is None else share[:, -1]
         if gain is not None:
             nll += gain.to(nll.device)
         for st in wanting:

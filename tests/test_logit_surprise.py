@@ -15,7 +15,6 @@ import camelot
 import camelot.reads.query
 from camelot.surprise import window_only
 from tests.conftest import tiny_llama
-from tests.test_read_surprise import _noted, _spans
 from tests.test_window_surprise import SURPRISE, _ids
 
 # where each family keeps the modules the reference reads: the first layer's attention module,
@@ -28,6 +27,29 @@ PARTS = {
 # the reads whose results join the softmax differently: per-entry logits (evict=use keeps them),
 # one fused kernel over every slot, each query's own top-k gathered
 READS = {"dense": {}, "fused": {"evict": "age"}, "top-k": {"evict": "age", "read_top_k": 2}}
+
+
+def _noted(cm: camelot.CamelotModel) -> list[torch.Tensor]:
+    """The NLL layer 0's state is handed at each step ([B, m])."""
+    st, seen = cm.runtimes[0].state, []
+    note = st.note_surprise
+
+    def recording(nll):
+        seen.append(nll.clone())
+        return note(nll)
+
+    st.note_surprise = recording
+    return seen
+
+
+def _spans(n: int, window: int, piece: int) -> list[tuple[int, int]]:
+    """Steps of at most `piece` tokens that never cross a segment boundary."""
+    out, a = [], 0
+    while a < n:
+        e = min(n, a + piece, (a // window + 1) * window)
+        out.append((a, e))
+        a = e
+    return out
 
 
 def _model(family: str) -> torch.nn.Module:
