@@ -30,6 +30,7 @@ from camelot.snapshot_format import (  # noqa: F401  (re-exported: the snapshot 
     FORMAT,
     FORMAT_VERSION,
     LAST_LOGP,
+    LAST_NORMED,
     USER_PREFIX,
     SnapshotError,
     _read_tensors,
@@ -90,6 +91,7 @@ class Checkpoint:
     layers: list[LayerState]  # per runtime, a copy (the open segment's tensors shared: never written into)
     owner: Any = None  # weakref to the wrapper that took it: restoring into another one is refused
     last_logp: torch.Tensor | None = None  # the wrapper's SurpriseFeed: scores the next step's first token
+    last_normed: tuple[torch.Tensor, torch.Tensor] | None = None  # and credits it (surprise_from="logit")
 
 
 class MemoryView:
@@ -127,7 +129,7 @@ class MemoryView:
         """A copy of the whole state (open segment, memory, prefix) to `restore` later, e.g. to
         read several continuations of one shared prefix without re-reading it."""
         return Checkpoint([_copied(rt.state) for rt in self.cm.runtimes], weakref.ref(self.cm),
-                          self.cm.surprise.last_logp)
+                          self.cm.surprise.last_logp, self.cm.surprise.last_normed)
 
     @exclusive_view
     def restore(self, cp: Checkpoint) -> None:
@@ -139,7 +141,7 @@ class MemoryView:
         for rt, held in zip(self.cm.runtimes, cp.layers):
             rt.state.load_state_dict(_copied(held))
             rt.last_read = None
-        self.cm.surprise.last_logp = cp.last_logp
+        self.cm.surprise.last_logp, self.cm.surprise.last_normed = cp.last_logp, cp.last_normed
 
     def open_segment(self) -> list[tuple[torch.Tensor | None, ...]]:
         """A free handle on every layer's open segment (attention never edits those tensors in
@@ -171,6 +173,8 @@ class MemoryView:
             tensors.update({f"layer{rt.layer_idx}.{n}": t for n, t in rt.state.state_dict().items()})
         if self.cm.surprise.last_logp is not None and any(rt.state.tracks_surprise for rt in self.cm.runtimes):
             tensors[LAST_LOGP] = self.cm.surprise.last_logp  # the next token's surprise, as if never saved
+            if self.cm.surprise.last_normed is not None:
+                tensors[LAST_NORMED] = torch.stack(self.cm.surprise.last_normed)
         # copies: state tensors are views into larger buffers (the bank's scratch slot, capacity)
         tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         meta = {
@@ -211,9 +215,13 @@ class MemoryView:
         check_header(Path(path), self.cm, open_len(path, meta))  # before any tensor byte is read
         tensors = _read_tensors(Path(path), meta)
         check_values(Path(path), tensors, self.cm)
-        last_logp = tensors.pop(LAST_LOGP, None)
+        last_logp, last_normed = tensors.pop(LAST_LOGP, None), tensors.pop(LAST_NORMED, None)
         if last_logp is not None and not torch.isfinite(last_logp.float()).all():
             raise SnapshotError(f"{path}: {LAST_LOGP} holds non-finite values")
+        if last_normed is not None and (last_normed.dim() != 4 or last_normed.shape[0] != 2 or last_logp is None
+                                        or last_normed.shape[1] != last_logp.shape[0]
+                                        or not torch.isfinite(last_normed.float()).all()):
+            raise SnapshotError(f"{path}: {LAST_NORMED} is not two finite [batch, 1, hidden] residuals")
         new_state = [build_layer(path, rt, tensors, meta, self.cm) for rt in self.cm.runtimes]
         left = set(tensors) - {k for *_, used in new_state for k in used}
         if left:
@@ -232,6 +240,8 @@ class MemoryView:
         self.cm.surprise.reset()  # nothing of the last prediction before the load survives it
         if last_logp is not None:
             self.cm.surprise.last_logp = last_logp.float()  # SurpriseFeed moves it to the logits' device
+        if last_normed is not None:
+            self.cm.surprise.last_normed = last_normed[0].float(), last_normed[1].float()
         return meta
 
 

@@ -28,7 +28,7 @@ import torch
 
 from camelot.memory import TELEMETRY_FIELDS, SlotBank
 from camelot.memory.bank_state import EMPTY_SPAN, span_state_len
-from camelot.snapshot_format import LAST_LOGP, SnapshotError, architecture
+from camelot.snapshot_format import LAST_LOGP, LAST_NORMED, SnapshotError, architecture
 
 if TYPE_CHECKING:
     from camelot.attention import LayerRuntime
@@ -80,6 +80,17 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
                 raise SnapshotError(f"{path}: {name} has shape {shape} and dtype {dtype}; this model predicts "
                                     f"[batch, {logits_size(cm)}] floats")
             batches.add(shape[0])
+            total += _DTYPE_BYTES.get(dtype, 8) * _numel(shape)
+            continue
+        if name == LAST_NORMED:
+            if cm.config.surprise_from != "logit":
+                raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (the logit credit's residuals; this "
+                                    f"wrapper has surprise_from={cm.config.surprise_from!r})")
+            if len(shape) != 4 or shape[0] != 2 or shape[2] != 1 or shape[3] != arch["hidden_size"] \
+                    or not dtype.startswith(("F", "BF")):
+                raise SnapshotError(f"{path}: {name} has shape {shape} and dtype {dtype}; this model's residuals "
+                                    f"are [2, batch, 1, {arch['hidden_size']}] floats")
+            batches.add(shape[1])
             total += _DTYPE_BYTES.get(dtype, 8) * _numel(shape)
             continue
         m = _NAME.fullmatch(name)

@@ -19,6 +19,9 @@ FORMAT = "camelot-memory"
 FORMAT_VERSION = 1
 USER_PREFIX = "user."  # metadata keys a caller adds (e.g. `camelot ask` records its prompt format)
 LAST_LOGP = "surprise.last_logp"  # the last prediction [batch, vocab]: scores the next step's first token
+# the last query's final normed residual with and without memory [2, batch, 1, hidden]: the logit
+# credit of the next step's first token (surprise_from="logit")
+LAST_NORMED = "surprise.last_normed"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip archive
 
 

@@ -13,6 +13,7 @@ from camelot.adapters.testing import tiny_family
 
 import camelot
 import camelot.reads.query
+from camelot.snapshot import SnapshotError
 from camelot.surprise import window_only
 from tests.conftest import tiny_llama
 from tests.test_window_surprise import SURPRISE, _ids
@@ -170,3 +171,69 @@ def test_a_model_without_the_parts_is_refused_at_wrap():
     del model.model.norm
     with pytest.raises(UnsupportedModelError, match="norm before"):
         camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
+
+
+def _steps(cm: camelot.CamelotModel, ids: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+    with torch.no_grad():
+        for a, e in spans:
+            cm.step(ids[:, a:e])
+
+
+def test_a_checkpoint_and_a_snapshot_carry_the_next_tokens_credit(tmp_path):
+    """Restored or loaded between two steps, the write is handed exactly what the uninterrupted
+    run hands it: the first token after the break is credited from the last query before it."""
+    ids, other = _ids(96, rows=2), _ids(96, seed=3, rows=2)
+    cfg = camelot.CamelotConfig(**SURPRISE, surprise_from="logit")
+    spans, cut = _spans(96, 16, 5), 12  # a break inside a segment, once memory holds something
+    cm = camelot.wrap(tiny_llama(), cfg)
+    seen = _noted(cm)
+    _steps(cm, ids, spans)
+    whole = torch.cat(seen[cut:], 1)
+    cm.reset()
+    _steps(cm, ids, spans[:cut])
+    cp = cm.memory.checkpoint()
+    path = cm.memory.save(tmp_path / "m.camelot")
+    _steps(cm, other, spans[cut : cut + 3])  # another continuation first
+    cm.memory.restore(cp)
+    seen.clear()
+    _steps(cm, ids, spans[cut:])
+    assert torch.allclose(torch.cat(seen, 1), whole, atol=1e-6)
+    cm.memory.restore(cp)
+    cm.surprise.last_normed = None  # without the carry the first token after the break is noted otherwise
+    seen.clear()
+    _steps(cm, ids, spans[cut:])
+    assert not torch.allclose(torch.cat(seen, 1)[:, 0], whole[:, 0], atol=1e-4)
+    cm.unwrap()
+    loaded = camelot.wrap(tiny_llama(), cfg)
+    loaded.memory.load(path)
+    seen = _noted(loaded)
+    _steps(loaded, ids, spans[cut:])
+    assert torch.allclose(torch.cat(seen, 1), whole, atol=1e-6)
+    loaded.unwrap()
+    plain = camelot.wrap(tiny_llama(), camelot.CamelotConfig(**SURPRISE))
+    with pytest.raises(SnapshotError, match="logit credit's residuals"):
+        plain.memory.load(path)
+
+
+def test_residuals_that_do_not_fit_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from camelot.snapshot import read_metadata, tensor_digest
+    from tests.test_snapshot import _refused
+
+    cfg = camelot.CamelotConfig(**SURPRISE, surprise_from="logit")
+    cm = camelot.wrap(tiny_llama(), cfg)
+    cm.feed(_ids(90), progress=False)
+    path = cm.memory.save(tmp_path / "m.camelot")
+    meta, name = read_metadata(path), "surprise.last_normed"
+    assert load_file(str(path))[name].shape == (2, 1, 1, 64)
+    target = camelot.wrap(tiny_llama(), cfg)
+    target.feed(_ids(40, seed=6), progress=False)
+    for edit, needle in [(lambda t: t.update({name: t[name][..., :50].clone()}), "are \\[2, batch, 1, 64\\] floats"),
+                         (lambda t: t.update({name: t[name][:1].clone()}), "are \\[2, batch, 1, 64\\] floats"),
+                         (lambda t: t[name].__setitem__((1, 0, 0, 3), float("nan")), "not two finite")]:
+        tensors = load_file(str(path))
+        edit(tensors)
+        bad = tmp_path / "bad.camelot"
+        save_file(tensors, str(bad), metadata={**meta, "digest": tensor_digest(tensors)})
+        _refused(target, bad, needle)
