@@ -28,7 +28,9 @@ FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_nor
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    found = [mod for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in FINAL_NORMS]
+    # not inside a layer list: OPT names each decoder layer's MLP norm `final_layer_norm` too
+    found = [mod for name, mod in model.named_modules()
+             if name.rsplit(".", 1)[-1] in FINAL_NORMS and not any(part.isdigit() for part in name.split("."))]
     if not found:
         raise UnsupportedModelError(f"surprise_from='logit' needs the norm before {type(model).__name__}'s "
                                     f"unembedding (one of {FINAL_NORMS}); none found: use 'window' or 'read'")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from camelot.adapters import get_adapter
 from camelot.adapters.base import UnsupportedModelError
-from camelot.adapters.testing import tiny_family
+from camelot.adapters.testing import TINY_FAMILIES, tiny_family
 
 import camelot
 import camelot.reads.query
+from camelot.logit_gain import LogitGain
 from camelot.snapshot import SnapshotError
 from camelot.surprise import window_only
 from tests.conftest import tiny_llama
@@ -237,3 +239,26 @@ def test_residuals_that_do_not_fit_are_refused(tmp_path):
         bad = tmp_path / "bad.camelot"
         save_file(tensors, str(bad), metadata={**meta, "digest": tensor_digest(tensors)})
         _refused(target, bad, needle)
+
+
+@pytest.mark.parametrize("family", [f.name for f in TINY_FAMILIES])
+def test_every_family_finds_the_norm_its_unembedding_reads_and_is_credited(family):
+    """The norm found by name is the one whose output the unembedding reads (OPT also names each
+    layer's MLP norm `final_layer_norm`), and a wrapped document is credited."""
+    model = tiny_family(family).build()
+    lens = LogitGain(model, get_adapter(model).attention_modules(model))
+    ids = _ids(24) % model.config.vocab_size
+    got = {}
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda mod, a: got.update(x=a[0]))
+    with torch.no_grad(), lens.capturing():
+        model(input_ids=ids, use_cache=False)
+    hook.remove()
+    assert torch.allclose(lens.norm(lens._residual), got["x"], atol=1e-5)
+    cm = camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, layers="all", surprise_from="logit"))
+    seen = _noted(cm)
+    cm.score(_ids(80) % model.config.vocab_size)
+    own = camelot.wrap(cm.unwrap(), camelot.CamelotConfig(**SURPRISE, layers="all"))
+    seen_own = _noted(own)
+    own.score(_ids(80) % model.config.vocab_size)
+    assert (torch.cat(seen, 1) - torch.cat(seen_own, 1)).max() > 1e-4
+    own.unwrap()
