@@ -33,7 +33,7 @@ def _final_norm(model: nn.Module) -> nn.Module:
              if name.rsplit(".", 1)[-1] in FINAL_NORMS and not any(part.isdigit() for part in name.split("."))]
     if not found:
         raise UnsupportedModelError(f"surprise_from='logit' needs the norm before {type(model).__name__}'s "
-                                    f"unembedding (one of {FINAL_NORMS}); none found: use 'window' or 'read'")
+                                    f"unembedding (one of {FINAL_NORMS}); none found: use surprise_from='window'")
     return found[-1]
 
 
@@ -43,8 +43,8 @@ def _projection(module: nn.Module) -> nn.Module:
         if isinstance(proj, nn.Module):
             return proj
     raise UnsupportedModelError(f"surprise_from='logit' needs each attention module's output projection "
-                                f"(one of {OUTPUT_PROJECTIONS}); {type(module).__name__} has none: use 'window' or "
-                                f"'read'")
+                                f"(one of {OUTPUT_PROJECTIONS}); {type(module).__name__} has none: use "
+                                f"surprise_from='window'")
 
 
 class LogitGain:
@@ -92,6 +92,7 @@ class LogitGain:
                 continue
             # affine: proj(x) - proj(0) is the linear part, whatever the bias or the layout (Conv1D)
             d = proj(rt.gain.to(h.dtype)).float() - proj(rt.gain.new_zeros(1, rt.gain.shape[-1]).to(h.dtype)).float()
+            d = d.to(h.device)  # layers may sit on several devices (accelerate's device_map)
             added = d if added is None else added + d
             rt.gain = None
         if added is None:
