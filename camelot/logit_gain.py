@@ -109,6 +109,14 @@ class LogitGain:
         return out
 
 
+def lens_for(model: nn.Module, modules: Sequence[nn.Module], source: str, runtimes: Sequence) -> LogitGain | None:
+    """The parts the logit credit reads, where it will run: surprise_from="logit" and a layer that
+    ranks by surprise (a `sliding` run beside it is never refused for parts it would not read)."""
+    if source != "logit" or not any(rt.state.tracks_surprise for rt in runtimes):
+        return None
+    return LogitGain(model, modules)
+
+
 def gain_of(lens: LogitGain, runtimes: Sequence, forward: Callable[[], torch.Tensor]
             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The forward's logits and its (with, without memory) normed residuals."""

@@ -19,7 +19,7 @@ from camelot.config import CamelotConfig
 from camelot.guards import as_batch, check_state_devices, check_step_ids
 from camelot.interfaces import SearchBackend, require
 from camelot.layers import build_runtime, memory_layers
-from camelot.logit_gain import LogitGain
+from camelot.logit_gain import lens_for
 from camelot.masks import MaskCache
 from camelot.ownership import check_owner, exclusive
 from camelot.progress import progress_bar
@@ -75,7 +75,7 @@ class CamelotModel:
             model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
         model._camelot_wrapper = self
-        self.surprise = SurpriseFeed(LogitGain(model, modules) if config.surprise_from == "logit" else None)
+        self.surprise = SurpriseFeed(lens_for(model, modules, config.surprise_from, self.runtimes))
 
     # ------------------------------------------------------------------ lifecycle
     @exclusive
