@@ -111,7 +111,8 @@ class LogitGain:
 
 def lens_for(model: nn.Module, modules: Sequence[nn.Module], source: str, runtimes: Sequence) -> LogitGain | None:
     """The parts the logit credit reads, where it will run: surprise_from="logit" and a layer that
-    ranks by surprise (a `sliding` run beside it is never refused for parts it would not read)."""
+    ranks by surprise (a `sliding` run beside it is never refused for parts it would not read).
+    The wrapper asks before it touches the model, so a model refused here is left as it was."""
     if source != "logit" or not any(rt.state.tracks_surprise for rt in runtimes):
         return None
     return LogitGain(model, modules)

@@ -67,6 +67,7 @@ class CamelotModel:
         self.masks = MaskCache()  # causal masks by segment geometry, shared by this wrapper's layers
         self.runtimes = [build_runtime(adapter, model, config, m.layer_idx, m.layer_idx in layers, self.masks,
                                        self.max_positions) for m in modules]
+        self.surprise = SurpriseFeed(lens_for(model, modules, config.surprise_from, self.runtimes))
         attention.register()
         self._previous_impl = model.config._attn_implementation
         for m, rt in zip(modules, self.runtimes):
@@ -75,7 +76,6 @@ class CamelotModel:
             model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
         model._camelot_wrapper = self
-        self.surprise = SurpriseFeed(lens_for(model, modules, config.surprise_from, self.runtimes))
 
     # ------------------------------------------------------------------ lifecycle
     @exclusive

@@ -168,7 +168,8 @@ def test_a_model_without_the_parts_is_refused_at_wrap():
         del layer.self_attn.o_proj
     with pytest.raises(UnsupportedModelError, match="output projection"):
         camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
-    # a run that ranks nothing by surprise (a baseline beside it in one sweep) reads no parts: wrapped
+    # the refused model is left as it was, and a run that ranks nothing by surprise (a baseline
+    # beside camelot in one sweep) reads no parts: wrapped
     camelot.wrap(model, camelot.CamelotConfig(strategy="sliding", window=16, slots=16, sink=2,
                                               surprise_from="logit")).unwrap()
     model = tiny_llama()
