@@ -237,7 +237,8 @@ def test_residuals_that_do_not_fit_are_refused(tmp_path):
     target.feed(_ids(40, seed=6), progress=False)
     for edit, needle in [(lambda t: t.update({name: t[name][..., :50].clone()}), "are \\[2, batch, 1, 64\\] floats"),
                          (lambda t: t.update({name: t[name][:1].clone()}), "are \\[2, batch, 1, 64\\] floats"),
-                         (lambda t: t[name].__setitem__((1, 0, 0, 3), float("nan")), "not two finite")]:
+                         (lambda t: t.update({name: t[name].expand(2, 3, 1, 64).clone()}), "bad batch size"),
+                         (lambda t: t[name].__setitem__((1, 0, 0, 3), float("nan")), "last_normed holds non-finite")]:
         tensors = load_file(str(path))
         edit(tensors)
         bad = tmp_path / "bad.camelot"
