@@ -127,17 +127,21 @@ class LayerRuntime:
         vals = values[0].float() if len(values) == 1 else torch.cat([v.float() for v in values], dim=2)
         n_vals = vals.shape[2]
         # the G query heads' rows in one matrix per KV head: values are not expanded over G
-        out = torch.matmul(probs.view(b, hkv, g * m, -1)[..., :n_vals], vals).view(b, hkv, g, m, -1)
+        rows = probs.view(b, hkv, g * m, -1)
+        gain = self.wants_gain and mem is not None
+        if gain and n_vals > n_plain:  # memory's values in the matmul: the plain keys' part apart, same FLOPs
+            plain = torch.matmul(rows[..., :n_plain], vals[:, :, :n_plain]).view(b, hkv, g, m, -1)
+            out = plain + torch.matmul(rows[..., n_plain:n_vals], vals[:, :, n_plain:]).view(b, hkv, g, m, -1)
+        else:
+            out = torch.matmul(rows[..., :n_vals], vals).view(b, hkv, g, m, -1)
+            plain = out
         if shadow:
             return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
-        if self.wants_gain and mem is not None:
-            # the plain keys' output, normalised as if memory were not there: exact attention over them alone
-            kept = probs[..., :n_plain].sum(-1, keepdim=True).clamp_min(1e-30)
-            plain = out if n_vals == n_plain else torch.matmul(
-                probs.view(b, hkv, g * m, -1)[..., :n_plain], vals[:, :, :n_plain]).view(b, hkv, g, m, -1)
         if mem is not None:
             out = mem.add_output(out, probs, n_vals)
-            if self.wants_gain:
+            if gain:
+                # minus the plain keys' output normalised as if memory were not there: exact attention over them alone
+                kept = probs[..., :n_plain].sum(-1, keepdim=True).clamp_min(1e-30)
                 self.gain = (out - plain / kept).reshape(b, hq, m, -1).transpose(1, 2).reshape(b, m, -1)
             if self.record_reads:
                 self.last_read = mem.attribution(probs, n_plain)

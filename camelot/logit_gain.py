@@ -59,6 +59,7 @@ class LogitGain:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self._residual: torch.Tensor | None = None
+        self._offsets: dict[tuple, torch.Tensor] = {}
 
     @contextmanager
     def capturing(self) -> Iterator[None]:
@@ -92,14 +93,21 @@ class LogitGain:
             if rt.gain is None:
                 continue
             # affine: proj(x) - proj(0) is the linear part, whatever the bias or the layout (Conv1D)
-            d = proj(rt.gain.to(h.dtype)).float() - proj(rt.gain.new_zeros(1, rt.gain.shape[-1]).to(h.dtype)).float()
-            d = d.to(h.device)  # layers may sit on several devices (accelerate's device_map)
+            x = rt.gain.to(h.dtype)
+            d = (proj(x).float() - self._offset(proj, x)).to(h.device)  # layers may sit on several devices
             added = d if added is None else added + d
             rt.gain = None
         if added is None:
             return None
         h = h.float()
         return self._normed(h), self._normed(h - added)
+
+    def _offset(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """proj(0) as float32: the frozen projection's bias, made once per layer, dtype and device."""
+        key = (id(proj), x.dtype, x.device)
+        if key not in self._offsets:
+            self._offsets[key] = proj(x.new_zeros(1, x.shape[-1])).float()
+        return self._offsets[key]
 
     def logit(self, normed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """normed [B, n, d], ids [B, n] -> each id's logit [B, n] (softcapped as the model caps)."""
