@@ -245,6 +245,8 @@ def run_cli(args: argparse.Namespace) -> int:
         ranked = {"question": "by the question", "surprise": "by surprise", "attention": "by attention",
                   "question+surprise": "half by the question, half by surprise",
                   "surprise+attention": "by surprise"}[cfg.importance]
+        if "surprise" in cfg.importance and cm.surprise.source != "memory":  # what the surprise is read from
+            ranked += {"logit": " plus the logit memory added", "window": " without memory"}[cm.surprise.source]
         ranked = f", {cfg.span_reserve} of {cfg.slots} slots a reserve ranked {ranked}" if cfg.span_reserve else ""
         print(f"read {n} tokens into memory ({cfg.strategy}, window {cfg.window}{ranked})", file=sys.stderr)
         if args.save:

@@ -173,10 +173,10 @@ class CamelotConfig:
                                           "received in the window; surprise: the model's NLL; question: a question's "
                                           "logit (set_question); question+surprise: both; surprise+attention: the "
                                           "reserve by surprise, the rest by attention", choices=IMPORTANCES)
-    surprise_from: str = option("memory", "camelot: whose NLL importance=surprise ranks by: the model's (memory); a "
-                                "forward without memory (window: a fact copied from memory stays new; 2x compute); the "
-                                "model's + the logit memory added to the token (logit: what window keeps, ~1.1x)",
-                                choices=SURPRISE_FROM)
+    surprise_from: str = option("auto", "camelot: whose NLL importance=surprise ranks by: the model's (memory); a "
+                                "forward without memory (window; 2x compute); the model's + the logit memory added to "
+                                "the token (logit, ~1.05x); auto: logit where the model's output projections and final "
+                                "norm are found, else memory", choices=SURPRISE_FROM)
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "
                                "attention (docs/memory_write.md)")
@@ -292,11 +292,11 @@ def _validate(cfg: CamelotConfig) -> None:
         check_int("memory_distance", cfg.memory_distance, low=0)
     _check_infllm(cfg)
     rule = rule_from_config(cfg)  # the write rule's options (evict, protect, ...) are checked there
-    if cfg.strategy == "camelot" and cfg.surprise_from != "memory" and "surprise" not in rule.wanted:
+    if cfg.strategy == "camelot" and cfg.surprise_from not in ("memory", "auto") and "surprise" not in rule.wanted:
         raise ValueError(f"surprise_from={cfg.surprise_from!r} changes only a write that ranks by surprise; this "
                          f"one ranks by {' and '.join(rule.wanted) or 'nothing'} (importance={cfg.importance!r}, evict="
                          f"{cfg.evict!r}, span_reserve={cfg.span_reserve}): give importance='surprise' with "
-                         "evict='use' or a span reserve, or leave surprise_from='memory'")
+                         "evict='use' or a span reserve, or leave surprise_from='auto'")
     _check_count_bias(cfg)
     _check_layers(cfg)
 

@@ -13,6 +13,7 @@ Genesis, 4k and 16k; docs/retrieval.md, "The logit memory added").
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -119,12 +120,21 @@ class LogitGain:
 
 
 def lens_for(model: nn.Module, modules: Sequence[nn.Module], source: str, runtimes: Sequence) -> LogitGain | None:
-    """The parts the logit credit reads, where it will run: surprise_from="logit" and a layer that
-    ranks by surprise (a `sliding` run beside it is never refused for parts it would not read).
-    The wrapper asks before it touches the model, so a model refused here is left as it was."""
-    if source != "logit" or not any(rt.state.tracks_surprise for rt in runtimes):
+    """The parts the logit credit reads, where it will run: surprise_from "logit" or "auto" and a
+    layer that ranks by surprise (a `sliding` run beside it is never refused for parts it would
+    not read). Missing parts refuse "logit" (the wrapper asks before it touches the model, so a
+    refused model is left as it was) and turn "auto" into the model's own surprise, with a warning."""
+    if source not in ("logit", "auto") or not any(rt.state.tracks_surprise for rt in runtimes):
         return None
-    return LogitGain(model, modules)
+    try:
+        return LogitGain(model, modules)
+    except UnsupportedModelError as e:
+        if source == "logit":
+            raise
+        warnings.warn(f"{e.args[0].split(';')[0]}: the write ranks by the model's own surprise "
+                      "(surprise_from='memory'), which keeps the first of several similar facts and may lose the "
+                      "later ones", stacklevel=3)
+        return None
 
 
 def gain_of(lens: LogitGain, runtimes: Sequence, forward: Callable[[], torch.Tensor]

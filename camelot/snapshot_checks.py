@@ -83,9 +83,9 @@ def check_header(path: Path, cm: Wrapper, open_len: int) -> None:
             total += _DTYPE_BYTES.get(dtype, 8) * _numel(shape)
             continue
         if name == LAST_NORMED:
-            if cm.config.surprise_from != "logit":
+            if cm.surprise.source != "logit":
                 raise SnapshotError(f"{path}: unexpected tensors [{name!r}] (the logit credit's residuals; this "
-                                    f"wrapper has surprise_from={cm.config.surprise_from!r})")
+                                    f"wrapper ranks by surprise from {cm.surprise.source!r})")
             if len(shape) != 4 or shape[0] != 2 or shape[2] != 1 or shape[3] != arch["hidden_size"] \
                     or not dtype.startswith(("F", "BF")):
                 raise SnapshotError(f"{path}: {name} has shape {shape} and dtype {dtype}; this model's residuals "

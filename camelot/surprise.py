@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from camelot.layer_state import LayerState
-from camelot.logit_gain import LogitGain, gain_of
+from camelot.logit_gain import LogitGain, gain_of, lens_for
 
 # whose NLL the write ranks by (CamelotConfig.surprise_from). "memory": the wrapped model's own,
 # free (the forward's logits). "window": a second forward that attends to the open segment, raw
@@ -27,8 +27,9 @@ from camelot.logit_gain import LogitGain, gain_of
 # what the window alone would have lacked, to first order, without a second forward. It keeps
 # what "window" keeps on RULER multi-key (docs/retrieval.md, "The logit memory added"); a credit
 # for the share of attention memory received (surprise_from="read", 2026-12-07) kept less
-# everywhere and was removed.
-SURPRISE_FROM = ("memory", "window", "logit")
+# everywhere and was removed. "auto" (the default since 2026-12-07): "logit" where the model's
+# parts are found (every family camelot's tests wrap), else "memory" with a warning.
+SURPRISE_FROM = ("auto", "memory", "window", "logit")
 
 
 @contextmanager
@@ -49,22 +50,31 @@ class SurpriseFeed:
     `lens`: the model's parts the logit credit reads (surprise_from="logit"; built at wrap, so a
     model without them is refused before any document)."""
 
-    def __init__(self, lens: LogitGain | None = None) -> None:
+    def __init__(self, lens: LogitGain | None = None, source: str = "memory") -> None:
         self.lens = lens
+        # what run() ranks by: "auto" and "logit" resolve to "logit" where the lens was built
+        # (some layer ranks by surprise and the parts were found), to "memory" elsewhere
+        self.source = "logit" if lens is not None else "window" if source == "window" else "memory"
         self.last_logp: torch.Tensor | None = None  # [B, V]
         self.last_normed: tuple[torch.Tensor, torch.Tensor] | None = None  # the last query's, with / without memory
+
+    @classmethod
+    def built(cls, model: torch.nn.Module, modules: Sequence[torch.nn.Module], source: str,
+              runtimes: Sequence) -> SurpriseFeed:
+        """The feed a wrapper of `model` ranks by (CamelotConfig.surprise_from): lens_for finds the
+        parts the logit credit reads, or refuses the model, before the wrapper touches it."""
+        return cls(lens_for(model, modules, source, runtimes), source)
 
     def reset(self) -> None:
         self.last_logp = None
         self.last_normed = None
 
-    def run(self, source: str, runtimes: Sequence, ids: torch.Tensor,
-            forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(self, runtimes: Sequence, ids: torch.Tensor, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The step's forward (`forward()` -> logits [B, m, V]), and each layer that ranks by
-        surprise handed the NLL of ids under `source` (SURPRISE_FROM): the forward's own, a
-        window-only forward's, run first (it keeps nothing), or the forward's own plus the logit
-        memory added to each token."""
-        states = [rt.state for rt in runtimes]
+        surprise handed the NLL of ids under `self.source`: the forward's own, a window-only
+        forward's, run first (it keeps nothing), or the forward's own plus the logit memory added
+        to each token."""
+        source, states = self.source, [rt.state for rt in runtimes]
         tracking = any(st.tracks_surprise for st in states)
         own = None
         if source == "logit" and tracking:

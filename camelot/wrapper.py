@@ -19,7 +19,6 @@ from camelot.config import CamelotConfig
 from camelot.guards import as_batch, check_state_devices, check_step_ids
 from camelot.interfaces import SearchBackend, require
 from camelot.layers import build_runtime, memory_layers
-from camelot.logit_gain import lens_for
 from camelot.masks import MaskCache
 from camelot.ownership import check_owner, exclusive
 from camelot.progress import progress_bar
@@ -67,7 +66,7 @@ class CamelotModel:
         self.masks = MaskCache()  # causal masks by segment geometry, shared by this wrapper's layers
         self.runtimes = [build_runtime(adapter, model, config, m.layer_idx, m.layer_idx in layers, self.masks,
                                        self.max_positions) for m in modules]
-        self.surprise = SurpriseFeed(lens_for(model, modules, config.surprise_from, self.runtimes))
+        self.surprise = SurpriseFeed.built(model, modules, config.surprise_from, self.runtimes)
         attention.register()
         self._previous_impl = model.config._attn_implementation
         for m, rt in zip(modules, self.runtimes):
@@ -158,7 +157,7 @@ class CamelotModel:
         # An explicit all-ones mask: without one, HF inspects position_ids for packed sequences,
         # a device-to-host sync every segment. camelot's mask function ignores it anyway.
         mask = torch.ones(b, m, dtype=torch.long, device=ids.device)
-        logits = self.surprise.run(self.config.surprise_from, self.runtimes, ids, lambda: self.model(
+        logits = self.surprise.run(self.runtimes, ids, lambda: self.model(
             input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits)
         if start + m == self.config.window:
             self.flush()

@@ -194,7 +194,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError("the soak text has fewer than 2 tokens")
     cm = camelot.wrap(model, cfg)
     print(f"soak: {args.model} {cfg.strategy} window={cfg.window} slots={cfg.slots} recent={cfg.recent} "
-          f"evict={cfg.evict} span_reserve={cfg.span_reserve} threshold={cfg.threshold} "
+          f"evict={cfg.evict} span_reserve={cfg.span_reserve} surprise={cm.surprise.source} threshold={cfg.threshold} "
           f"read_top_k={cfg.read_top_k} on {device}, {torch.get_num_threads()} thread(s); "
           f"text of {source.numel()} tokens "
           f"repeated to {args.tokens:,d}", flush=True)

@@ -121,7 +121,8 @@ def test_the_credit_is_the_logit_memory_added_to_the_token(family, read, monkeyp
     seen, want = _reference(cm, family, ids)
     for noted, ref in zip(seen, want, strict=True):
         assert torch.allclose(noted, ref, atol=2e-4), (noted - ref).abs().max()
-    own = camelot.wrap(cm.unwrap(), camelot.CamelotConfig(**{**SURPRISE, **READS[read], "layers": [0]}))
+    own = camelot.wrap(cm.unwrap(), camelot.CamelotConfig(**{**SURPRISE, **READS[read], "layers": [0],
+                                                                     "surprise_from": "memory"}))
     seen_own = _noted(own)
     with torch.no_grad():
         for a, e in _spans(ids.shape[1], 16, 5):
@@ -179,6 +180,30 @@ def test_a_model_without_the_parts_is_refused_at_wrap():
         camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
 
 
+def _noted_score(model, **cfg) -> tuple[torch.Tensor, camelot.CamelotModel]:
+    cm = camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, **cfg))
+    seen = _noted(cm)
+    with torch.no_grad():
+        cm.score(_ids(80))
+    return torch.cat(seen, 1), cm
+
+
+def test_auto_is_the_logit_credit_where_the_parts_are_found_and_the_own_surprise_elsewhere(monkeypatch):
+    assert camelot.CamelotConfig().surprise_from == "auto"
+    auto, cm = _noted_score(tiny_llama())
+    assert cm.surprise.source == "logit"
+    logit, cm = _noted_score(cm.unwrap(), surprise_from="logit")
+    own, cm = _noted_score(cm.unwrap(), surprise_from="memory")
+    assert torch.equal(auto, logit) and not torch.allclose(auto, own)
+    model = cm.unwrap()
+    monkeypatch.setattr(camelot.logit_gain, "FINAL_NORMS", ("ln_final",))  # a family whose norm has no known name
+    with pytest.warns(UserWarning, match="norm before .* the write ranks by the model's own surprise"):
+        fallback, cm = _noted_score(model)
+    assert cm.surprise.source == "memory"
+    assert torch.equal(fallback, own)
+    cm.unwrap()
+
+
 def _steps(cm: camelot.CamelotModel, ids: torch.Tensor, spans: list[tuple[int, int]]) -> None:
     with torch.no_grad():
         for a, e in spans:
@@ -216,7 +241,7 @@ def test_a_checkpoint_and_a_snapshot_carry_the_next_tokens_credit(tmp_path):
     _steps(loaded, ids, spans[cut:])
     assert torch.allclose(torch.cat(seen, 1), whole, atol=1e-6)
     loaded.unwrap()
-    plain = camelot.wrap(tiny_llama(), camelot.CamelotConfig(**SURPRISE))
+    plain = camelot.wrap(tiny_llama(), camelot.CamelotConfig(**SURPRISE, surprise_from="memory"))
     with pytest.raises(SnapshotError, match="logit credit's residuals"):
         plain.memory.load(path)
 
@@ -262,7 +287,7 @@ def test_every_family_finds_the_norm_its_unembedding_reads_and_is_credited(famil
     cm = camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, layers="all", surprise_from="logit"))
     seen = _noted(cm)
     cm.score(_ids(80) % model.config.vocab_size)
-    own = camelot.wrap(cm.unwrap(), camelot.CamelotConfig(**SURPRISE, layers="all"))
+    own = camelot.wrap(cm.unwrap(), camelot.CamelotConfig(**SURPRISE, layers="all", surprise_from="memory"))
     seen_own = _noted(own)
     own.score(_ids(80) % model.config.vocab_size)
     assert (torch.cat(seen, 1) - torch.cat(seen_own, 1)).max() > 1e-4

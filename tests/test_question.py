@@ -158,6 +158,8 @@ def test_ask_keeps_facts_by_default_only_for_one_question(tmp_path, capsys, extr
     assert [k for k in kinds if f"reserve ranked {'' if k.startswith('half') else 'by '}{k}" in err] == (
         [ranked] if ranked else [])
     assert (f"{reserve} of 64 slots a reserve" in err) == bool(reserve)
+    # surprise_from="auto": the model's parts are found, so surprise is credited with what memory added
+    assert ("ranked by surprise plus the logit memory added" in err) == (ranked == "surprise")
 
 
 def test_an_ask_session_runs_the_question_once_and_needs_it_before_reading(tmp_path):

@@ -98,6 +98,6 @@ def _handed_after(cm: camelot.CamelotModel, ids: torch.Tensor) -> list[torch.Ten
 def test_it_is_refused_where_nothing_ranks_by_surprise(cfg):
     with pytest.raises(ValueError, match="surprise_from='window' changes only a write that ranks by surprise"):
         camelot.CamelotConfig(**{**SURPRISE, **cfg}, surprise_from="window")
-    with pytest.raises(ValueError, match="surprise_from must be one of memory, window"):
+    with pytest.raises(ValueError, match="surprise_from must be one of auto, memory, window"):
         camelot.CamelotConfig(surprise_from="nll")
     assert camelot.CamelotConfig(strategy="sliding", surprise_from="window").strategy == "sliding"

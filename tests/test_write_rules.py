@@ -209,7 +209,7 @@ def test_importance_by_surprise_hands_each_token_its_nll_under_the_model_to_ever
     # which the check refused as "below -1e30" until 2026-12-06
     cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(window=16, slots=12, recent=16, sink=2, span_reserve=8,
                                                           span=4, span_score="sum", importance="surprise",
-                                                          span_follow=12))
+                                                          span_follow=12, surprise_from="memory"))
     banks = [rt.state.memory for rt in cm.runtimes]
     assert all(b.wants_surprise and not b.wants_received for b in banks)
     got: dict[int, list[torch.Tensor]] = {id(b): [] for b in banks}
@@ -249,7 +249,7 @@ def test_a_checkpoint_and_a_snapshot_carry_the_last_prediction(tmp_path):
     # which the check refused as "below -1e30" until 2026-12-06
     cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(window=16, slots=12, recent=16, sink=2, span_reserve=8,
                                                           span=4, span_score="sum", importance="surprise",
-                                                          span_follow=12))
+                                                          span_follow=12, surprise_from="memory"))
     ids = torch.randint(0, 101, (1, 90), generator=torch.Generator().manual_seed(0))
     cm.feed(ids[:, :40], progress=False)
     cp = cm.memory.checkpoint()
