@@ -133,7 +133,7 @@ def lens_for(model: nn.Module, modules: Sequence[nn.Module], source: str, runtim
             raise
         warnings.warn(f"{e.args[0].split(';')[0]}: the write ranks by the model's own surprise "
                       "(surprise_from='memory'), which keeps the first of several similar facts and may lose the "
-                      "later ones", stacklevel=3)
+                      "later ones", stacklevel=5)  # at the caller of camelot.wrap
         return None
 
 

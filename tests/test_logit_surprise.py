@@ -197,8 +197,9 @@ def test_auto_is_the_logit_credit_where_the_parts_are_found_and_the_own_surprise
     assert torch.equal(auto, logit) and not torch.allclose(auto, own)
     model = cm.unwrap()
     monkeypatch.setattr(camelot.logit_gain, "FINAL_NORMS", ("ln_final",))  # a family whose norm has no known name
-    with pytest.warns(UserWarning, match="norm before .* the write ranks by the model's own surprise"):
+    with pytest.warns(UserWarning, match="norm before .* the write ranks by the model's own surprise") as caught:
         fallback, cm = _noted_score(model)
+    assert caught[0].filename == __file__  # where the user wrapped the model
     assert cm.surprise.source == "memory"
     assert torch.equal(fallback, own)
     cm.unwrap()
