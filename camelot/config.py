@@ -20,6 +20,7 @@ from camelot.guards import check_int
 from camelot.memory.rules import DISPLACED, EVICTIONS, IMPORTANCES, RULE_FIELDS, WriteRule, rule_from_config
 from camelot.memory.spans import SPAN_SCORES
 from camelot.presets import (
+    BALANCED_FOLLOW,
     CONSOLIDATING,
     CONSOLIDATING_BANK,
     RECALL_KINDS,
@@ -157,7 +158,7 @@ class CamelotConfig:
         "auto", "camelot: the last span_reserve slots per head hold important windows raw (0: off; auto: a "
         "third of the slots)")
     span: int = option(8, "camelot: tokens per window the span reserve ranks (a token scores as its best window)")
-    span_follow: int = option(12, "camelot: the span reserve also keeps up to this many tokens after a winning window")
+    span_follow: int = option(BALANCED_FOLLOW, "camelot: the reserve also keeps the N tokens after a winning window")
     span_apart: int = option(0, "camelot: a reserve window counts only if none within this many tokens beats it")
     span_spread: int = option(0, "camelot: the reserve ranks in rounds: each write-long region of the document keeps "
                                  "its best span_spread tokens before any keeps more (0: one ranking)")
