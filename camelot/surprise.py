@@ -47,8 +47,9 @@ def window_only(runtimes: Sequence) -> Iterator[None]:
 
 class SurpriseFeed:
     """Carries the last step's next-token log-probs, so the first token of a step is scored too;
-    `lens`: the model's parts the logit credit reads (surprise_from="logit"; built at wrap, so a
-    model without them is refused before any document)."""
+    `lens`: the model's parts the logit credit reads (surprise_from "logit" or "auto"; built at
+    wrap, so a model without them is refused, or under "auto" ranked by its own NLL, before any
+    document)."""
 
     def __init__(self, lens: LogitGain | None = None, source: str = "memory") -> None:
         self.lens = lens
