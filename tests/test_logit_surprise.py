@@ -180,6 +180,26 @@ def test_a_model_without_the_parts_is_refused_at_wrap():
         camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, surprise_from="logit"))
 
 
+@pytest.mark.parametrize("read", sorted(READS))
+def test_the_credit_leaves_the_forward_as_it_was(read, monkeypatch):
+    """Keeping the plain keys' output apart (the value matmul split in two where memory's values
+    join it) changes no logit: the same step from the same memory, with and without the credit."""
+    if read == "top-k":
+        monkeypatch.setattr(camelot.reads.query, "SPARSE_BELOW", 0)
+    ids = _ids(70, rows=2)
+    cm = camelot.wrap(tiny_llama(), camelot.CamelotConfig(**{**SURPRISE, **READS[read], "surprise_from": "logit"}))
+    with torch.no_grad():
+        cm.feed(ids[:, :64], progress=False)
+        cp = cm.memory.checkpoint()
+        assert any(rt.state.memory.counts.gt(0).any() for rt in cm.runtimes)  # memory is read
+        credited = cm.step(ids[:, 64:])
+        cm.memory.restore(cp)
+        cm.surprise.source = "memory"
+        plain = cm.step(ids[:, 64:])
+    assert torch.allclose(credited, plain, atol=1e-5), (credited - plain).abs().max()
+    cm.unwrap()
+
+
 def _noted_score(model, **cfg) -> tuple[torch.Tensor, camelot.CamelotModel]:
     cm = camelot.wrap(model, camelot.CamelotConfig(**SURPRISE, **cfg))
     seen = _noted(cm)
