@@ -6,8 +6,10 @@
 
 How the conversation becomes tokens. With a chat template (the tokenizer's, unless
 --no-chat-template), the document is the start of the first user message: the template is
-rendered with a placeholder for the document, the text before the placeholder and then the
-document are fed (streamed into memory), and each question is the rest of the rendering. Later
+rendered with a placeholder for the document, the text before the placeholder (fed as
+scaffolding, `feed(rank=False)`: a system prompt is surprising only for lack of context, and
+would take places of the reserve) and then the document are fed (streamed into memory), and
+each question is the rest of the rendering. Later
 turns are the difference between the rendering of the whole conversation and what was already
 read, so the memory holds exactly one copy of everything, answers included (generated tokens
 flow into memory like fed ones). Without a template: "<document>\\n\\nQuestion: ...\\nAnswer:".
@@ -80,8 +82,11 @@ class AskSession:
             head = opening[: opening.index(DOC)]
         else:
             head = ""
-        ids = self._bos() + self._ids(head) + self._ids(document)
-        self.cm.feed(torch.tensor([ids]), progress=progress)
+        opening, body = self._bos() + self._ids(head), self._ids(document)
+        if opening:  # the template's: no fact to keep
+            self.cm.feed(torch.tensor([opening]), progress=False, rank=False)
+        self.cm.feed(torch.tensor([body]), progress=progress)
+        ids = opening + body
         self.tokens_read += len(ids)
         self.fed = head + DOC
         self.has_document = True

@@ -58,6 +58,7 @@ class SurpriseFeed:
         self.source = "logit" if lens is not None else "window" if source == "window" else "memory"
         self.last_logp: torch.Tensor | None = None  # [B, V]
         self.last_normed: tuple[torch.Tensor, torch.Tensor] | None = None  # the last query's, with / without memory
+        self.ranked = True  # False while scaffolding is fed (CamelotModel.feed(rank=False)): no surprise counted
 
     @classmethod
     def built(cls, model: torch.nn.Module, modules: Sequence[torch.nn.Module], source: str,
@@ -65,6 +66,15 @@ class SurpriseFeed:
         """The feed a wrapper of `model` ranks by (CamelotConfig.surprise_from): lens_for finds the
         parts the logit credit reads, or refuses the model, before the wrapper touches it."""
         return cls(lens_for(model, modules, source, runtimes), source)
+
+    @contextmanager
+    def ranking(self, rank: bool) -> Iterator[None]:
+        """While it lasts, the tokens run count as surprising (rank) or as none at all."""
+        before, self.ranked = self.ranked, bool(rank)
+        try:
+            yield
+        finally:
+            self.ranked = before
 
     def reset(self) -> None:
         self.last_logp = None
@@ -125,5 +135,7 @@ class SurpriseFeed:
         self.last_logp = torch.log_softmax(logits[:, -1], dim=-1)
         if gain is not None:
             nll += gain.to(nll.device)
+        if not self.ranked:  # a chat template's opening is surprising only for lack of context: not a fact
+            nll.zero_()
         for st in wanting:
             st.note_surprise(nll)

@@ -58,11 +58,9 @@ class CamelotModel:
         self.model, self.config, self.adapter = model, config, adapter
         self.max_positions = adapter.max_positions(model)
         if self.max_positions is not None and config.window > self.max_positions:
-            raise ValueError(
-                f"window ({config.window}) exceeds the model's position range ({self.max_positions})")
-        modules = adapter.attention_modules(model)
+            raise ValueError(f"window ({config.window}) exceeds the model's position range ({self.max_positions})")
+        self.modules = modules = adapter.attention_modules(model)
         layers = memory_layers(adapter, model, config, len(modules))
-        self.modules = modules
         self.masks = MaskCache()  # causal masks by segment geometry, shared by this wrapper's layers
         self.runtimes = [build_runtime(adapter, model, config, m.layer_idx, m.layer_idx in layers, self.masks,
                                        self.max_positions) for m in modules]
@@ -224,14 +222,16 @@ class CamelotModel:
 
     @exclusive
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor | list[int], progress: bool = True) -> int:
+    def feed(self, ids: torch.Tensor | list[int], progress: bool = True, rank: bool = True) -> int:
         """Stream a document into memory (constant memory however long). The tail that does not
-        fill a segment stays in the open window, right before whatever comes next.
+        fill a segment stays in the open window, right before whatever comes next. rank=False:
+        scaffolding, not content (a chat template's opening, an instruction): a write that ranks
+        by surprise counts none in these tokens, so its reserve keeps its places for the document.
         Returns the number of tokens fed."""
         ids = self._as_batch(ids)
-        spans = list(self.segments(ids.shape[1]))
-        for a, e in progress_bar(spans, desc="feed", enabled=progress, unit="seg"):
-            self.step(ids[:, a:e])
+        with self.surprise.ranking(rank):
+            for a, e in progress_bar(list(self.segments(ids.shape[1])), desc="feed", enabled=progress, unit="seg"):
+                self.step(ids[:, a:e])
         return ids.shape[1]
 
     @exclusive

@@ -206,7 +206,7 @@ def run_camelot(cm, hay: Haystack, cases: list[Case], max_new_tokens: int, on_ca
     judge = judge or _judge(hay.tokenizer)
     dev, out = cm.device, []
     cm.reset()
-    cm.feed(_as_tensor(hay.intro, dev), progress=False)
+    cm.feed(_as_tensor(hay.intro, dev), progress=False, rank=False)  # the instruction: no fact to keep
     pos, cp = 0, cm.memory.checkpoint()
     for at, group in _groups(cases):
         if at > pos:

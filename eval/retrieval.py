@@ -188,7 +188,9 @@ def run_asked(cm, hay, cases: list[RetrievalCase], max_new_tokens: int, on_case=
     for case in cases:
         cm.reset()
         cm.set_question(torch.tensor([case.asked], device=dev))
-        cm.feed(torch.tensor([hay.intro + hay.stream[: case.needle_at]], device=dev), progress=False)
+        cm.feed(torch.tensor([hay.intro], device=dev), progress=False, rank=False)
+        if case.needle_at:
+            cm.feed(torch.tensor([hay.stream[: case.needle_at]], device=dev), progress=False)
         t0 = time.perf_counter()
         gen = cm.generate(torch.tensor([case.suffix(hay)], device=dev), max_new_tokens=max_new_tokens)
         out.append(judge(case, gen[0].tolist(), time.perf_counter() - t0))

@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--haystack", default="builtin:genesis_kjv")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a CamelotConfig field")
     ap.add_argument("--save", type=Path, help="torch.save the traced surprise here")
+    ap.add_argument("--rank-opening", action="store_true",
+                    help="rank the prompt's opening (template, instruction) like the document, as before 2026-12-07")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = camelot.load_model(args.model, dtype=torch.bfloat16)
@@ -74,7 +76,9 @@ def main() -> None:
 
     reserve_write.LastChoice.choose = traced
     with camelot.wrap(model, cfg) as cm:
-        cm.feed(torch.tensor([doc]), progress=False)
+        opening = len(hay.intro)  # what eval/retrieval.py feeds as scaffolding (rank=False)
+        cm.feed(torch.tensor([doc[:opening]]), progress=False, rank=args.rank_opening)
+        cm.feed(torch.tensor([doc[opening:]]), progress=False)
         bank = cm.runtimes[0].state.memory
         written = sum(w[0].shape[0] for w in writes)
         base = bank.slots - cfg.span_reserve
@@ -92,6 +96,7 @@ def main() -> None:
                 nll = " ".join(f"{x:.1f}" for x in imp[lo - pos : hi - pos].tolist())
                 print(f"    needle {text!r}: took {int(held[lo - pos : hi - pos].sum())} of {hi - lo}; surprise {nll}")
         pos += t
+    print(f"at the question, the reserve holds {sum(p < opening for p in held_pos)} of the opening's {opening} tokens")
     for a, b, text in needles:
         kept = sum(p in held_pos for p in range(a, b))
         end = "still raw (not yet written)" if a >= pos else f"holds {kept} of {b - a}"
