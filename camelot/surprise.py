@@ -70,7 +70,9 @@ class SurpriseFeed:
     @contextmanager
     def ranking(self, rank: bool) -> Iterator[None]:
         """While it lasts, the tokens run count as surprising (rank) or as none at all."""
-        before, self.ranked = self.ranked, bool(rank)
+        if not isinstance(rank, bool):  # rank="no" would read as True
+            raise TypeError(f"rank must be True or False, got {rank!r}")
+        before, self.ranked = self.ranked, rank
         try:
             yield
         finally:

@@ -46,6 +46,9 @@ def test_the_flag_is_restored_whatever_happens():
     with cm.surprise.ranking(False), pytest.raises(RuntimeError):
         raise RuntimeError
     assert cm.surprise.ranked
+    with pytest.raises(TypeError, match="rank must be True or False"):
+        cm.feed(torch.zeros(1, 4, dtype=torch.long), progress=False, rank="no")
+    assert cm.surprise.ranked and cm.open_len == 0  # refused before reading anything
     cm.unwrap()
 
 
