@@ -86,11 +86,11 @@ class AskSession:
         if opening:  # the template's: no fact to keep
             self.cm.feed(torch.tensor([opening]), progress=False, rank=False)
         self.cm.feed(torch.tensor([body]), progress=progress)
-        ids = opening + body
-        self.tokens_read += len(ids)
+        n = len(opening) + len(body)
+        self.tokens_read += n
         self.fed = head + DOC
         self.has_document = True
-        return len(ids)
+        return n
 
     def _prompt(self, question: str) -> tuple[str, list[dict[str, str]]]:
         """(text still to read before the answer, the conversation after this question)."""
