@@ -43,6 +43,8 @@ class LayerRuntime:
         # the attention output, [B, m, Hq * Dv] before the output projection (None: nothing read)
         self.wants_gain = False
         self.gain: torch.Tensor | None = None
+        # with it (CamelotConfig.surprise_reach), the raw keys further than this from a query count as memory
+        self.gain_reach: int | None = None
 
     @classmethod
     def build(cls, layer_idx: int, rope: RopeSpec | None, memory: Memory | None, prefix: RawWindow | None,
@@ -128,7 +130,8 @@ class LayerRuntime:
         n_vals = vals.shape[2]
         # the G query heads' rows in one matrix per KV head: values are not expanded over G
         rows = probs.view(b, hkv, g * m, -1)
-        gain = self.wants_gain and mem is not None
+        reach = self.gain_reach if self.wants_gain else None
+        gain = self.wants_gain and (mem is not None or reach is not None)
         if gain and n_vals > n_plain:  # memory's values in the matmul: the plain keys' part apart, same FLOPs
             plain = torch.matmul(rows[..., :n_plain], vals[:, :, :n_plain]).view(b, hkv, g, m, -1)
             out = plain + torch.matmul(rows[..., n_plain:n_vals], vals[:, :, n_plain:]).view(b, hkv, g, m, -1)
@@ -139,14 +142,13 @@ class LayerRuntime:
             return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
         if mem is not None:
             out = mem.add_output(out, probs, n_vals)
-            if gain:
-                # minus the plain keys' output normalised as if memory were not there: exact attention over them alone
-                kept = probs[..., :n_plain].sum(-1, keepdim=True).clamp_min(1e-30)
-                self.gain = (out - plain / kept).reshape(b, hq, m, -1).transpose(1, 2).reshape(b, m, -1)
             if self.record_reads:
                 self.last_read = mem.attribution(probs, n_plain)
             if st.memory.observes_reads:  # a write rule ranks slots by use
                 st.memory.observe_reads(mem.attribution(probs, n_plain).mass(st.memory.readable()[0].shape[2]))
+        if gain:
+            self.gain = credited(out, plain, probs, vals, n_plain, l0, m, p, reach).reshape(b, hq, m, -1).transpose(
+                1, 2).reshape(b, m, -1)
         # attention each open / tail token received, per KV head, for a memory that wants it
         received = probs[..., : l0 + m + p].sum(dim=(2, 3)) if st.tracks_received else None
         st.keep(k_loc, v_loc, raw_open, received)
@@ -154,6 +156,33 @@ class LayerRuntime:
             st.note_question(question_logits(st.question, pos.unplaced(key, l0) if raw_key is None else raw_key,
                                              scaling))
         return out.reshape(b, hq, m, -1).transpose(1, 2).to(query.dtype)
+
+
+def credited(out: torch.Tensor, plain: torch.Tensor, probs: torch.Tensor, vals: torch.Tensor, n_plain: int,
+             l0: int, m: int, p: int, reach: int | None) -> torch.Tensor:
+    """[B, Hkv, G, m, Dv]: what memory gave the output (out minus exact attention over the plain
+    keys alone), and with `reach`, what the open segment and raw tail further than `reach` from
+    each query gave too (out minus attention over the sinks and the keys within reach alone): a
+    needle that copies a template from a needle still raw costs the model little, and counts only
+    as what a reader of its last `reach` tokens would have paid. plain: the plain keys' part of
+    `out`; probs [B, Hkv, G, m, N] over [open (l0 + m), tail (p), sinks, memory]."""
+    n = l0 + m + p
+    if reach is None or n - 1 <= reach:  # every raw key is within reach of every query
+        return out - plain / probs[..., :n_plain].sum(-1, keepdim=True).clamp_min(1e-30)
+    # only the keys within reach of the first query or later ones, and the sinks: at most
+    # m + reach + sinks columns, not the whole tail; two slices (open; tail then sinks), no gather
+    dev, (b, hkv, g) = probs.device, probs.shape[:3]
+    first = l0 - reach  # the oldest position any query keeps
+    a, t = max(first, 0), n + min(first, 0) if first > -p else l0 + m  # open keys from a, tail columns from t
+    q = torch.arange(l0, l0 + m, device=dev)[:, None]
+    near_open = probs[..., a : l0 + m] * ((q - torch.arange(a, l0 + m, device=dev)) <= reach).to(probs.dtype)
+    tail_pos = torch.arange(t - n, 0, device=dev)  # the tail's positions are -p .. -1
+    keep = torch.cat([(q - tail_pos) <= reach, torch.ones(m, n_plain - n, dtype=torch.bool, device=dev)], -1)
+    near_rest = probs[..., t:n_plain] * keep.to(probs.dtype)
+    local = (torch.matmul(near_open.reshape(b, hkv, g * m, -1), vals[:, :, a : l0 + m])
+             + torch.matmul(near_rest.reshape(b, hkv, g * m, -1), vals[:, :, t:n_plain])).view(b, hkv, g, m, -1)
+    kept = near_open.sum(-1, keepdim=True) + near_rest.sum(-1, keepdim=True)
+    return out - local / kept.clamp_min(1e-30)
 
 
 def camelot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -56,7 +56,7 @@ EVERY_SLOT_SEARCH = ("torch", "torch-bf16")  # backends that can score every slo
 # old spelling -> new; accepted with a FutureWarning for one release (0.2 drops them)
 RENAMED = {"top_k": "read_top_k"}
 # the fields (and flags) that shape camelot's write: the rule's own, and whose surprise it ranks by
-WRITE_FIELDS: tuple[str, ...] = (*RULE_FIELDS, "surprise_from")
+WRITE_FIELDS: tuple[str, ...] = (*RULE_FIELDS, "surprise_from", "surprise_reach")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True,
@@ -76,9 +76,8 @@ class CamelotConfig:
         "(previous segment's raw KV), sliding (raw KV of the last `slots` tokens), infllm (InfLLM's blocks: every "
         "block kept, `slots` / `block_size` of them read per forward)", choices=STRATEGIES, sweep=False)
     window: int = option(128, "tokens per segment (the local attention span)")
-    slots: int = option(
-        1084, "consolidated memory slots per layer and KV head (camelot; at window 128, 1084 + the auto tail and "
-        "sinks: 2048 entries); for `sliding`, the raw tokens it caches (its whole budget)")
+    slots: int = option(1084, "consolidated memory slots per layer and KV head (camelot; at window 128, 1084 + the "
+                              "auto tail and sinks: 2048 entries); `sliding`: the raw tokens it caches (its budget)")
     recent: int | Literal["auto"] = option(
         "auto", "raw tokens kept right before the segment (camelot, knn; infllm's local window): a token reaches "
         f"memory when it leaves this tail. auto: beside camelot's eviction by use, slots + sink - window (half of "
@@ -133,9 +132,8 @@ class CamelotConfig:
     write_mode: WriteMode = option(
         "segment", "segment: a whole segment matched against memory at once (fast); token: token by token "
         "(the paper's sequential semantics, slow)", choices=WRITE_MODES, sweep=False)
-    block_size: int = option(
-        128, "infllm: tokens per memory block; `slots` (a multiple of it) is what a read attends to: "
-        "slots / block_size blocks, chosen per KV head by their representatives")
+    block_size: int = option(128, "infllm: tokens per memory block; `slots` (a multiple of it) is what a read attends "
+                                  "to: slots / block_size blocks, chosen per KV head by their representatives")
     repr_topk: int = option(4, "infllm: a block's representative is the mean of its repr_topk keys that received "
                                "the most attention while in the local window")
     memory_dtype: MemoryDtype = option("float32", "storage dtype of slot keys and values", choices=MEMORY_DTYPES,
@@ -178,6 +176,8 @@ class CamelotConfig:
                                 "forward without memory (window; 2x compute); the model's + the logit memory added to "
                                 "the token (logit, ~1.05x); auto: logit where the model's output projections and final "
                                 "norm are found, else memory", choices=SURPRISE_FROM)
+    surprise_reach: int | None = option(128, "camelot: the logit credit counts what the raw context over N tokens "
+                                             "back added to a token's logit too (None: memory's part only)")
     lazy: bool = option(False, "camelot: merge only the tokens a head has no free slot for, so memory stays raw "
                                "(exact) until full; with placement=mixed a bank larger than the document is full "
                                "attention (docs/memory_write.md)")
@@ -298,6 +298,11 @@ def _validate(cfg: CamelotConfig) -> None:
                          f"one ranks by {' and '.join(rule.wanted) or 'nothing'} (importance={cfg.importance!r}, evict="
                          f"{cfg.evict!r}, span_reserve={cfg.span_reserve}): give importance='surprise' with "
                          "evict='use' or a span reserve, or leave surprise_from='auto'")
+    if cfg.surprise_reach is not None:
+        check_int("surprise_reach", cfg.surprise_reach, low=1)
+        if cfg.surprise_from not in ("logit", "auto") and cfg.surprise_reach != CamelotConfig.surprise_reach:
+            raise ValueError(f"surprise_reach widens the logit credit; surprise_from={cfg.surprise_from!r} has none: "
+                             "give surprise_from='logit' or 'auto'")
     _check_count_bias(cfg)
     _check_layers(cfg)
 

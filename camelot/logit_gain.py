@@ -137,15 +137,16 @@ def lens_for(model: nn.Module, modules: Sequence[nn.Module], source: str, runtim
         return None
 
 
-def gain_of(lens: LogitGain, runtimes: Sequence, forward: Callable[[], torch.Tensor]
+def gain_of(lens: LogitGain, runtimes: Sequence, forward: Callable[[], torch.Tensor], reach: int | None = None
             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The forward's logits and its (with, without memory) normed residuals."""
+    """The forward's logits and its (with, without memory) normed residuals; reach: what the raw
+    keys further than this from a query gave counts with memory (CamelotConfig.surprise_reach)."""
     for rt in runtimes:
-        rt.wants_gain, rt.gain = True, None
+        rt.wants_gain, rt.gain, rt.gain_reach = True, None, reach
     try:
         with lens.capturing():
             logits = forward()
     finally:
         for rt in runtimes:
-            rt.wants_gain = False
+            rt.wants_gain, rt.gain_reach = False, None
     return logits, lens.added(runtimes)

@@ -51,8 +51,9 @@ class SurpriseFeed:
     wrap, so a model without them is refused, or under "auto" ranked by its own NLL, before any
     document)."""
 
-    def __init__(self, lens: LogitGain | None = None, source: str = "memory") -> None:
+    def __init__(self, lens: LogitGain | None = None, source: str = "memory", reach: int | None = None) -> None:
         self.lens = lens
+        self.reach = reach  # CamelotConfig.surprise_reach: the logit credit counts the raw context beyond it
         # what run() ranks by: "auto" and "logit" resolve to "logit" where the lens was built
         # (some layer ranks by surprise and the parts were found), to "memory" elsewhere
         self.source = "logit" if lens is not None else "window" if source == "window" else "memory"
@@ -62,10 +63,11 @@ class SurpriseFeed:
 
     @classmethod
     def built(cls, model: torch.nn.Module, modules: Sequence[torch.nn.Module], source: str,
-              runtimes: Sequence) -> SurpriseFeed:
-        """The feed a wrapper of `model` ranks by (CamelotConfig.surprise_from): lens_for finds the
-        parts the logit credit reads, or refuses the model, before the wrapper touches it."""
-        return cls(lens_for(model, modules, source, runtimes), source)
+              runtimes: Sequence, reach: int | None = None) -> SurpriseFeed:
+        """The feed a wrapper of `model` ranks by (CamelotConfig.surprise_from, surprise_reach):
+        lens_for finds the parts the logit credit reads, or refuses the model, before the wrapper
+        touches it."""
+        return cls(lens_for(model, modules, source, runtimes), source, reach)
 
     @contextmanager
     def ranking(self, rank: bool) -> Iterator[None]:
@@ -91,7 +93,7 @@ class SurpriseFeed:
         tracking = any(st.tracks_surprise for st in states)
         own = None
         if source == "logit" and tracking:
-            logits, normed = gain_of(self.lens, runtimes, forward)
+            logits, normed = gain_of(self.lens, runtimes, forward, self.reach)
             self.note(states, ids, logits, gain=self._gain(self.lens, ids, normed))
             return logits
         if source == "window" and tracking:

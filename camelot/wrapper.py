@@ -64,7 +64,7 @@ class CamelotModel:
         self.masks = MaskCache()  # causal masks by segment geometry, shared by this wrapper's layers
         self.runtimes = [build_runtime(adapter, model, config, m.layer_idx, m.layer_idx in layers, self.masks,
                                        self.max_positions) for m in modules]
-        self.surprise = SurpriseFeed.built(model, modules, config.surprise_from, self.runtimes)
+        self.surprise = SurpriseFeed.built(model, modules, config.surprise_from, self.runtimes, config.surprise_reach)
         attention.register()
         self._previous_impl = model.config._attn_implementation
         for m, rt in zip(modules, self.runtimes):
