@@ -173,7 +173,8 @@ def credited(out: torch.Tensor, plain: torch.Tensor, probs: torch.Tensor, vals: 
     # m + reach + sinks columns, not the whole tail; two slices (open; tail then sinks), no gather
     dev, (b, hkv, g) = probs.device, probs.shape[:3]
     first = l0 - reach  # the oldest position any query keeps
-    a, t = max(first, 0), n + min(first, 0) if first > -p else l0 + m  # open keys from a, tail columns from t
+    a = max(first, 0)  # the first open column kept
+    t = l0 + m if first <= -p else n + min(first, 0)  # the first tail column kept (n: none)
     q = torch.arange(l0, l0 + m, device=dev)[:, None]
     near_open = probs[..., a : l0 + m] * ((q - torch.arange(a, l0 + m, device=dev)) <= reach).to(probs.dtype)
     tail_pos = torch.arange(t - n, 0, device=dev)  # the tail's positions are -p .. -1
