@@ -2,9 +2,9 @@
 
 Each field carries its help text and, through its `Literal` type, its allowed values; the CLI
 flags (`camelot.options`) and the docs are built from these fields, so an option is written
-once. Defaults are the best measured on SmolLM2 (README, "Perplexity"); `paper()` gives the
-paper's setting (no raw tail, no sinks, top-1 read of the slot nearest each token's key, no
-count bias).
+once. Defaults are the best measured on SmolLM2 (README, "At a glance"; docs/results_log.md);
+`paper()` gives the paper's setting (no raw tail, no sinks, top-1 read of the slot nearest each
+token's key, no count bias).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ RETRIEVALS: tuple[str, ...] = get_args(Retrieve)
 
 # read_top_k="auto": every slot up to this many slots, the grouped bf16 top-k above. Was 1024: on
 # Qwen2.5-0.5B (7 query heads per KV head, window 512, 1920 slots) the top-8 read made memory
-# nearly useless (perplexity 42.6 vs 33.6 reading every slot, 44.6 window-only; README)
+# nearly useless (perplexity 42.6 vs 33.6 reading every slot, 44.6 window-only; docs/results_log.md)
 AUTO_EVERY_SLOT_MAX = 8192
 AUTO_TOP_K = 8
 
@@ -92,7 +92,7 @@ class CamelotConfig:
         "each KV head's query heads weigh most together, found in bfloat16 (retrieve='group', "
         "search='torch-bf16' unless given). That fast read costs SmolLM2 0-4% perplexity at 2048 slots but "
         "Qwen2.5 (7 query heads per KV head) +27%: give it (--read-top-k 8 --retrieve group --search "
-        "torch-bf16) only where measured (README, 'Fast by default')")
+        "torch-bf16) only where measured (docs/results_log.md, 'Fast by default')")
     retrieve: Retrieve = option(
         "query", "how a top-k read picks slots. query: per query head, the k with the highest logits. group: "
         "per KV head, the k with the highest sum of its G query heads' logits, shared by them (one search "
@@ -107,7 +107,7 @@ class CamelotConfig:
         "relative", "what the count bias compares a slot's count with. relative: the head's mean count, "
         "clipped at 0 (above). absolute: the paper's count_bias * log(count), so a slot of n merged tokens "
         "takes the softmax mass of n raw copies of its key, as a vote over many demonstrations needs "
-        "(docs/icl_memory.md); over very long streams memory then outweighs the window (README, 'Long "
+        "(docs/icl_memory.md); over very long streams memory then outweighs the window (docs/results_log.md, 'Long "
         "runs')", choices=COUNT_MODES)
     count_cap: float | None = option(
         None, "the count bias of a slot stops growing at count_bias * log(count_cap): a slot weighs at most "
@@ -308,7 +308,7 @@ def _validate(cfg: CamelotConfig) -> None:
 
 
 def _resolve_auto_read(cfg: CamelotConfig, given: set[str]) -> None:
-    """read_top_k='auto' -> a concrete read (measured: README, 'Fast by default'). A small bank is
+    """read_top_k='auto' -> a concrete read (measured: docs/results_log.md, 'Fast by default'). A small bank is
     read whole; a large one, or a backend that only answers top-k, by the grouped top-k."""
     big = type(cfg.slots) is int and cfg.slots > AUTO_EVERY_SLOT_MAX  # a bad `slots`: validate() says so
     fast = cfg.strategy == "camelot" and (big or cfg.search not in EVERY_SLOT_SEARCH)

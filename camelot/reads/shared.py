@@ -12,7 +12,7 @@ from camelot.rows import gather_rows
 
 class GroupTopK(QueryTopK):
     """The k entries its G query heads weigh most together (the sum of their logits); 0-1.6%
-    perplexity against the per-head read where measured (README, "Speed and memory")."""
+    perplexity against the per-head read where measured (docs/results_log.md, "Speed and memory")."""
 
     def select(self, inp: ReadInput, scaling: float, softcap: float | None, raw_key=None) -> MemoryResult:
         n = inp.keys.shape[2]
